@@ -1,0 +1,103 @@
+"""The `bonescan` command: one subcommand per job, each calling one function.
+
+Arguments are parsed here and nowhere else; the job functions take plain values.
+Exit codes: 0 success, 2 bad input or a job that is not available yet, 1 a failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bonescan_model.errors import InputError
+
+
+class NotYetAvailable(RuntimeError):
+    pass
+
+
+def _not_yet(job: str):
+    def run(**_kwargs) -> int:
+        raise NotYetAvailable(f"bonescan {job}: not yet available (coming in the next steps)")
+
+    return run
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bonescan",
+        description="Semi-supervised segmentation of bone-metastasis lesions in whole-body bone scans, on Ray.",
+    )
+    sub = parser.add_subparsers(dest="job", required=True, metavar="JOB")
+
+    p = sub.add_parser("synth", help="write a synthetic cohort: DICOM + LabelMe + exact masks")
+    p.add_argument("--patients", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_not_yet("synth"))
+
+    p = sub.add_parser("ingest", help="DICOM + LabelMe -> de-identified Parquet shards (Ray Data)")
+    p.add_argument("--dicom", required=True)
+    p.add_argument("--labels")
+    p.add_argument("--out", required=True)
+    p.set_defaults(run=_not_yet("ingest"))
+
+    p = sub.add_parser("augment", help="materialize geometric (D2) or DCGAN (D3) shards")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--copies", type=int, default=1)
+    p.add_argument("--dcgan", action="store_true")
+    p.set_defaults(run=_not_yet("augment"))
+
+    p = sub.add_parser("train", help="train on Ray Train (DDP, CPU or GPU)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--config", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--gpus", action="store_true")
+    p.set_defaults(run=_not_yet("train"))
+
+    p = sub.add_parser("tune", help="a Ray Tune sweep from tune_spaces/*.yaml")
+    p.add_argument("--data", required=True)
+    p.add_argument("--space", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(run=_not_yet("tune"))
+
+    p = sub.add_parser("evaluate", help="DSC / CPA / Recall on the test split, averaged over runs")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--json")
+    p.set_defaults(run=_not_yet("evaluate"))
+
+    p = sub.add_parser("predict", help="whole-body DICOM -> lesion mask, LabelMe contours, overlay")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--dicom", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(run=_not_yet("predict"))
+
+    p = sub.add_parser("report", help="an HTML report of an experiment or a run")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(run=_not_yet("report"))
+
+    p = sub.add_parser("demo", help="synth -> ingest -> train -> evaluate -> predict -> report")
+    p.add_argument("--out", default="bonescan-demo")
+    p.set_defaults(run=_not_yet("demo"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(_build_parser().parse_args(argv))
+    run = args.pop("run")
+    args.pop("job")
+    try:
+        return int(run(**args) or 0)
+    except (InputError, NotYetAvailable) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
