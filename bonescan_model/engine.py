@@ -1,0 +1,147 @@
+"""train_epoch / evaluate in plain PyTorch: a DataLoader on a laptop or a Ray dataset shard.
+
+A batch is a dict of tensors (what ``iter_torch_batches`` yields, and what a DataLoader over
+``bonescan_model`` data yields):
+  image:   (B, 2, H, W) float32, per-image normalized counts, ANT then POST (mirrored)
+  mask:    (B, 1, H, W) float32 in {0, 1}; anything for unlabeled images
+  labeled: (B,) bool, which images carry a mask the supervised term may use
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from torch import nn
+
+from bonescan_model import metrics
+from bonescan_model.loss import SemiSupervisedLoss
+
+
+def intensity_image(image: torch.Tensor) -> torch.Tensor:
+    """The image g the Chan–Vese term segments: the mean of ANT and mirrored POST.
+
+    image: (B, 2, H, W) -> (B, 1, H, W). A lesion shows in g whichever view it is brighter
+    in (Eq. 4's aggregation, halved to stay in the normalized range).
+    """
+    return image.mean(dim=1, keepdim=True)
+
+
+def _autocast(device: torch.device, amp: bool):
+    if not amp:
+        return nullcontext()
+    # float16 with a GradScaler on GPUs; bfloat16 (no scaler needed) on CPUs.
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def train_epoch(
+    model: nn.Module,
+    batches: Iterable[dict],
+    loss_fn: SemiSupervisedLoss,
+    optimizer: torch.optim.Optimizer,
+    *,
+    device: torch.device | str = "cpu",
+    amp: bool = False,
+    scaler: torch.amp.GradScaler | None = None,
+) -> dict[str, float]:
+    """One pass over ``batches``. Returns means of the loss parts per image, the image count,
+    the epoch's seconds and the seconds spent waiting for the next batch (data-bound time)."""
+    device = torch.device(device)
+    model.train()
+    totals = {"loss": 0.0, "unsupervised": 0.0, "supervised": 0.0}
+    images = labeled_images = 0
+    wait = 0.0
+    start = tick = time.perf_counter()
+    for batch in batches:
+        wait += time.perf_counter() - tick
+        image = batch["image"].to(device, non_blocking=True)
+        mask = batch["mask"].to(device, non_blocking=True)
+        labeled = batch["labeled"].to(device, non_blocking=True).bool()
+        with _autocast(device, amp):
+            logits = model(image)
+        # The loss runs in float32: its squared deviations underflow in half precision.
+        parts = loss_fn(logits.float(), intensity_image(image), mask, labeled)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(parts["loss"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            parts["loss"].backward()
+            optimizer.step()
+        n = image.shape[0]
+        n_lab = int(labeled.sum())
+        totals["loss"] += parts["loss"].item() * n
+        totals["unsupervised"] += parts["unsupervised"].item() * n
+        totals["supervised"] += parts["supervised"].item() * n_lab
+        images += n
+        labeled_images += n_lab
+        tick = time.perf_counter()
+    seconds = time.perf_counter() - start
+    return {
+        "loss": totals["loss"] / max(images, 1),
+        "unsupervised": totals["unsupervised"] / max(images, 1),
+        "supervised": totals["supervised"] / max(labeled_images, 1),
+        "images": images,
+        "labeled_images": labeled_images,
+        "seconds": seconds,
+        "data_wait_seconds": wait,
+    }
+
+
+@torch.no_grad()
+def predict_masks(model: nn.Module, image: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """image: (B, 2, H, W) normalized -> (B, H, W) bool lesion masks (sigmoid > threshold)."""
+    model.eval()
+    return (torch.sigmoid(model(image)) > threshold)[:, 0]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[dict],
+    *,
+    device: torch.device | str = "cpu",
+    threshold: float = 0.5,
+) -> dict[str, np.ndarray]:
+    """Per-image metrics on labeled images (unlabeled ones carry no truth and are skipped).
+
+    Returns (N,) arrays ``dsc``, ``cpa``, ``recall`` and the lesion-wise counts ``lesions``,
+    ``detected``, ``false_positives``; averaging is the caller's (see ``summarize``).
+    """
+    device = torch.device(device)
+    parts: dict[str, list[np.ndarray]] = {}
+    for batch in batches:
+        labeled = batch["labeled"].bool()
+        if not labeled.any():
+            continue
+        pred = predict_masks(model, batch["image"][labeled].to(device), threshold).cpu().numpy()
+        truth = batch["mask"][labeled][:, 0].numpy() > 0.5
+        for key, value in {**metrics.pixel_metrics(pred, truth), **metrics.lesion_detection(pred, truth)}.items():
+            parts.setdefault(key, []).append(value)
+        for key, value in metrics.confusion_counts(pred, truth).items():
+            parts.setdefault(key, []).append(value)
+    keys = ("dsc", "cpa", "recall", "lesions", "detected", "false_positives", "tp", "fp", "fn")
+    return {k: np.concatenate(parts[k]) if k in parts else np.zeros(0) for k in keys}
+
+
+def summarize(per_image: dict[str, np.ndarray]) -> dict[str, float]:
+    """Means of per-image DSC / CPA / Recall, pooled pixel metrics and lesion-wise detection."""
+    n = len(per_image["dsc"])
+    if n == 0:
+        return {"images": 0}
+    pooled = metrics.scores_from_counts(*(per_image[k].sum() for k in ("tp", "fp", "fn")))
+    detection = metrics.detection_summary(per_image)
+    return {
+        "images": n,
+        "dsc": float(per_image["dsc"].mean()),
+        "cpa": float(per_image["cpa"].mean()),
+        "recall": float(per_image["recall"].mean()),
+        **{f"pooled_{k}": float(v) for k, v in pooled.items()},
+        "lesion_sensitivity": detection["sensitivity"],
+        "fp_per_image": detection["fp_per_image"],
+    }

@@ -1,0 +1,223 @@
+"""The semi-supervised loss of the paper, Eq. 6: l = l_U + alpha * l_S.
+
+- ``chan_vese_loss``: the unsupervised term l_U (Eq. 7), the Chan–Vese energy ("Active
+  contours without edges", 2001) of the soft prediction ``u`` on the image ``g``. It needs no
+  label and is applied to every image of a batch.
+- ``active_contour_loss``: the supervised term l_S (Eq. 8, garbled in the paper), taken from
+  Chen et al., CVPR 2019 ("Learning Active Contour Models for Medical Image Segmentation"):
+  a length term plus a region term against the label. Applied to labeled images only.
+- ``dice_ce_loss``: an alternative supervised term, soft Dice + binary cross-entropy.
+
+Normalization, once for the whole module: every term is a per-pixel mean, i.e. the sum the
+paper writes divided by the pixel count H*W of the image. All terms of one equation are
+divided by the same H*W, so their ratios, and hence the meaning of nu, alpha and
+length_weight, are exactly those of the sum form; the loss simply no longer grows with the
+image size. (The Dice part of ``dice_ce_loss`` is a ratio and needs no normalization.)
+
+Each function returns one value per sample, shape (B,); ``SemiSupervisedLoss`` reduces them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Keeps the soft inside/outside means defined when a prediction is all-outside or all-inside.
+MEAN_EPS = 1e-8
+# Smooths |grad u| at zero, as in Chen et al. (their epsilon is 1e-8).
+LENGTH_EPS = 1e-8
+# Dice smoothing in pixels: an empty prediction of an empty label scores a perfect 0 loss.
+DICE_SMOOTH = 1.0
+
+SUPERVISED_KINDS = ("active_contour", "dice_ce")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_image_batch(name: str, x: torch.Tensor) -> None:
+    if x.dim() != 4 or x.shape[1] != 1:
+        raise ValueError(f"{name} must have shape (B, 1, H, W), got {tuple(x.shape)}")
+
+
+def chan_vese_loss(u: torch.Tensor, g: torch.Tensor, nu: float = 0.004) -> torch.Tensor:
+    """Unsupervised loss l_U, Eq. 7, per-pixel mean.
+
+    u: (B, 1, H, W) soft prediction in [0, 1] (sigmoid of the logits; a hard 0/1 mask works).
+    g: (B, 1, H, W) per-image normalized counts.
+    Returns (B,): (nu * sum(u) + sum(u (g - c1)^2) + sum((1 - u) (g - c2)^2)) / (H W), with
+    c1, c2 the u-weighted means of g inside and outside. Area(f(g) > 0) of Eq. 7 is sum(u).
+    """
+    _check_image_batch("u", u)
+    _check_image_batch("g", g)
+    if u.shape != g.shape:
+        raise ValueError(f"u and g must have the same shape, got {tuple(u.shape)} and {tuple(g.shape)}")
+    u, g = u.flatten(1), g.flatten(1)  # (B, H*W)
+    outside = 1.0 - u
+    c1 = (u * g).sum(1, keepdim=True) / (u.sum(1, keepdim=True) + MEAN_EPS)  # (B, 1)
+    c2 = (outside * g).sum(1, keepdim=True) / (outside.sum(1, keepdim=True) + MEAN_EPS)
+    energy = nu * u + u * (g - c1) ** 2 + outside * (g - c2) ** 2  # (B, H*W)
+    return energy.mean(1)
+
+
+def contour_length(u: torch.Tensor) -> torch.Tensor:
+    """Length (total variation) term of Chen et al., per-pixel mean.
+
+    u: (B, 1, H, W) soft prediction. Returns (B,): sum over pixels of
+    sqrt(|d_row u|^2 + |d_col u|^2 + eps) - sqrt(eps), divided by H*W, with forward
+    differences on the common (H-1, W-1) grid. Subtracting sqrt(eps) makes a constant image
+    score exactly 0 (Chen et al. leave that offset in; it has no gradient).
+    """
+    _check_image_batch("u", u)
+    height, width = u.shape[-2:]
+    d_row = u[..., 1:, :-1] - u[..., :-1, :-1]  # (B, 1, H-1, W-1)
+    d_col = u[..., :-1, 1:] - u[..., :-1, :-1]  # (B, 1, H-1, W-1)
+    magnitude = torch.sqrt(d_row**2 + d_col**2 + LENGTH_EPS) - math.sqrt(LENGTH_EPS)
+    return magnitude.flatten(1).sum(1) / (height * width)
+
+
+def region_loss(u: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Region term of Chen et al. against the label, per-pixel mean.
+
+    u: (B, 1, H, W) soft prediction; target: (B, 1, H, W) label v in {0, 1}.
+    Returns (B,): (sum u (v - 1)^2 + sum (1 - u) (v - 0)^2) / (H W), i.e. c1 = 1 inside and
+    c2 = 0 outside. For a 0/1 label this is the soft count of wrongly classified pixels.
+
+    Relation to the garbled Eq. 8: its region part sum(((1 - v)^2 - v^2) u) = sum((1 - 2v) u),
+    while ours is sum(u (1 - v)^2 + (1 - u) v^2) = sum((1 - 2v) u) + sum(v^2); for a 0/1 label
+    sum(v^2) = sum(v), a constant of the label. The two have the same gradient in u; ours is
+    0 at a perfect prediction instead of -sum(v).
+    """
+    _check_image_batch("u", u)
+    _check_image_batch("target", target)
+    if u.shape != target.shape:
+        raise ValueError(f"u and target must have the same shape, got {tuple(u.shape)} and {tuple(target.shape)}")
+    region = u * (target - 1.0) ** 2 + (1.0 - u) * target**2  # (B, 1, H, W)
+    return region.flatten(1).mean(1)
+
+
+def active_contour_loss(u: torch.Tensor, target: torch.Tensor, length_weight: float = 0.1) -> torch.Tensor:
+    """Supervised loss l_S (Eq. 8 as Chen et al. define it): length_weight * length + region.
+
+    u: (B, 1, H, W) soft prediction in [0, 1]; target: (B, 1, H, W) label in {0, 1}.
+    Returns (B,), per-pixel mean. See ``SemiSupervisedLoss`` for the default length_weight.
+    """
+    return length_weight * contour_length(u) + region_loss(u, target)
+
+
+def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Soft Dice loss + binary cross-entropy, per sample.
+
+    logits: (B, 1, H, W) raw network output; target: (B, 1, H, W) label in {0, 1}.
+    Returns (B,): (1 - soft Dice) + per-pixel mean BCE. Takes logits, not probabilities, so
+    the cross-entropy is computed in its numerically stable form.
+    """
+    _check_image_batch("logits", logits)
+    _check_image_batch("target", target)
+    if logits.shape != target.shape:
+        raise ValueError(
+            f"logits and target must have the same shape, got {tuple(logits.shape)} and {tuple(target.shape)}"
+        )
+    probs = torch.sigmoid(logits).flatten(1)  # (B, H*W)
+    truth = target.flatten(1)
+    overlap = (probs * truth).sum(1)
+    dice = (2.0 * overlap + DICE_SMOOTH) / (probs.sum(1) + truth.sum(1) + DICE_SMOOTH)
+    bce = F.binary_cross_entropy_with_logits(logits.flatten(1), truth, reduction="none").mean(1)
+    return (1.0 - dice) + bce
+
+
+class SemiSupervisedLoss(nn.Module):
+    """l = l_U + alpha * l_S (Eq. 6), defaults from the paper: alpha = 0.4, nu = 0.004.
+
+    l_U is applied to every image, l_S only to the images marked labeled.
+
+    length_weight (default 0.1) weighs the length term inside l_S against the region term.
+    Both are per-pixel means over the same H*W, so their ratio is that of the sum form; for a
+    hard mask the length is about the lesion's perimeter and the region term counts wrong
+    pixels. Erasing a lesion of area A and perimeter P lowers l_S only if
+    length_weight * P > A; for a disk of radius r that is r < 2 * length_weight. With 0.1 no
+    lesion of even one pixel is cheaper to erase than to outline (a single pixel: P ~ 3.4,
+    A = 1), yet the term still smooths ragged borders. An equal weight of 1 would already
+    favour erasing a 2x2 lesion (P ~ 7.4 > A = 4), and bone-scan lesions can be that small.
+    """
+
+    def __init__(
+        self,
+        *,
+        alpha: float = 0.4,
+        nu: float = 0.004,
+        supervised: str = "active_contour",
+        length_weight: float = 0.1,
+        reduction: str = "mean",
+    ):
+        super().__init__()
+        for name, value in (("alpha", alpha), ("nu", nu), ("length_weight", length_weight)):
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if supervised not in SUPERVISED_KINDS:
+            raise ValueError(f"supervised must be one of {SUPERVISED_KINDS}, got {supervised!r}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.alpha = float(alpha)
+        self.nu = float(nu)
+        self.supervised = supervised
+        self.length_weight = float(length_weight)
+        self.reduction = reduction
+
+    def extra_repr(self) -> str:
+        return (
+            f"alpha={self.alpha}, nu={self.nu}, supervised={self.supervised!r}, "
+            f"length_weight={self.length_weight}, reduction={self.reduction!r}"
+        )
+
+    def _supervised_terms(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.supervised == "dice_ce":
+            return dice_ce_loss(logits, target)
+        return active_contour_loss(torch.sigmoid(logits), target, self.length_weight)
+
+    def forward(
+        self, logits: torch.Tensor, g: torch.Tensor, target: torch.Tensor, labeled: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """logits: (B, 1, H, W) raw network output; g: (B, 1, H, W) float normalized counts;
+        target: (B, 1, H, W) float label in {0, 1}, anything (e.g. zeros) for unlabeled images;
+        labeled: (B,) bool, which images carry a label.
+
+        Returns {"loss", "unsupervised", "supervised", "n_labeled"}.
+        - "mean": loss = mean over all images of l_U + alpha * mean over labeled images of l_S;
+          "supervised" is that labeled mean (0 when no image is labeled, so loss == l_U).
+        - "sum": the same with sums.
+        - "none": (B,) tensors, loss_i = l_U_i + alpha * l_S_i with l_S_i = 0 for unlabeled
+          images; their mean is therefore not the "mean" loss unless every image is labeled.
+        """
+        _check_image_batch("logits", logits)
+        for name, x in (("g", g), ("target", target)):
+            if x.shape != logits.shape:
+                raise ValueError(f"{name} must have the shape of logits {tuple(logits.shape)}, got {tuple(x.shape)}")
+        if labeled.dtype != torch.bool or labeled.shape != logits.shape[:1]:
+            raise ValueError(
+                f"labeled must be a bool tensor of shape ({logits.shape[0]},), "
+                f"got {labeled.dtype} {tuple(labeled.shape)}"
+            )
+        unsupervised = chan_vese_loss(torch.sigmoid(logits), g, self.nu)  # (B,)
+        # Select the labeled images before computing l_S: whatever an unlabeled target holds
+        # (even NaN) then cannot reach the loss or its gradient.
+        n_labeled = int(labeled.sum())
+        supervised = logits.new_zeros(logits.shape[0])  # (B,)
+        if n_labeled:
+            terms = self._supervised_terms(logits[labeled], target[labeled])  # (L,)
+            supervised = supervised.index_put((labeled,), terms)
+        n = logits.new_tensor(float(n_labeled))
+        if self.reduction == "none":
+            return {
+                "loss": unsupervised + self.alpha * supervised,
+                "unsupervised": unsupervised,
+                "supervised": supervised,
+                "n_labeled": n,
+            }
+        if self.reduction == "sum":
+            l_u, l_s = unsupervised.sum(), supervised.sum()
+        else:
+            l_u = unsupervised.mean()
+            l_s = supervised.sum() / n_labeled if n_labeled else supervised.sum()
+        return {"loss": l_u + self.alpha * l_s, "unsupervised": l_u, "supervised": l_s, "n_labeled": n}

@@ -1,0 +1,137 @@
+"""Segmentation metrics: DSC, CPA, Recall (Eqs. 10-12) and lesion-wise detection.
+
+Inputs are boolean masks ``pred`` and ``truth`` of shape (B, H, W) or (B, 1, H, W); numpy
+arrays in, numpy arrays out. Torch tensors are accepted and converted to numpy (detached, on
+the CPU). Non-boolean masks are refused: threshold probabilities first, so a metric never
+silently decides the threshold.
+
+Per-image functions return (B,) arrays and leave averaging to the caller; the ``pooled_*``
+functions sum the counts over a whole set first, then apply the formula.
+
+Empty masks, one rule for every ratio:
+- truth and prediction both empty: DSC = CPA = Recall = 1 (nothing to find, nothing falsely
+  found: the image is segmented perfectly).
+- any other 0/0 is 0. Prediction empty, truth not: CPA = 0 (as DSC = Recall = 0); truth
+  empty, prediction not: Recall = 0 (as DSC = CPA = 0). An image with any error then never
+  scores 1, a model that predicts nothing is not rewarded with a perfect precision, and no
+  NaN reaches a mean over images.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from skimage import measure
+
+
+def _as_masks(pred, truth) -> tuple[np.ndarray, np.ndarray]:
+    """Both masks as numpy bool (B, H, W)."""
+    out = []
+    for name, x in (("pred", pred), ("truth", truth)):
+        if hasattr(x, "detach"):  # a torch tensor; metrics need no torch import
+            x = x.detach().cpu().numpy()
+        x = np.asarray(x)
+        if x.dtype != np.bool_:
+            raise ValueError(f"{name} must be a boolean mask, got dtype {x.dtype}; threshold it first")
+        if x.ndim == 4 and x.shape[1] == 1:
+            x = x[:, 0]
+        if x.ndim != 3:
+            raise ValueError(f"{name} must have shape (B, H, W) or (B, 1, H, W), got {x.shape}")
+        out.append(x)
+    if out[0].shape != out[1].shape:
+        raise ValueError(f"pred and truth must have the same shape, got {out[0].shape} and {out[1].shape}")
+    return out[0], out[1]
+
+
+def confusion_counts(pred, truth) -> dict[str, np.ndarray]:
+    """Pixel counts per image: {"tp", "fp", "fn"}, each (B,) int64."""
+    pred, truth = _as_masks(pred, truth)
+    return {
+        "tp": (pred & truth).sum(axis=(1, 2), dtype=np.int64),
+        "fp": (pred & ~truth).sum(axis=(1, 2), dtype=np.int64),
+        "fn": (~pred & truth).sum(axis=(1, 2), dtype=np.int64),
+    }
+
+
+def _ratio(numerator: np.ndarray, denominator: np.ndarray, both_empty: np.ndarray) -> np.ndarray:
+    """numerator / denominator with the module's empty-mask rule."""
+    numerator = np.asarray(numerator, dtype=np.float64)
+    denominator = np.asarray(denominator, dtype=np.float64)
+    value = np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0)
+    return np.where(both_empty, 1.0, value)
+
+
+def scores_from_counts(tp, fp, fn) -> dict[str, np.ndarray]:
+    """{"dsc", "cpa", "recall"} from pixel counts (arrays or scalars), with the empty-mask rule."""
+    tp, fp, fn = (np.asarray(c, dtype=np.int64) for c in (tp, fp, fn))
+    both_empty = (tp + fp + fn) == 0
+    return {
+        "dsc": _ratio(2 * tp, fp + 2 * tp + fn, both_empty),  # Eq. 10
+        "cpa": _ratio(tp, tp + fp, both_empty),  # Eq. 11
+        "recall": _ratio(tp, tp + fn, both_empty),  # Eq. 12
+    }
+
+
+def pixel_metrics(pred, truth) -> dict[str, np.ndarray]:
+    """{"dsc", "cpa", "recall"}, each (B,) float64, one value per image."""
+    counts = confusion_counts(pred, truth)
+    return scores_from_counts(counts["tp"], counts["fp"], counts["fn"])
+
+
+def dsc(pred, truth) -> np.ndarray:
+    """Dice similarity coefficient per image, Eq. 10. (B,) float64."""
+    return pixel_metrics(pred, truth)["dsc"]
+
+
+def cpa(pred, truth) -> np.ndarray:
+    """Class pixel accuracy (precision) per image, Eq. 11. (B,) float64."""
+    return pixel_metrics(pred, truth)["cpa"]
+
+
+def recall(pred, truth) -> np.ndarray:
+    """Recall per image, Eq. 12. (B,) float64."""
+    return pixel_metrics(pred, truth)["recall"]
+
+
+def pooled_metrics(pred, truth) -> dict[str, float]:
+    """{"dsc", "cpa", "recall"} over the whole set: TP, FP, FN summed over all images first."""
+    counts = confusion_counts(pred, truth)
+    scores = scores_from_counts(counts["tp"].sum(), counts["fp"].sum(), counts["fn"].sum())
+    return {name: float(value) for name, value in scores.items()}
+
+
+def lesion_detection(pred, truth) -> dict[str, np.ndarray]:
+    """Lesion-wise counts per image; lesions are 8-connected components.
+
+    A true lesion is detected if some predicted component overlaps it by at least one pixel;
+    a predicted component that overlaps no true lesion is a false positive. One predicted
+    component spanning two true lesions detects both.
+    Returns {"lesions", "detected", "false_positives"}, each (B,) int64.
+    """
+    pred, truth = _as_masks(pred, truth)
+    counts = np.zeros((3, pred.shape[0]), dtype=np.int64)
+    for i, (p, t) in enumerate(zip(pred, truth)):
+        truth_labels, n_true = measure.label(t, connectivity=2, return_num=True)
+        pred_labels, n_pred = measure.label(p, connectivity=2, return_num=True)
+        # Pixels of p & t lie inside a component of each mask, so label 0 never appears here.
+        hit_true = np.unique(truth_labels[p & t])
+        hit_pred = np.unique(pred_labels[p & t])
+        counts[:, i] = (n_true, hit_true.size, n_pred - hit_pred.size)
+    return {"lesions": counts[0], "detected": counts[1], "false_positives": counts[2]}
+
+
+def detection_summary(counts: dict[str, np.ndarray]) -> dict[str, float]:
+    """Lesion sensitivity and false positives per image over a set.
+
+    counts: the output of ``lesion_detection`` (or several concatenated).
+    Returns {"sensitivity": detected / true lesions, summed over the set (1.0 when the set has
+    no true lesion: nothing to find), "fp_per_image": false positives / number of images}.
+    """
+    lesions = int(np.sum(counts["lesions"]))
+    detected = int(np.sum(counts["detected"]))
+    n_images = len(counts["lesions"])
+    if n_images == 0:
+        raise ValueError("detection_summary needs at least one image")
+    return {
+        "sensitivity": detected / lesions if lesions else 1.0,
+        "fp_per_image": int(np.sum(counts["false_positives"])) / n_images,
+    }

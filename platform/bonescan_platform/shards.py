@@ -1,0 +1,114 @@
+"""The shard contract (DESIGN.md): Parquet schema, row encoding, atomic writes, the manifest.
+
+Images are stored as raw little-endian bytes in C order, not as Parquet lists: a 256x256
+uint16 crop is one 128 KiB binary value that decodes with ``np.frombuffer`` and no copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+CROP = 256
+MANIFEST = "_manifest.json"
+
+SCHEMA = pa.schema(
+    [
+        pa.field("patient_key", pa.string(), nullable=False),
+        pa.field("scan_key", pa.string(), nullable=False),
+        pa.field("ant", pa.binary(), nullable=False),  # uint16 (256, 256), raw counts
+        pa.field("post", pa.binary()),  # uint16 (256, 256), mirrored into ANT orientation; null: one-view scan
+        pa.field("mask", pa.binary()),  # uint8 (256, 256) 0/1; null: unlabeled
+        pa.field("crop_box", pa.list_(pa.int32(), 4), nullable=False),  # row0, col0, rows, cols
+        pa.field("pixel_spacing_mm", pa.float32(), nullable=False),
+        pa.field("readers_agree", pa.bool_()),  # null: no annotation at all
+        pa.field("source", pa.string(), nullable=False),  # dicom | synthetic | augmented:<op> | dcgan
+        pa.field("split", pa.string(), nullable=False),  # train | test, per patient
+        pa.field("views", pa.string(), nullable=False),  # "ANT+POST" or the single view present
+    ]
+)
+
+
+def encode_image(image: np.ndarray, dtype: str) -> bytes:
+    """(256, 256) array -> little-endian C-order bytes of ``dtype`` ('<u2' or 'u1')."""
+    if image.shape != (CROP, CROP):
+        raise ValueError(f"expected a ({CROP}, {CROP}) image, got {image.shape}")
+    return np.ascontiguousarray(image, dtype=dtype).tobytes()
+
+
+def decode_image(data: bytes, dtype: str) -> np.ndarray:
+    """Inverse of encode_image: a read-only (256, 256) view of ``data``."""
+    return np.frombuffer(data, dtype=dtype).reshape(CROP, CROP)
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    file: str
+    split: str
+    rows: int
+    sha256: str
+
+
+def write_shard(rows: list[dict], path: Path) -> ShardInfo:
+    """Write rows (schema above) to ``path`` atomically: a temporary name, then rename.
+
+    A reader never sees a half-written shard, and a crash leaves only a ``.tmp`` file that
+    the next run overwrites.
+    """
+    path = Path(path)
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    digest = _sha256(tmp)
+    os.replace(tmp, path)
+    split = rows[0]["split"] if rows else ""
+    return ShardInfo(file=path.name, split=split, rows=len(rows), sha256=digest)
+
+
+def write_manifest(out_dir: Path, shards: list[ShardInfo], report: dict) -> Path:
+    out_dir = Path(out_dir)
+    body = {
+        "schema_version": 1,
+        "shards": [s.__dict__ for s in sorted(shards, key=lambda s: s.file)],
+        "rows": sum(s.rows for s in shards),
+        "report": report,
+    }
+    tmp = out_dir / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(body, indent=2, sort_keys=True))
+    os.replace(tmp, out_dir / MANIFEST)
+    return out_dir / MANIFEST
+
+
+def read_manifest(shard_dir: Path) -> dict:
+    path = Path(shard_dir) / MANIFEST
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        from bonescan_model.errors import InputError
+
+        raise InputError(path, "no shard manifest here; run `bonescan ingest` first") from None
+
+
+def shard_paths(shard_dir: Path, split: str | None = None) -> list[str]:
+    """The shard files the manifest lists (optionally one split), checked to exist."""
+    manifest = read_manifest(shard_dir)
+    return [
+        str(Path(shard_dir) / s["file"])
+        for s in manifest["shards"]
+        if split is None or s["split"] == split
+    ]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

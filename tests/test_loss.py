@@ -1,0 +1,218 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bonescan_model.loss import (
+    LENGTH_EPS,
+    SemiSupervisedLoss,
+    active_contour_loss,
+    chan_vese_loss,
+    contour_length,
+    dice_ce_loss,
+    region_loss,
+)
+
+
+def _chan_vese_numpy(mask: np.ndarray, g: np.ndarray, nu: float) -> float:
+    """Eq. 7 on a hard mask, in float64, divided by the pixel count."""
+    inside, outside = g[mask], g[~mask]
+    energy = nu * mask.sum()
+    if inside.size:
+        energy += ((inside - inside.mean()) ** 2).sum()
+    if outside.size:
+        energy += ((outside - outside.mean()) ** 2).sum()
+    return energy / mask.size
+
+
+def _batch(b=3, h=8, w=9, seed=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, 1, h, w, generator=gen, dtype=dtype)
+    g = torch.rand(b, 1, h, w, generator=gen, dtype=dtype) * 2
+    target = (torch.rand(b, 1, h, w, generator=gen) > 0.7).to(dtype)
+    return logits, g, target
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (16, 12)])
+@pytest.mark.parametrize("nu", [0.0, 0.004, 0.5])
+@pytest.mark.parametrize("fill", ["partial", "empty", "full"])
+def test_chan_vese_matches_numpy_on_hard_mask(shape, nu, fill):
+    rng = np.random.default_rng(1)
+    g = rng.random((2, *shape)) * 2
+    masks = {
+        "partial": rng.random((2, *shape)) > 0.6,
+        "empty": np.zeros((2, *shape), bool),
+        "full": np.ones((2, *shape), bool),
+    }[fill]
+    got = chan_vese_loss(torch.from_numpy(masks[:, None].astype(np.float64)), torch.from_numpy(g[:, None]), nu)
+    want = [_chan_vese_numpy(m, gi, nu) for m, gi in zip(masks, g)]
+    assert got.shape == (2,)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-7, atol=1e-12)
+
+
+def test_chan_vese_is_independent_of_image_size():
+    logits, g, _ = _batch(b=2)
+    u = torch.sigmoid(logits)
+    tiled = chan_vese_loss(u.repeat(1, 1, 2, 3), g.repeat(1, 1, 2, 3))
+    torch.testing.assert_close(tiled, chan_vese_loss(u, g))
+
+
+def test_chan_vese_prefers_the_hot_region():
+    # A bright square on a dim background: outlining it costs less than any other answer.
+    g = torch.full((1, 1, 12, 12), 0.2, dtype=torch.float64)
+    g[..., 4:8, 4:8] = 1.5
+    right = (g > 1).double()
+    shifted = torch.roll(right, 2, dims=-1)
+    assert chan_vese_loss(right, g) < chan_vese_loss(shifted, g)
+    assert chan_vese_loss(right, g) < chan_vese_loss(torch.full_like(g, 0.5), g)
+
+
+def test_region_term_known_values():
+    v = torch.zeros(1, 1, 6, 5, dtype=torch.float64)
+    v[..., 1:3, 1:4] = 1  # 6 lesion pixels
+    assert region_loss(v, v).item() == 0.0  # a perfect hard prediction
+    assert region_loss(torch.zeros_like(v), v).item() == pytest.approx(6 / 30)  # 6 missed pixels
+    assert region_loss(torch.ones_like(v), v).item() == pytest.approx(24 / 30)  # 24 false pixels
+    assert region_loss(torch.full_like(v, 0.5), v).item() == pytest.approx(0.5)
+
+
+def test_region_term_equals_eq8_region_plus_label_constant():
+    # Eq. 8's region part sum((1 - 2v) u) differs from ours by sum(v), independent of u.
+    logits, _, v = _batch()
+    u = torch.sigmoid(logits)
+    eq8 = ((1 - 2 * v) * u).flatten(1).mean(1)
+    torch.testing.assert_close(region_loss(u, v) - eq8, v.flatten(1).mean(1))
+
+
+def test_length_term_known_values():
+    assert contour_length(torch.full((2, 1, 7, 7), 0.3, dtype=torch.float64)).abs().max().item() == 0.0
+    # A vertical step edge: one unit jump on each of the H - 1 rows of the difference grid,
+    # each worth sqrt(1 + eps) - sqrt(eps) (1 - 1e-4: the smoothing shaves a little off).
+    h, w = 6, 8
+    step = torch.zeros(1, 1, h, w, dtype=torch.float64)
+    step[..., :, : w // 2] = 1
+    jump = math.sqrt(1 + LENGTH_EPS) - math.sqrt(LENGTH_EPS)
+    assert contour_length(step).item() == pytest.approx((h - 1) * jump / (h * w), rel=1e-12)
+    # Turning the image does not change the length of a straight edge.
+    assert contour_length(step.transpose(-1, -2)).item() == pytest.approx((h - 1) * jump / (h * w), rel=1e-12)
+
+
+def test_active_contour_combines_length_and_region():
+    logits, _, v = _batch()
+    u = torch.sigmoid(logits)
+    torch.testing.assert_close(active_contour_loss(u, v, 0.3), 0.3 * contour_length(u) + region_loss(u, v))
+
+
+@pytest.mark.parametrize("side", [1, 2])
+def test_default_length_weight_does_not_erase_small_lesions(side):
+    v = torch.zeros(1, 1, 10, 10, dtype=torch.float64)
+    v[..., 4 : 4 + side, 4 : 4 + side] = 1
+    loss = SemiSupervisedLoss()
+    assert active_contour_loss(v, v, loss.length_weight) < active_contour_loss(torch.zeros_like(v), v, loss.length_weight)
+    # The reason for the default: a weight of 1 makes erasing such a lesion cheaper.
+    assert active_contour_loss(v, v, 1.0) > active_contour_loss(torch.zeros_like(v), v, 1.0)
+
+
+def test_dice_ce_known_values():
+    v = torch.zeros(1, 1, 4, 4, dtype=torch.float64)
+    v[..., :2, :2] = 1
+    # All logits 0: p = 0.5 everywhere, BCE = ln 2, Dice = (2 * 2 + 1) / (8 + 4 + 1).
+    got = dice_ce_loss(torch.zeros_like(v), v).item()
+    assert got == pytest.approx((1 - 5 / 13) + math.log(2))
+    confident = dice_ce_loss((2 * v - 1) * 30, v).item()
+    assert confident == pytest.approx(0.0, abs=1e-9)
+
+
+def test_gradcheck_pure_terms():
+    logits, g, v = _batch(b=2, h=5, w=6)
+    logits.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: chan_vese_loss(torch.sigmoid(x), g, 0.004), (logits,))
+    assert torch.autograd.gradcheck(lambda x: active_contour_loss(torch.sigmoid(x), v, 0.1), (logits,))
+    assert torch.autograd.gradcheck(lambda x: dice_ce_loss(x, v), (logits,))
+
+
+@pytest.mark.parametrize("supervised", ["active_contour", "dice_ce"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gradcheck_module_total(supervised, reduction):
+    logits, g, v = _batch(b=3, h=5, w=6)
+    labeled = torch.tensor([True, False, True])
+    loss = SemiSupervisedLoss(supervised=supervised, reduction=reduction)
+    logits.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: loss(x, g, v, labeled)["loss"], (logits,))
+
+
+@pytest.mark.parametrize("supervised", ["active_contour", "dice_ce"])
+def test_no_labeled_image_gives_unsupervised_loss_exactly(supervised):
+    logits, g, v = _batch(dtype=torch.float32)
+    logits.requires_grad_(True)
+    out = SemiSupervisedLoss(supervised=supervised)(logits, g, v, torch.zeros(3, dtype=torch.bool))
+    assert torch.equal(out["loss"], out["unsupervised"])
+    assert out["supervised"].item() == 0.0
+    out["loss"].backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+@pytest.mark.parametrize("supervised", ["active_contour", "dice_ce"])
+def test_unlabeled_targets_do_not_change_loss_or_gradient(supervised):
+    logits, g, v = _batch()
+    labeled = torch.tensor([True, False, False])
+    other = v.clone()
+    other[1:] = float("nan")  # garbage where there is no label
+    loss = SemiSupervisedLoss(supervised=supervised)
+    results = []
+    for target in (v, other):
+        x = logits.clone().requires_grad_(True)
+        out = loss(x, g, target, labeled)
+        out["loss"].backward()
+        results.append((out["loss"].detach(), x.grad))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
+
+
+def test_reductions_agree():
+    logits, g, v = _batch(b=4)
+    labeled = torch.tensor([True, False, True, False])
+    alpha = 0.4
+    none = SemiSupervisedLoss(alpha=alpha, reduction="none")(logits, g, v, labeled)
+    total = SemiSupervisedLoss(alpha=alpha, reduction="sum")(logits, g, v, labeled)
+    mean = SemiSupervisedLoss(alpha=alpha, reduction="mean")(logits, g, v, labeled)
+    assert none["loss"].shape == none["unsupervised"].shape == none["supervised"].shape == (4,)
+    assert (none["supervised"][~labeled] == 0).all()
+    torch.testing.assert_close(total["loss"], none["loss"].sum())
+    # Eq. 6 under "mean": l_U over all images, l_S over the labeled ones only.
+    want_s = active_contour_loss(torch.sigmoid(logits[labeled]), v[labeled], 0.1).mean()
+    torch.testing.assert_close(mean["supervised"], want_s)
+    torch.testing.assert_close(mean["unsupervised"], chan_vese_loss(torch.sigmoid(logits), g).mean())
+    torch.testing.assert_close(mean["loss"], mean["unsupervised"] + alpha * want_s)
+    assert mean["n_labeled"].item() == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"alpha": -0.1},
+        {"nu": -1.0},
+        {"length_weight": -0.5},
+        {"alpha": float("nan")},
+        {"nu": float("inf")},
+        {"supervised": "focal"},
+        {"reduction": "max"},
+    ],
+)
+def test_invalid_settings_raise(kwargs):
+    with pytest.raises(ValueError):
+        SemiSupervisedLoss(**kwargs)
+
+
+def test_bad_inputs_raise():
+    logits, g, v = _batch(b=2)
+    loss = SemiSupervisedLoss()
+    with pytest.raises(ValueError, match="labeled"):
+        loss(logits, g, v, torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match="labeled"):
+        loss(logits, g, v, torch.tensor([True, False, True]))
+    with pytest.raises(ValueError, match="target"):
+        loss(logits, g, v[..., :-1], torch.tensor([True, False]))
+    with pytest.raises(ValueError, match="logits"):
+        loss(logits[:, 0], g[:, 0], v[:, 0], torch.tensor([True, False]))
