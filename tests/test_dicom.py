@@ -172,8 +172,9 @@ def test_group_series(tmp_path):
     two = write_whole_body(tmp_path, "b", _counts(2), _counts(3), identity=other)
     junk = tmp_path / "notes.txt"
     junk.write_text("not a scan")
-    groups, rejected = group_series([*two, junk, *one[::-1]])
-    assert sorted(groups) == sorted([sorted(one), two])
+    groups, rejected = group_series([*two, junk, *one[::-1]], SECRET)
+    assert sorted(g.files for g in groups) == sorted([tuple(sorted(one)), tuple(two)])
+    assert {g.patient_key for g in groups} == {read_scan(one, SECRET).patient_key}
     assert len(rejected) == 1 and rejected[0].path == str(junk)
     assert "not a DICOM file" in str(rejected[0])
 
@@ -245,9 +246,9 @@ def test_three_views_in_one_series(tmp_path):
     ds.SOPInstanceUID = generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.save_as(third)
-    groups, rejected = group_series([*files, third])
+    groups, rejected = group_series([*files, third], SECRET)
     assert len(groups) == 1 and not rejected
-    message = _read_error(groups[0])
+    message = _read_error(groups[0].files)
     assert "three_" in message and "3 views" in message
 
 

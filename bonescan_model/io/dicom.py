@@ -297,9 +297,19 @@ def _read(path: Path, *, stop_before_pixels: bool) -> Dataset:
     return ds
 
 
+@dataclass(frozen=True)
+class SeriesGroup:
+    """The files of one series and its patient's keyed hash (None: no PatientID; read_scan
+    will reject it). The ingest assigns train/test per patient from this before any pixel
+    data is read."""
+
+    files: tuple[Path, ...]
+    patient_key: str | None
+
+
 def group_series(
-    paths: Iterable[str | os.PathLike],
-) -> tuple[list[list[Path]], list[InputError]]:
+    paths: Iterable[str | os.PathLike], secret: bytes
+) -> tuple[list[SeriesGroup], list[InputError]]:
     """Group DICOM files by series, reading headers only.
 
     Returns (groups, rejected): each group lists the files of one series (sorted; groups in
@@ -307,6 +317,7 @@ def group_series(
     A file without a SeriesInstanceUID forms a group of its own.
     """
     groups: dict[tuple[str, ...], list[Path]] = {}
+    patients: dict[tuple[str, ...], str | None] = {}
     rejected: list[InputError] = []
     for path in sorted(Path(p) for p in paths):
         try:
@@ -317,7 +328,9 @@ def group_series(
         series = str(ds.get("SeriesInstanceUID", "") or "")
         key = (str(ds.get("StudyInstanceUID", "") or ""), series) if series else (str(path),)
         groups.setdefault(key, []).append(path)
-    return list(groups.values()), rejected
+        patient_id = str(ds.get("PatientID", "") or "").strip()
+        patients.setdefault(key, keyed_hash(secret, patient_id) if patient_id else None)
+    return [SeriesGroup(tuple(files), patients[key]) for key, files in groups.items()], rejected
 
 
 def _view_of_tokens(text: str) -> list[str]:
@@ -445,7 +458,7 @@ def _counts(path: Path, ds: Dataset, n_frames: int) -> np.ndarray:
     return np.clip(pixels, 0, None).astype(np.uint16)
 
 
-def _scan_name(paths: list[Path]) -> str:
+def scan_name(paths: list[Path]) -> str:
     """``<stem>`` for one file; for ``<name>_ANT.dcm``/``<name>_POST.dcm`` the common stem
     with trailing ``_ -.`` stripped; the folder's name when the stems share nothing."""
     stems = [p.name[: -len(p.suffix)] if p.suffix.lower() == ".dcm" else p.name for p in paths]
@@ -523,7 +536,7 @@ def read_scan(paths: Sequence[str | os.PathLike], secret: bytes) -> WholeBodySca
 
     post = image["POST"]
     return WholeBodyScan(
-        name=_scan_name(paths),
+        name=scan_name(paths),
         ant=image["ANT"],
         post=None if post is None else np.ascontiguousarray(mirror(post)),
         views=tuple(v for v in ("ANT", "POST") if found[v]),

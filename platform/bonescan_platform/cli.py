@@ -23,6 +23,24 @@ def _not_yet(job: str):
     return run
 
 
+def _synth(patients: int, out: str, seed: int) -> int:
+    from bonescan_model.synth import write_cohort
+
+    if patients < 1:
+        raise InputError(out, "--patients must be at least 1")
+    summary = write_cohort(out, patients, seed)
+    print(f"wrote {summary.patients} synthetic patients ({summary.lesions} lesions, "
+          f"{len(summary.disagreeing_scans)} scans with a disagreeing reader) to {out}: "
+          f"dicom/, labels/reader1..3/, truth/")
+    return 0
+
+
+def _ingest(dicom: str, labels: str | None, out: str) -> int:
+    from bonescan_platform.ingest import ingest
+
+    return ingest(dicom, out, labels)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bonescan",
@@ -34,13 +52,13 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patients", type=int, required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(run=_not_yet("synth"))
+    p.set_defaults(run=_synth)
 
     p = sub.add_parser("ingest", help="DICOM + LabelMe -> de-identified Parquet shards (Ray Data)")
     p.add_argument("--dicom", required=True)
     p.add_argument("--labels")
     p.add_argument("--out", required=True)
-    p.set_defaults(run=_not_yet("ingest"))
+    p.set_defaults(run=_ingest)
 
     p = sub.add_parser("augment", help="materialize geometric (D2) or DCGAN (D3) shards")
     p.add_argument("--data", required=True)

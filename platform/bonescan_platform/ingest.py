@@ -1,0 +1,196 @@
+"""`bonescan ingest`: DICOM + LabelMe -> de-identified Parquet shards, as a Ray Data job.
+
+The driver reads headers only (to group files per series, match labels by scan name and
+assign each patient to train or test); Ray Data then reads, crops and labels the scans in
+parallel, one task per output shard, each writing its shard atomically. The report and the
+manifest come last, so a shard directory with a manifest is always complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from bonescan_model.cases import prepare_case
+from bonescan_model.errors import InputError
+from bonescan_model.io.deid import keyed_hash, load_or_create_secret
+from bonescan_model.io.dicom import group_series, scan_name
+from bonescan_platform import shards
+from bonescan_platform.cluster import ray_session
+
+TEST_FRACTION = 0.3
+ROWS_PER_SHARD = 32
+REPORT = "ingest_report.json"
+
+
+def secret_path() -> Path:
+    return Path(os.environ.get("BONESCAN_SECRET_FILE", Path.home() / ".bonescan" / "deid_secret"))
+
+
+def assign_splits(patient_keys: set[str], secret: bytes, test_fraction: float = TEST_FRACTION) -> dict[str, str]:
+    """Patient-level train/test split: patients ordered by a keyed hash (a seeded shuffle that
+    does not depend on the order files were found in), the first 70 % train. Every scan of a
+    patient gets the patient's split, so no patient is ever on both sides."""
+    ordered = sorted(patient_keys, key=lambda k: keyed_hash(secret, "split", k))
+    n_test = int(round(len(ordered) * test_fraction)) if len(ordered) > 1 else 0
+    return {k: ("test" if i < n_test else "train") for i, k in enumerate(ordered)}
+
+
+def label_index(labels: Path | None) -> dict[str, list[Path]]:
+    """scan name -> one LabelMe file per reader. A labels folder holds either one folder per
+    reader (reader1/, reader2/, ...) or the JSON files of a single reader."""
+    if labels is None:
+        return {}
+    if not labels.is_dir():
+        raise InputError(labels, "labels folder does not exist")
+    readers = sorted(p for p in labels.iterdir() if p.is_dir() and not p.name.startswith("."))
+    index: dict[str, list[Path]] = {}
+    for folder in readers or [labels]:
+        for path in sorted(folder.glob("*.json")):
+            index.setdefault(path.stem, []).append(path)
+    return index
+
+
+def ingest(dicom: str, out: str, labels: str | None = None, *, rows_per_shard: int = ROWS_PER_SHARD) -> int:
+    """Exit code 0 when at least one scan was ingested, 2 when none was."""
+    dicom_dir, out_dir = Path(dicom), Path(out)
+    if not dicom_dir.exists():
+        raise InputError(dicom_dir, "no such file or folder")
+    files = [dicom_dir] if dicom_dir.is_file() else sorted(
+        p for p in dicom_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+    secret = load_or_create_secret(secret_path())
+    groups, unreadable = group_series(files, secret)
+    splits = assign_splits({g.patient_key for g in groups if g.patient_key}, secret)
+    index = label_index(Path(labels) if labels else None)
+
+    specs: dict[str, list[dict]] = {}
+    used_labels: set[str] = set()
+    for group in groups:
+        name = scan_name(list(group.files))
+        used_labels.add(name)
+        split = splits.get(group.patient_key, "train")  # no PatientID: read_scan rejects it
+        specs.setdefault(split, []).append(
+            {"files": [str(f) for f in group.files], "labels": [str(p) for p in index.get(name, [])]})
+    tasks = [
+        {"shard": f"{split}-{i // rows_per_shard:05d}.parquet", "split": split,
+         "scans": json.dumps(scans[i:i + rows_per_shard])}
+        for split, scans in sorted(specs.items())
+        for i in range(0, len(scans), rows_per_shard)
+    ]
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = _run_tasks(tasks, out_dir, secret) if tasks else []
+    written = [shards.ShardInfo(**r["shard"]) for r in results if r["shard"]]
+    _remove_stale_shards(out_dir, {s.file for s in written})
+    report = _report(results, unreadable, sorted(set(index) - used_labels), index)
+    (out_dir / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True))
+    shards.write_manifest(out_dir, written, report)
+    _print_report(report, out_dir)
+    return 0 if report["scans_ingested"] else 2
+
+
+def _run_tasks(tasks: list[dict], out_dir: Path, secret: bytes) -> list[dict]:
+    import ray
+
+    with ray_session():
+        ds = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
+            _write_shards, batch_size=1, batch_format="numpy", num_cpus=1,
+            fn_kwargs={"out_dir": str(out_dir), "secret": secret},
+        )
+        return [json.loads(r["result"]) for r in ds.take_all()]
+
+
+def _write_shards(batch: dict[str, np.ndarray], out_dir: str, secret: bytes) -> dict[str, np.ndarray]:
+    """Ray Data task: read, crop and label the scans of one shard, write it, report each scan."""
+    results = []
+    for shard_name, split, scans in zip(batch["shard"], batch["split"], batch["scans"]):
+        rows, outcomes = [], []
+        for scan in json.loads(str(scans)):
+            try:
+                case = prepare_case(scan["files"], scan["labels"], secret)
+            except InputError as err:
+                outcomes.append({"file": err.path, "ok": False, "reason": err.reason})
+                continue
+            except Exception as err:  # noqa: BLE001 - one bad scan must not lose the others
+                outcomes.append({"file": scan["files"][0], "ok": False,
+                                 "reason": f"could not be read ({type(err).__name__})"})
+                continue
+            rows.append(_row(case, str(split)))
+            outcomes.append({
+                "file": scan["files"][0], "ok": True, "views": "+".join(case.views),
+                "labeled": case.mask is not None, "readers_agree": case.readers_agree,
+                "patient": case.patient_key, "split": str(split),
+                "label_errors": [{"file": e.path, "reason": e.reason} for e in case.label_errors],
+            })
+        info = shards.write_shard(rows, Path(out_dir) / str(shard_name)).__dict__ if rows else None
+        results.append(json.dumps({"shard": info, "scans": outcomes}))
+    return {"result": np.array(results, dtype=object)}
+
+
+def _row(case, split: str) -> dict:
+    return {
+        "patient_key": case.patient_key,
+        "scan_key": case.scan_key,
+        "ant": None if case.ant is None else shards.encode_image(case.ant, "<u2"),
+        "post": None if case.post is None else shards.encode_image(case.post, "<u2"),
+        "mask": None if case.mask is None else shards.encode_image(case.mask, "u1"),
+        "crop_box": list(case.crop_box),
+        "pixel_spacing_mm": case.pixel_spacing_mm,
+        "readers_agree": case.readers_agree,
+        "source": "dicom",
+        "split": split,
+        "views": "+".join(case.views),
+    }
+
+
+def _remove_stale_shards(out_dir: Path, keep: set[str]) -> None:
+    """A rerun over fewer scans must not leave the previous run's extra shards behind."""
+    for path in out_dir.glob("*.parquet"):
+        if path.name not in keep:
+            path.unlink()
+
+
+def _report(results: list[dict], unreadable: list[InputError], orphan_labels: list[str],
+            index: dict[str, list[Path]]) -> dict:
+    outcomes = [o for r in results for o in r["scans"]]
+    ok = [o for o in outcomes if o["ok"]]
+    rejected = [{"file": e.path, "reason": e.reason} for e in unreadable]
+    rejected += [{"file": o["file"], "reason": o["reason"]} for o in outcomes if not o["ok"]]
+    splits = {}
+    for split in ("train", "test"):
+        mine = [o for o in ok if o["split"] == split]
+        splits[split] = {
+            "scans": len(mine),
+            "patients": len({o["patient"] for o in mine}),
+            "labeled": sum(o["labeled"] for o in mine),
+            "flagged_for_reannotation": sum(o["readers_agree"] is False for o in mine),
+            "one_view": sum("+" not in o["views"] for o in mine),
+        }
+    label_errors = [e for o in ok for e in o["label_errors"]]
+    label_errors += [{"file": str(p), "reason": "no scan with this name was ingested"}
+                     for name in orphan_labels for p in index[name]]
+    return {
+        "scans_ingested": len(ok),
+        "scans_rejected": len(rejected),
+        "splits": splits,
+        "rejected": sorted(rejected, key=lambda r: r["file"]),
+        "label_errors": sorted(label_errors, key=lambda r: r["file"]),
+    }
+
+
+def _print_report(report: dict, out_dir: Path) -> None:
+    print(f"ingested {report['scans_ingested']} scan(s), rejected {report['scans_rejected']}")
+    print(f"{'split':<6} {'scans':>6} {'patients':>9} {'labeled':>8} {'flagged':>8} {'one-view':>9}")
+    for split, s in report["splits"].items():
+        print(f"{split:<6} {s['scans']:>6} {s['patients']:>9} {s['labeled']:>8} "
+              f"{s['flagged_for_reannotation']:>8} {s['one_view']:>9}")
+    for kind in ("rejected", "label_errors"):
+        if report[kind]:
+            print(f"{kind.replace('_', ' ')}:")
+            width = max(len(r["file"]) for r in report[kind])
+            for r in report[kind]:
+                print(f"  {r['file']:<{width}}  {r['reason']}")
+    print(f"shards: {out_dir}  (manifest {shards.MANIFEST}, report {REPORT})")
