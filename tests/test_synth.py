@@ -8,7 +8,7 @@ from pydicom.uid import UID
 from scipy import ndimage
 from skimage import io as skio, morphology
 
-from bonescan_model.io.dicom import group_series, read_scan
+from bonescan_model.io.dicom import group_series, read_scan, scan_name
 from bonescan_model.io.labelme import delta_a, rasterize, read_labelme, readers_ground_truth
 from bonescan_model.preprocess import crop, mirror, thoracic_crop_box
 from bonescan_model.synth import (
@@ -164,13 +164,13 @@ def test_post_is_recorded_from_behind(patients):
 
 def test_cohort_dicom_reads_back_as_written(cohort):
     summary, out, truths = cohort
-    groups, rejected = group_series(sorted((out / "dicom").iterdir()))
+    groups, rejected = group_series(sorted((out / "dicom").iterdir()), SECRET)
     assert not rejected and len(groups) == COHORT_PATIENTS
     assert summary.dicom_files == len(list((out / "dicom").iterdir()))
     options = {(t["dicom"]["layout"], t["dicom"]["view_coding"]) for t in truths}
     assert len(options) == 6  # both layouts x all three view codings
     assert 0 < sum(t["dicom"]["compressed"] for t in truths) < COHORT_PATIENTS
-    by_name = {Path(g[0]).name.split("_")[0].removesuffix(".dcm"): g for g in groups}
+    by_name = {scan_name(list(g.files)): g.files for g in groups}
     for index in range(8):  # every layout x coding pair and two compressed scans
         patient = synth_patient(0, index)
         scan = read_scan(by_name[patient.name], SECRET)

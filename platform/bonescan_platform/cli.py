@@ -65,7 +65,16 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--copies", type=int, default=1)
     p.add_argument("--dcgan", action="store_true")
-    p.set_defaults(run=_not_yet("augment"))
+    p.add_argument("--seed", type=int, default=0)
+
+    def run_augment(**kwargs) -> int:
+        # Imported when the job runs: Ray Data takes over a second to import, which every
+        # other `bonescan` call (and --help) would otherwise pay.
+        from bonescan_platform.augment import augment
+
+        return augment(**kwargs)
+
+    p.set_defaults(run=run_augment)
 
     p = sub.add_parser("train", help="train on Ray Train (DDP, CPU or GPU)")
     p.add_argument("--data", required=True)
