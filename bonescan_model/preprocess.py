@@ -42,6 +42,20 @@ def normalize_counts(counts: np.ndarray) -> np.ndarray:
     return np.clip(out, 0.0, 2.0).reshape(x.shape)
 
 
+def model_input(ant: np.ndarray | None, post: np.ndarray | None) -> np.ndarray:
+    """The network's input for one crop: (2, H, W) float32, normalized ANT then mirrored POST.
+
+    ant, post: (H, W) raw counts in ANT orientation; a missing view (one-view scan) is
+    replaced by the present one, so aggregation still means "the lesion as seen".
+    Training, evaluation and prediction all build their input here.
+    """
+    if ant is None and post is None:
+        raise ValueError("a scan needs at least one view")
+    ant = post if ant is None else ant
+    post = ant if post is None else post
+    return normalize_counts(np.stack([ant, post]))  # (2, H, W)
+
+
 def aggregate_views(ant: np.ndarray, post_mirrored: np.ndarray) -> np.ndarray:
     """Eq. 4 on images: I_agg = I_ant + Mirr(I_post), with POST already mirrored.
 

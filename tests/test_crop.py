@@ -139,3 +139,15 @@ def test_crop_slices_inside_and_pads_outside():
     assert out[:2].sum() == 0 and out[:, 2:].sum() == 0
     stacked = np.stack([image, image + 1])  # (2, H, W): ANT and POST crop together
     np.testing.assert_array_equal(crop(stacked, (0, 0, 5, 5))[1], image[:5, :5] + 1)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_box_holds_the_thorax_of_every_synthetic_patient(seed):
+    from bonescan_model.synth import synth_patient
+
+    for index in range(12):
+        patient = synth_patient(seed, index)
+        row0, col0, rows, cols = thoracic_crop_box(patient.ant)
+        t_row0, t_col0, t_rows, t_cols = patient.thorax_box
+        assert row0 <= t_row0 and t_row0 + t_rows <= row0 + rows, (seed, index)
+        assert col0 <= t_col0 and t_col0 + t_cols <= col0 + cols, (seed, index)

@@ -37,6 +37,13 @@ def keyed_hash(secret: bytes, *parts: str) -> str:
     return mac.hexdigest()
 
 
+def default_secret_path() -> Path:
+    """The site secret: ``$BONESCAN_SECRET_FILE``, else ``~/.bonescan/deid_secret``.
+
+    Kept outside every output folder, so shards and reports never sit beside their key."""
+    return Path(os.environ.get("BONESCAN_SECRET_FILE", Path.home() / ".bonescan" / "deid_secret"))
+
+
 def load_or_create_secret(path: str | os.PathLike) -> bytes:
     """Read the site secret at ``path``, creating a random 32-byte one (mode 0600) if missing.
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from bonescan_model.cases import prepare_case
 from bonescan_model.errors import InputError
-from bonescan_model.io.deid import keyed_hash, load_or_create_secret
+from bonescan_model.io.deid import default_secret_path, keyed_hash, load_or_create_secret
 from bonescan_model.io.dicom import group_series, scan_name
 from bonescan_platform import shards
 from bonescan_platform.cluster import ray_session
@@ -24,10 +25,6 @@ from bonescan_platform.cluster import ray_session
 TEST_FRACTION = 0.3
 ROWS_PER_SHARD = 32
 REPORT = "ingest_report.json"
-
-
-def secret_path() -> Path:
-    return Path(os.environ.get("BONESCAN_SECRET_FILE", Path.home() / ".bonescan" / "deid_secret"))
 
 
 def assign_splits(patient_keys: set[str], secret: bytes, test_fraction: float = TEST_FRACTION) -> dict[str, str]:
@@ -54,38 +51,49 @@ def label_index(labels: Path | None) -> dict[str, list[Path]]:
     return index
 
 
-def ingest(dicom: str, out: str, labels: str | None = None, *, rows_per_shard: int = ROWS_PER_SHARD) -> int:
-    """Exit code 0 when at least one scan was ingested, 2 when none was."""
-    dicom_dir, out_dir = Path(dicom), Path(out)
+@dataclass(frozen=True)
+class IngestPlan:
+    """What the driver decides from headers alone: one task per output shard."""
+
+    tasks: list[dict]
+    unreadable: list[InputError]
+    orphan_labels: list[Path]  # label files whose scan name matches no series
+
+
+def plan_ingest(dicom_dir: Path, labels: Path | None, secret: bytes,
+                rows_per_shard: int = ROWS_PER_SHARD) -> IngestPlan:
     if not dicom_dir.exists():
         raise InputError(dicom_dir, "no such file or folder")
     files = [dicom_dir] if dicom_dir.is_file() else sorted(
         p for p in dicom_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
-    secret = load_or_create_secret(secret_path())
     groups, unreadable = group_series(files, secret)
     splits = assign_splits({g.patient_key for g in groups if g.patient_key}, secret)
-    index = label_index(Path(labels) if labels else None)
-
+    index = label_index(labels)
     specs: dict[str, list[dict]] = {}
-    used_labels: set[str] = set()
     for group in groups:
         name = scan_name(list(group.files))
-        used_labels.add(name)
         split = splits.get(group.patient_key, "train")  # no PatientID: read_scan rejects it
         specs.setdefault(split, []).append(
-            {"files": [str(f) for f in group.files], "labels": [str(p) for p in index.get(name, [])]})
+            {"files": [str(f) for f in group.files], "labels": [str(p) for p in index.pop(name, [])]})
     tasks = [
         {"shard": f"{split}-{i // rows_per_shard:05d}.parquet", "split": split,
          "scans": json.dumps(scans[i:i + rows_per_shard])}
         for split, scans in sorted(specs.items())
         for i in range(0, len(scans), rows_per_shard)
     ]
+    return IngestPlan(tasks, unreadable, [p for paths in index.values() for p in paths])
 
+
+def ingest(dicom: str, out: str, labels: str | None = None, *, rows_per_shard: int = ROWS_PER_SHARD) -> int:
+    """Exit code 0 when at least one scan was ingested, 2 when none was."""
+    out_dir = Path(out)
+    secret = load_or_create_secret(default_secret_path())
+    plan = plan_ingest(Path(dicom), Path(labels) if labels else None, secret, rows_per_shard)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = _run_tasks(tasks, out_dir, secret) if tasks else []
+    results = _run_tasks(plan.tasks, out_dir, secret) if plan.tasks else []
     written = [shards.ShardInfo(**r["shard"]) for r in results if r["shard"]]
     _remove_stale_shards(out_dir, {s.file for s in written})
-    report = _report(results, unreadable, sorted(set(index) - used_labels), index)
+    report = _report(results, plan)
     (out_dir / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True))
     shards.write_manifest(out_dir, written, report)
     _print_report(report, out_dir)
@@ -104,30 +112,37 @@ def _run_tasks(tasks: list[dict], out_dir: Path, secret: bytes) -> list[dict]:
 
 
 def _write_shards(batch: dict[str, np.ndarray], out_dir: str, secret: bytes) -> dict[str, np.ndarray]:
-    """Ray Data task: read, crop and label the scans of one shard, write it, report each scan."""
-    results = []
-    for shard_name, split, scans in zip(batch["shard"], batch["split"], batch["scans"]):
-        rows, outcomes = [], []
-        for scan in json.loads(str(scans)):
-            try:
-                case = prepare_case(scan["files"], scan["labels"], secret)
-            except InputError as err:
-                outcomes.append({"file": err.path, "ok": False, "reason": err.reason})
-                continue
-            except Exception as err:  # noqa: BLE001 - one bad scan must not lose the others
-                outcomes.append({"file": scan["files"][0], "ok": False,
-                                 "reason": f"could not be read ({type(err).__name__})"})
-                continue
-            rows.append(_row(case, str(split)))
-            outcomes.append({
-                "file": scan["files"][0], "ok": True, "views": "+".join(case.views),
-                "labeled": case.mask is not None, "readers_agree": case.readers_agree,
-                "patient": case.patient_key, "split": str(split),
-                "label_errors": [{"file": e.path, "reason": e.reason} for e in case.label_errors],
-            })
-        info = shards.write_shard(rows, Path(out_dir) / str(shard_name)).__dict__ if rows else None
-        results.append(json.dumps({"shard": info, "scans": outcomes}))
+    """The Ray Data adapter around write_shard_task."""
+    results = [
+        json.dumps(write_shard_task({"shard": str(n), "split": str(s), "scans": str(c)}, Path(out_dir), secret))
+        for n, s, c in zip(batch["shard"], batch["split"], batch["scans"])
+    ]
     return {"result": np.array(results, dtype=object)}
+
+
+def write_shard_task(task: dict, out_dir: Path, secret: bytes) -> dict:
+    """Read, crop and label the scans of one shard, write the shard, report each scan.
+    Plain Python: Ray Data runs it in parallel, the benchmark's baseline in a loop."""
+    rows, outcomes = [], []
+    for scan in json.loads(task["scans"]):
+        try:
+            case = prepare_case(scan["files"], scan["labels"], secret)
+        except InputError as err:
+            outcomes.append({"file": err.path, "ok": False, "reason": err.reason})
+            continue
+        except Exception as err:  # noqa: BLE001 - one bad scan must not lose the others
+            outcomes.append({"file": scan["files"][0], "ok": False,
+                             "reason": f"could not be read ({type(err).__name__})"})
+            continue
+        rows.append(_row(case, task["split"]))
+        outcomes.append({
+            "file": scan["files"][0], "ok": True, "views": "+".join(case.views),
+            "labeled": case.mask is not None, "readers_agree": case.readers_agree,
+            "patient": case.patient_key, "split": task["split"],
+            "label_errors": [{"file": e.path, "reason": e.reason} for e in case.label_errors],
+        })
+    info = shards.write_shard(rows, out_dir / task["shard"]).__dict__ if rows else None
+    return {"shard": info, "scans": outcomes}
 
 
 def _row(case, split: str) -> dict:
@@ -153,11 +168,10 @@ def _remove_stale_shards(out_dir: Path, keep: set[str]) -> None:
             path.unlink()
 
 
-def _report(results: list[dict], unreadable: list[InputError], orphan_labels: list[str],
-            index: dict[str, list[Path]]) -> dict:
+def _report(results: list[dict], plan: IngestPlan) -> dict:
     outcomes = [o for r in results for o in r["scans"]]
     ok = [o for o in outcomes if o["ok"]]
-    rejected = [{"file": e.path, "reason": e.reason} for e in unreadable]
+    rejected = [{"file": e.path, "reason": e.reason} for e in plan.unreadable]
     rejected += [{"file": o["file"], "reason": o["reason"]} for o in outcomes if not o["ok"]]
     splits = {}
     for split in ("train", "test"):
@@ -170,8 +184,8 @@ def _report(results: list[dict], unreadable: list[InputError], orphan_labels: li
             "one_view": sum("+" not in o["views"] for o in mine),
         }
     label_errors = [e for o in ok for e in o["label_errors"]]
-    label_errors += [{"file": str(p), "reason": "no scan with this name was ingested"}
-                     for name in orphan_labels for p in index[name]]
+    label_errors += [{"file": str(p), "reason": "no scan with this name was found"}
+                     for p in plan.orphan_labels]
     return {
         "scans_ingested": len(ok),
         "scans_rejected": len(rejected),
