@@ -41,6 +41,17 @@ def _ingest(dicom: str, labels: str | None, out: str) -> int:
     return ingest(dicom, out, labels)
 
 
+def _train(data, config, out, workers: int, gpus: bool, resume: str | None) -> int:
+    from bonescan_platform import train
+
+    if resume:
+        return train.resume(resume)
+    missing = [flag for flag, value in (("--data", data), ("--config", config), ("--out", out)) if not value]
+    if missing:
+        raise InputError("bonescan train", f"{', '.join(missing)} required (or --resume RUN)")
+    return train.train(data, config, out, workers, gpus)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bonescan",
@@ -77,12 +88,13 @@ def _build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=run_augment)
 
     p = sub.add_parser("train", help="train on Ray Train (DDP, CPU or GPU)")
-    p.add_argument("--data", required=True)
-    p.add_argument("--config", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--data", help="shard folder (from bonescan ingest)")
+    p.add_argument("--config", help="training config YAML, e.g. configs/demo.yaml")
+    p.add_argument("--out", help="run folder")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--gpus", action="store_true")
-    p.set_defaults(run=_not_yet("train"))
+    p.add_argument("--resume", metavar="RUN", help="continue a stopped run from its latest checkpoint")
+    p.set_defaults(run=_train)
 
     p = sub.add_parser("tune", help="a Ray Tune sweep from tune_spaces/*.yaml")
     p.add_argument("--data", required=True)

@@ -1,0 +1,184 @@
+"""`bonescan augment`: materialize geometric copies of a shard set (the paper's D2) with Ray Data.
+
+Every input row is kept unchanged and followed by K augmented copies. A copy keeps the
+row's patient, split, crop box, spacing, readers' agreement and views, so the split stays
+per patient; it gets its own ``scan_key`` and ``source = "augmented:<ops>"``. Unlabeled rows
+stay unlabeled and one-view rows stay one-view.
+
+Deterministic: a scan's copies are drawn from a generator seeded by (seed, scan_key), so
+they depend neither on batch boundaries nor on which worker ran them, and no two copies of a
+scan are equal; blocks are consumed in input order, so the shards are byte-identical from run
+to run.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from bonescan_model import augment as geometric
+from bonescan_model.errors import InputError
+from bonescan_platform import shards
+from bonescan_platform.cluster import ray_session
+
+# Output shards are cut at this many rows (about 80 MB of raw counts): the driver holds at most
+# one open shard per split, however large K makes the output.
+ROWS_PER_SHARD = 256
+# Rows per map task: each expands to (K + 1) rows, about 0.3 MB each.
+BATCH_ROWS = 8
+_SPLIT_NAME = re.compile(r"[A-Za-z0-9_]+")
+
+
+def augment(
+    data: str | Path,
+    out: str | Path,
+    copies: int = 1,
+    dcgan: bool = False,
+    seed: int = 0,
+    *,
+    rows_per_shard: int = ROWS_PER_SHARD,
+) -> int:
+    """Write ``out``: the shards of ``data`` plus ``copies`` geometric copies of every row.
+
+    Returns 0. Raises InputError for bad input: no manifest, a listed shard missing,
+    copies or seed < 0, ``out`` equal to ``data``, or ``out`` a non-empty folder that is not
+    a shard folder (stale shards there are deleted, so it must be ours).
+    """
+    data, out = Path(data), Path(out)
+    if dcgan:
+        raise InputError(data, "--dcgan is not yet available (DCGAN samples, D3, come in a later step)")
+    if copies < 0:
+        raise InputError(data, f"--copies must be >= 0, got {copies}")
+    if seed < 0:
+        raise InputError(data, f"--seed must be >= 0, got {seed}")
+    if rows_per_shard < 1:
+        raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
+    if out.resolve() == data.resolve():
+        raise InputError(out, "--out must differ from --data: the input shards would be overwritten")
+    manifest = shards.read_manifest(data)
+    paths = shards.shard_paths(data)
+    if not paths:
+        raise InputError(data / shards.MANIFEST, "the manifest lists no shards")
+    for path in paths:
+        _check_shard(path)
+    if out.is_dir() and any(out.iterdir()) and not (out / shards.MANIFEST).is_file():
+        raise InputError(out, "not empty and not a shard folder (no manifest); refusing to write there")
+    out.mkdir(parents=True, exist_ok=True)
+
+    with ray_session():
+        ds = ray.data.read_parquet(paths)
+        # The dataset's own copy of the DataContext: consume blocks in input order, so the
+        # shards' row order, and hence their bytes, are the same on every run.
+        ds.context.execution_options.preserve_order = True
+        ds = ds.map_batches(
+            _expand_batch,
+            batch_format="pyarrow",
+            batch_size=BATCH_ROWS,
+            fn_kwargs={"copies": copies, "seed": seed},
+            num_cpus=1,
+        )
+        written, sources = _write_shards(ds.iter_batches(batch_size=None, batch_format="pyarrow"), out, rows_per_shard)
+
+    report = {
+        "job": "augment",
+        "rows_in": int(manifest["rows"]),
+        "rows_out": sum(s.rows for s in written),
+        "copies": copies,
+        "seed": seed,
+        "sources": dict(sorted(sources.items())),
+    }
+    shards.write_manifest(out, written, report)
+    # After the manifest: a rerun with fewer rows or copies must not leave old shards behind.
+    listed = {s.file for s in written}
+    for stale in out.glob("*.parquet"):
+        if stale.name not in listed:
+            stale.unlink()
+    print(f"augment: {report['rows_in']} rows in, {report['rows_out']} rows out ({copies} copies, seed {seed}) -> {out}")
+    return 0
+
+
+def augmented_scan_key(scan_key: str, seed: int, copy: int) -> str:
+    """The scan_key of copy ``copy`` (1..K) of a scan: 64 hex characters.
+
+    A plain SHA-256 is enough: scan_key is already a keyed hash, nothing identifying is left
+    to protect. The seed is part of it because another seed gives another image.
+    """
+    return hashlib.sha256(f"{scan_key}|augmented|{seed}|{copy}".encode()).hexdigest()
+
+
+def copy_transforms(scan_key: str, seed: int, copies: int) -> list[geometric.Transform]:
+    """The transforms of a scan's copies 1..K: distinct, and a function of (scan_key, seed)
+    alone, so neither batch boundaries nor the worker that runs them change the output."""
+    digest = hashlib.sha256(f"{scan_key}|augment|{seed}".encode()).hexdigest()
+    return geometric.distinct_transforms(np.random.default_rng(int(digest, 16)), copies)
+
+
+def _expand_batch(batch: pa.Table, copies: int, seed: int) -> pa.Table:
+    """Each row, then its ``copies`` augmented copies (rows in the shard schema)."""
+    rows = []
+    for row in batch.to_pylist():
+        rows.append(row)
+        for copy, transform in enumerate(copy_transforms(row["scan_key"], seed, copies), start=1):
+            rows.append(_augmented_row(row, transform, augmented_scan_key(row["scan_key"], seed, copy)))
+    return pa.Table.from_pylist(rows, schema=shards.SCHEMA)
+
+
+def _augmented_row(row: dict, transform: geometric.Transform, scan_key: str) -> dict:
+    ant = shards.decode_image(row["ant"], "<u2")
+    has_post = row["post"] is not None
+    views = np.stack([ant, shards.decode_image(row["post"], "<u2")]) if has_post else ant  # (2, H, W) or (H, W)
+    mask = None if row["mask"] is None else shards.decode_image(row["mask"], "u1")
+    views, mask = geometric.apply(transform, views, mask)
+    return {
+        **row,
+        "scan_key": scan_key,
+        "ant": shards.encode_image(views[0] if has_post else views, "<u2"),
+        "post": shards.encode_image(views[1], "<u2") if has_post else None,
+        "mask": None if mask is None else shards.encode_image(mask, "u1"),
+        "source": f"augmented:{transform.name}",
+    }
+
+
+def _check_shard(path: str) -> None:
+    """Fail before Ray starts, naming the file: missing, unreadable, or a bad split name."""
+    if not Path(path).is_file():
+        raise InputError(path, "listed in the shard manifest but missing")
+    try:
+        splits = set(pq.read_table(path, columns=["split"]).column("split").to_pylist())
+    except (pa.ArrowException, OSError) as err:
+        raise InputError(path, f"not a readable shard: {err}") from None
+    for split in splits:
+        # Splits become part of output file names: nothing that could leave the folder.
+        if not _SPLIT_NAME.fullmatch(split or ""):
+            raise InputError(path, f"split {split!r} is not a plain name")
+
+
+def _write_shards(batches, out: Path, rows_per_shard: int) -> tuple[list[shards.ShardInfo], collections.Counter]:
+    """Stream rows into ``<split>-NNNNN.parquet`` shards of at most ``rows_per_shard`` rows."""
+    open_rows: dict[str, list[dict]] = {}
+    next_index: collections.Counter = collections.Counter()
+    sources: collections.Counter = collections.Counter()
+    written: list[shards.ShardInfo] = []
+
+    def close(split: str) -> None:
+        name = f"{split}-{next_index[split]:05d}.parquet"
+        next_index[split] += 1
+        written.append(shards.write_shard(open_rows.pop(split), out / name))
+
+    for table in batches:
+        for row in table.to_pylist():
+            split = row["split"]
+            sources[row["source"]] += 1
+            open_rows.setdefault(split, []).append(row)
+            if len(open_rows[split]) >= rows_per_shard:
+                close(split)
+    for split in sorted(open_rows):
+        close(split)
+    return written, sources

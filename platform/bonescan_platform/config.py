@@ -1,0 +1,136 @@
+"""Training configuration: YAML in configs/, validated once here into typed dataclasses.
+
+Unknown keys and wrong types are errors naming the file and the key. Each run writes its
+resolved config (``config.yaml``) beside its outputs, so a run can be repeated or resumed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from bonescan_model.errors import InputError
+from bonescan_model.network import ModelConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Defaults follow the paper's Table 2 where it has a value."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    epochs: int = 400
+    batch_size: int = 8
+    lr: float = 0.0005
+    beta1: float = 0.9  # Table 2's "learning momentum"
+    beta2: float = 0.999
+    weight_decay: float = 0.0001
+    alpha: float = 0.4  # weight of l_S, Eq. 6
+    nu: float = 0.004  # area weight of l_U, Eq. 7
+    supervised: str = "active_contour"  # or "dice_ce"
+    length_weight: float = 0.1
+    # L_label: the share of training scans that keep their masks (patient-level, seeded).
+    label_fraction: float = 0.37
+    augment: bool = True  # random label-preserving geometric augmentation per batch
+    seed: int = 0
+    amp: bool = False  # mixed precision (float16 on GPUs, bfloat16 on CPUs)
+    threshold: float = 0.5  # sigmoid threshold of a lesion pixel
+    checkpoints_to_keep: int = 2
+
+    def __post_init__(self):
+        checks = {
+            "epochs": self.epochs >= 1,
+            "batch_size": self.batch_size >= 1,
+            "lr": self.lr > 0,
+            "beta1": 0 <= self.beta1 < 1,
+            "beta2": 0 <= self.beta2 < 1,
+            "weight_decay": self.weight_decay >= 0,
+            "alpha": self.alpha >= 0,
+            "nu": self.nu >= 0,
+            "supervised": self.supervised in ("active_contour", "dice_ce"),
+            "length_weight": self.length_weight >= 0,
+            "label_fraction": 0 <= self.label_fraction <= 1,
+            "threshold": 0 < self.threshold < 1,
+            "checkpoints_to_keep": self.checkpoints_to_keep >= 1,
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise ValueError(f"{key}: invalid value {getattr(self, key)!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str | os.PathLike = "<config>") -> TrainConfig:
+        """Validate a mapping (YAML, a Tune trial's config) into a TrainConfig."""
+        if not isinstance(data, dict):
+            raise InputError(source, "a training config must be a mapping of keys to values")
+        values = {}
+        hints = typing.get_type_hints(cls)
+        for key, value in data.items():
+            if key not in hints:
+                raise InputError(source, f"unknown key {key!r}; known keys: {', '.join(sorted(hints))}")
+            if key == "model":
+                values[key] = _model_config(value, source)
+            else:
+                values[key] = _typed(key, value, hints[key], source)
+        try:
+            return cls(**values)
+        except ValueError as err:
+            raise InputError(source, str(err)) from None
+
+
+def _model_config(value, source) -> ModelConfig:
+    if isinstance(value, ModelConfig):
+        return value
+    if not isinstance(value, dict):
+        raise InputError(source, "model: must be a mapping")
+    try:  # ModelConfig validates its own keys and values, naming them
+        return ModelConfig.from_dict(value)
+    except (TypeError, ValueError) as err:
+        raise InputError(source, f"model: {err}") from None
+
+
+def _typed(key: str, value, hint, source):
+    """Check ``value`` against a scalar field's type; ints are accepted where floats are."""
+    ok = {
+        bool: isinstance(value, bool),
+        int: _is_int(value),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[hint]
+    if not ok:
+        raise InputError(source, f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    return float(value) if hint is float else value
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def load_train_config(path: str | os.PathLike) -> TrainConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise InputError(path, "no such config file") from None
+    except yaml.YAMLError as err:
+        raise InputError(path, f"not valid YAML ({err})") from None
+    return TrainConfig.from_dict(data or {}, path)
+
+
+def save_train_config(config: TrainConfig, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(_plain(config.to_dict()), sort_keys=False))
+
+
+def _plain(value):
+    """Tuples -> lists, so the YAML stays readable by any YAML tool."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,86 @@
+"""The Ray Data stream training reads: shards -> decoded, normalized batches.
+
+``read_parquet`` streams the shard files (memory stays flat as the data grows: nothing is
+materialized); ``map_batches`` decodes the crops and normalizes counts per image. Random
+augmentation happens on the training worker (``train.augmenting``): seeded there by
+(seed, epoch, rank, step), it repeats exactly, which it would not if it depended on how Ray
+Data schedules its tasks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from bonescan_model.preprocess import model_input
+from bonescan_platform import shards
+
+COLUMNS = ["patient_key", "ant", "post", "mask", "source"]
+ORIGINAL_SOURCES = ("dicom", "synthetic")
+
+
+def labeled_patients(shard_dir: str | Path, fraction: float, seed: int) -> list[str]:
+    """The training patients whose masks the run may use (the paper's L_label).
+
+    Patients with a ground-truth mask are taken in a seeded order until their scans reach
+    ``fraction`` of all training scans; the rest train unlabeled. Chosen per patient, so all
+    scans of a patient (augmented copies included) are labeled or none is.
+    """
+    table = pq.read_table(shards.shard_paths(shard_dir, "train"), columns=["patient_key", "mask"])
+    keys = table.column("patient_key").to_pylist()
+    has_mask = pc.is_valid(table.column("mask")).to_pylist()
+    scans_of: dict[str, int] = {}
+    for key, valid in zip(keys, has_mask):
+        if valid:
+            scans_of[key] = scans_of.get(key, 0) + 1
+    target = round(fraction * len(keys))
+    chosen, count = [], 0
+    # A seeded shuffle independent of file order: patient keys are already keyed hashes.
+    for key in sorted(scans_of, key=lambda k: hashlib.sha256(f"{seed}:{k}".encode()).hexdigest()):
+        if count >= target:
+            break
+        chosen.append(key)
+        count += scans_of[key]
+    return sorted(chosen)
+
+
+def decode_batch(batch: dict[str, np.ndarray], labeled: frozenset[str] | None) -> dict[str, np.ndarray]:
+    """Shard rows -> {"image": (B, 2, 256, 256) float32, "mask": (B, 1, 256, 256) float32,
+    "labeled": (B,) bool}.
+
+    labeled: the patients whose masks training may use; None means evaluation: only original
+    scans with a mask are kept (augmented copies are for training, not for scoring)."""
+    keep = [i for i in range(len(batch["source"])) if labeled is not None or (
+        batch["mask"][i] is not None and str(batch["source"][i]) in ORIGINAL_SOURCES)]
+    size = shards.CROP
+    images = np.zeros((len(keep), 2, size, size), np.float32)
+    masks = np.zeros((len(keep), 1, size, size), np.float32)
+    is_labeled = np.zeros(len(keep), bool)
+    for out, i in enumerate(keep):
+        ant, post, mask = batch["ant"][i], batch["post"][i], batch["mask"][i]
+        images[out] = model_input(
+            None if ant is None else shards.decode_image(ant, "<u2"),
+            None if post is None else shards.decode_image(post, "<u2"))
+        if mask is not None and (labeled is None or batch["patient_key"][i] in labeled):
+            masks[out, 0] = shards.decode_image(mask, "u1")
+            is_labeled[out] = True
+    return {"image": images, "mask": masks, "labeled": is_labeled}
+
+
+def training_dataset(shard_dir: str | Path, labeled: list[str]):
+    import ray
+
+    return ray.data.read_parquet(shards.shard_paths(shard_dir, "train"), columns=COLUMNS).map_batches(
+        decode_batch, batch_format="numpy", fn_kwargs={"labeled": frozenset(labeled)})
+
+
+def evaluation_dataset(shard_dir: str | Path, split: str = "test"):
+    """Labeled original scans of ``split``, every mask used."""
+    import ray
+
+    return ray.data.read_parquet(shards.shard_paths(shard_dir, split), columns=COLUMNS).map_batches(
+        decode_batch, batch_format="numpy", fn_kwargs={"labeled": None})

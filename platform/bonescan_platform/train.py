@@ -1,0 +1,193 @@
+"""`bonescan train`: Ray Train's TorchTrainer around the plain-PyTorch engine.
+
+``train_loop`` is the adapter each worker runs: dataset shard -> iter_torch_batches ->
+engine.train_epoch -> ray.train.report (with a checkpoint). Everything about the model, the
+loss and the metrics lives in bonescan_model; this file only wires it to Ray.
+
+A run folder holds: config.yaml (the resolved config), run.json (data, workers, devices),
+train/ (Ray Train's checkpoints), model.pt (the best checkpoint by validation DSC) and
+history.csv (one row per epoch).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bonescan_model import engine
+from bonescan_model.augment import augment_batch
+from bonescan_model.checkpoint import FILENAME, save_checkpoint
+from bonescan_model.errors import InputError
+from bonescan_model.loss import SemiSupervisedLoss
+from bonescan_model.network import build_model
+from bonescan_platform import shards, stream
+from bonescan_platform.cluster import ray_session
+from bonescan_platform.config import TrainConfig, load_train_config, save_train_config
+
+RUN_NAME = "train"  # fixed, so a rerun with the same folder resumes instead of starting over
+STATE = "train_state.pt"
+
+
+# ---------------------------------------------------------------- the worker: a thin adapter
+def train_loop(loop_config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = TrainConfig.from_dict(loop_config["train"])
+    rank = ray.train.get_context().get_world_rank()
+    torch.set_num_threads(loop_config["torch_threads"])
+    torch.manual_seed(cfg.seed)
+    model = ray.train.torch.prepare_model(build_model(cfg.model))
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                 weight_decay=cfg.weight_decay)
+    device = ray.train.torch.get_device()
+    scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" else None
+    loss_fn = SemiSupervisedLoss(alpha=cfg.alpha, nu=cfg.nu, supervised=cfg.supervised,
+                                 length_weight=cfg.length_weight)
+    start, history = _restore(ray.train.get_checkpoint(), model, optimizer)
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    for epoch in range(start, cfg.epochs):
+        batches = train_shard.iter_torch_batches(
+            batch_size=cfg.batch_size, prefetch_batches=2,
+            local_shuffle_buffer_size=4 * cfg.batch_size, local_shuffle_seed=cfg.seed + epoch)
+        if cfg.augment:
+            batches = augmenting(batches, np.random.default_rng([cfg.seed, epoch, rank]))
+        stats = engine.train_epoch(model, batches, loss_fn, optimizer, device=device, amp=cfg.amp, scaler=scaler)
+        metrics = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in stats.items()}}
+        if rank == 0:  # validation on one rank: the test split is small, and DDP needs no sync for it
+            per_image = engine.evaluate(getattr(model, "module", model), val_shard.iter_torch_batches(
+                batch_size=cfg.batch_size), device=device, threshold=cfg.threshold)
+            metrics.update({f"val_{k}": v for k, v in engine.summarize(per_image).items()})
+        history.append(metrics)
+        _report(metrics, history, model, optimizer, cfg, rank)
+
+
+def augmenting(batches: Iterable[dict], rng: np.random.Generator) -> Iterator[dict]:
+    """Random label-preserving geometric augmentation, per sample, on the worker."""
+    for batch in batches:
+        images, masks = augment_batch(batch["image"].numpy(), batch["mask"].numpy(), rng)
+        yield {**batch, "image": torch.from_numpy(images), "mask": torch.from_numpy(masks)}
+
+
+def _report(metrics: dict, history: list[dict], model, optimizer, cfg: TrainConfig, rank: int) -> None:
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:  # every rank reports (a barrier); rank 0 alone carries the checkpoint
+            save_checkpoint(Path(tmp) / FILENAME, model, cfg.model, epoch=metrics["epoch"],
+                            metrics=metrics, train_config=_plain(cfg.to_dict()))
+            torch.save({"optimizer": optimizer.state_dict(), "epoch": metrics["epoch"], "history": history},
+                       Path(tmp) / STATE)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _restore(checkpoint, model, optimizer) -> tuple[int, list[dict]]:
+    """Resume after a worker failure or `--resume`: weights, optimizer, epoch, history."""
+    if checkpoint is None:
+        return 0, []
+    with checkpoint.as_directory() as folder:
+        blob = torch.load(Path(folder) / FILENAME, map_location="cpu", weights_only=True)
+        state = torch.load(Path(folder) / STATE, map_location="cpu", weights_only=True)
+    getattr(model, "module", model).load_state_dict(blob["state_dict"])
+    optimizer.load_state_dict(state["optimizer"])
+    history = state["history"]
+    history[-1] = {**history[-1], "resumed": True}
+    return state["epoch"], history
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return list(value) if isinstance(value, tuple) else value
+
+
+# ---------------------------------------------------------------- the driver
+def train(data: str, config: str, out: str, workers: int = 1, gpus: bool = False) -> int:
+    cfg = load_train_config(config)
+    run = Path(out).resolve()
+    shards.read_manifest(data)  # fail early, with the file named, on a folder that is not shards
+    if workers < 1:
+        raise InputError(out, "--workers must be at least 1")
+    run.mkdir(parents=True, exist_ok=True)
+    save_train_config(cfg, run / "config.yaml")
+    (run / "run.json").write_text(json.dumps(
+        {"data": str(Path(data).resolve()), "workers": workers, "gpus": gpus}, indent=2))
+    return _fit(run, cfg, Path(data).resolve(), workers, gpus)
+
+
+def resume(run_dir: str) -> int:
+    """Continue a stopped run from its latest checkpoint, with its own config and data."""
+    run = Path(run_dir).resolve()
+    try:
+        info = json.loads((run / "run.json").read_text())
+    except FileNotFoundError:
+        raise InputError(run, "not a run folder (no run.json)") from None
+    cfg = load_train_config(run / "config.yaml")
+    return _fit(run, cfg, Path(info["data"]), info["workers"], info["gpus"])
+
+
+def trainer_for(run: Path, cfg: TrainConfig, data: Path, workers: int, gpus: bool, callbacks=()):
+    """The TorchTrainer of one run; `bonescan tune` builds one per trial."""
+    import ray
+    from ray.data import DataContext, ExecutionOptions, ExecutionResources
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cpus = ray.cluster_resources().get("CPU", 1)
+    # Leave a CPU to Ray Data: training workers holding every CPU starve the reader (RAY_NOTES).
+    cpu_per_worker = 1.0 if gpus else max(0.25, min(1.0, (cpus - 1) / workers))
+    DataContext.get_current().enable_progress_bars = False
+    labeled = stream.labeled_patients(data, cfg.label_fraction, cfg.seed)
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"train": _plain(cfg.to_dict()),
+                           "torch_threads": max(1, int(os.cpu_count() // max(1, min(workers, cpus))))},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus,
+                                     resources_per_worker={"CPU": cpu_per_worker}),
+        run_config=RunConfig(
+            name=RUN_NAME, storage_path=str(run), callbacks=list(callbacks),
+            failure_config=FailureConfig(max_failures=3),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep,
+                                               checkpoint_score_attribute="val_dsc",
+                                               checkpoint_score_order="max")),
+        datasets={"train": stream.training_dataset(data, labeled), "val": stream.evaluation_dataset(data)},
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ExecutionOptions(
+            preserve_order=True, resource_limits=ExecutionResources(cpu=max(1.0, cpus - workers * cpu_per_worker)))),
+    )
+
+
+def _fit(run: Path, cfg: TrainConfig, data: Path, workers: int, gpus: bool) -> int:
+    with ray_session():
+        result = trainer_for(run, cfg, data, workers, gpus).fit()
+    return finish_run(run, result)
+
+
+def finish_run(run: Path, result) -> int:
+    """Keep the best checkpoint as run/model.pt and the epoch history as run/history.csv."""
+    best = result.get_best_checkpoint("val_dsc", "max") or result.checkpoint
+    if best is None:
+        raise InputError(run, "training reported no checkpoint")
+    with best.as_directory() as folder:
+        shutil.copy(Path(folder) / FILENAME, run / FILENAME)
+    with result.checkpoint.as_directory() as folder:
+        history = torch.load(Path(folder) / STATE, map_location="cpu", weights_only=True)["history"]
+    keys = sorted({k for row in history for k in row}, key=lambda k: (k != "epoch", k))
+    with open(run / "history.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(history)
+    last = history[-1]
+    print(f"trained {last['epoch']} epochs: val DSC {last.get('val_dsc', float('nan')):.3f} "
+          f"(best {max(r.get('val_dsc', 0.0) for r in history):.3f}); "
+          f"model: {run / FILENAME}, history: {run / 'history.csv'}")
+    return 0
