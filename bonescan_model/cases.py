@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from bonescan_model.errors import InputError
-from bonescan_model.io.dicom import WHOLE_BODY_COLS, WHOLE_BODY_ROWS, read_scan
+from bonescan_model.io.dicom import WHOLE_BODY_COLS, WHOLE_BODY_ROWS, WholeBodyScan, read_scan
 from bonescan_model.io.labelme import rasterize, read_labelme, readers_ground_truth
 from bonescan_model.preprocess import crop, thoracic_crop_box
 
@@ -42,6 +42,18 @@ class ThoracicCase:
     label_errors: tuple[InputError, ...] = ()
 
 
+def reference_view(scan: WholeBodyScan) -> np.ndarray:
+    """The image every coordinate is in: ANT, or the mirrored POST of a POST-only scan.
+    (H, W) uint16 counts."""
+    return scan.ant if scan.ant is not None else scan.post
+
+
+def scan_crop_box(scan: WholeBodyScan) -> tuple[int, int, int, int]:
+    """The thoracic crop box, from the reference view alone: labels drawn on the crop were
+    drawn on this box, and ingest, training and prediction must all see the same crop."""
+    return thoracic_crop_box(reference_view(scan), size=CROP_SIZE)
+
+
 def prepare_case(
     dicom_files: Sequence[str | os.PathLike],
     label_files: Sequence[str | os.PathLike],
@@ -50,10 +62,7 @@ def prepare_case(
     """Raises InputError when the scan itself cannot be used; a bad label only drops that
     label (listed in ``label_errors``)."""
     scan = read_scan(dicom_files, secret)
-    # The crop box comes from the ANT view alone: labels drawn on the crop were drawn on this
-    # box, and ANT is the orientation every coordinate here is in.
-    reference = scan.ant if scan.ant is not None else scan.post
-    box = thoracic_crop_box(reference, size=CROP_SIZE)
+    box = scan_crop_box(scan)
     masks, errors = [], []
     for path in label_files:
         try:

@@ -52,6 +52,24 @@ def _train(data, config, out, workers: int, gpus: bool, resume: str | None) -> i
     return train.train(data, config, out, workers, gpus)
 
 
+def _evaluate(checkpoint: str, data: str, runs: int, json_path: str | None) -> int:
+    from bonescan_platform.evaluate import evaluate
+
+    return evaluate(checkpoint, data, runs, json_path)
+
+
+def _predict(checkpoint: str, dicom: str, out: str) -> int:
+    from bonescan_platform.predict import predict
+
+    return predict(checkpoint, dicom, out)
+
+
+def _demo(out: str) -> int:
+    from bonescan_platform.demo import demo
+
+    return demo(out)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bonescan",
@@ -107,14 +125,14 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--runs", type=int, default=10)
-    p.add_argument("--json")
-    p.set_defaults(run=_not_yet("evaluate"))
+    p.add_argument("--json", dest="json_path", metavar="FILE")
+    p.set_defaults(run=_evaluate)
 
     p = sub.add_parser("predict", help="whole-body DICOM -> lesion mask, LabelMe contours, overlay")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--dicom", required=True)
     p.add_argument("--out", required=True)
-    p.set_defaults(run=_not_yet("predict"))
+    p.set_defaults(run=_predict)
 
     p = sub.add_parser("report", help="an HTML report of an experiment or a run")
     p.add_argument("--experiment", required=True)
@@ -123,7 +141,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="synth -> ingest -> train -> evaluate -> predict -> report")
     p.add_argument("--out", default="bonescan-demo")
-    p.set_defaults(run=_not_yet("demo"))
+    p.set_defaults(run=_demo)
     return parser
 
 

@@ -9,7 +9,6 @@ manifest come last, so a shard directory with a manifest is always complete.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,6 +189,8 @@ def _report(results: list[dict], plan: IngestPlan) -> dict:
         "scans_ingested": len(ok),
         "scans_rejected": len(rejected),
         "splits": splits,
+        "scans": sorted(({k: o[k] for k in ("file", "split", "views", "labeled", "readers_agree")}
+                         for o in ok), key=lambda r: r["file"]),
         "rejected": sorted(rejected, key=lambda r: r["file"]),
         "label_errors": sorted(label_errors, key=lambda r: r["file"]),
     }

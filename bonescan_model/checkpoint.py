@@ -1,0 +1,56 @@
+"""Checkpoints that rebuild their own model: the ModelConfig travels with the weights.
+
+Saved with plain containers only, so ``torch.load(weights_only=True)`` reads them and a
+checkpoint from an untrusted place cannot run code. ``meta`` carries epoch, metrics and the
+resolved training config; never anything about a patient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bonescan_model.errors import InputError
+from bonescan_model.network import ModelConfig, build_model
+
+FILENAME = "model.pt"
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, config: ModelConfig, **meta) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # DDP wraps the model: save the inner module's keys so any process can load them.
+    module = getattr(model, "module", model)
+    state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"model_config": dataclasses.asdict(config), "state_dict": state, "meta": meta}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """A checkpoint file, a folder holding ``model.pt`` (a run folder keeps its best there)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / FILENAME
+    if not path.is_file():
+        raise InputError(path, "no checkpoint here (expected a model.pt or a run folder holding one)")
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu"
+                    ) -> tuple[nn.Module, ModelConfig, dict]:
+    """-> (model in eval mode, its config, meta)."""
+    path = resolve(path)
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+        config = ModelConfig.from_dict(blob["model_config"])
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line error
+        raise InputError(path, f"not a bonescan checkpoint ({type(err).__name__}: {err})") from None
+    model = build_model(config)
+    model.load_state_dict(blob["state_dict"])
+    return model.eval(), config, blob.get("meta", {})

@@ -1,0 +1,162 @@
+"""`bonescan predict`: whole-body DICOM -> lesion mask, LabelMe contours and overlay per scan.
+
+One scan (a file, or a folder holding one series) runs in this process: starting Ray would
+cost more than the prediction. A folder of several series is a Ray Data batch job: the driver
+groups files per series from headers alone, then a pool of actors, each loading the checkpoint
+once, reads, crops and predicts a batch of scans in one forward pass and writes their outputs.
+A bad file is reported with its reason and skipped; the other scans still get their outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from bonescan_model.checkpoint import load_checkpoint, resolve
+from bonescan_model.errors import InputError
+from bonescan_model.io.deid import default_secret_path, load_or_create_secret
+from bonescan_model.io.dicom import group_series, read_scan, scan_name
+from bonescan_model.predict import predict_scans, reference_view, scan_crop_box, write_prediction
+from bonescan_platform.cluster import ray_session
+
+# Scans per forward pass: 8 crops of (2, 256, 256) float32 are 4 MiB of input, and a batch is
+# what an actor reads, predicts and writes before it reports back.
+BATCH_SCANS = 8
+# Each actor holds its own copy of the model and one CPU; reading and writing, most of a
+# scan's time (bench/predict.py), scale with actors, but a shared cluster keeps its other CPUs.
+MAX_ACTORS = 8
+
+
+def plan_scans(dicom: Path, out_dir: Path, secret: bytes) -> tuple[list[dict], list[InputError]]:
+    """From headers alone: one task per series, {"files", "out_dir", "name"}, and the files
+    that are not DICOM.
+
+    Outputs keep the input's sub-folders (PACS exports often name files IM00001 in one folder
+    per study), and a name taken twice in one folder gets a _2, _3 suffix, so no scan's outputs
+    overwrite another's. Files under ``out_dir`` are skipped: a rerun into a folder inside the
+    input does not read its own outputs.
+    """
+    if not dicom.exists():
+        raise InputError(dicom, "no such file or folder")
+    root = dicom if dicom.is_dir() else dicom.parent
+    out_resolved = out_dir.resolve()
+    files = [dicom] if dicom.is_file() else sorted(
+        p for p in dicom.rglob("*")
+        if p.is_file() and not p.name.startswith(".") and out_resolved not in p.resolve().parents)
+    groups, unreadable = group_series(files, secret)
+    tasks, taken = [], set()
+    for group in groups:
+        folder = out_dir / group.files[0].parent.relative_to(root)
+        name = base = scan_name(list(group.files))
+        suffix = 1
+        while (folder, name) in taken:
+            suffix += 1
+            name = f"{base}_{suffix}"
+        taken.add((folder, name))
+        tasks.append({"files": [str(f) for f in group.files], "out_dir": str(folder), "name": name})
+    return tasks, unreadable
+
+
+def predict_batch(model: nn.Module, tasks: list[dict], secret: bytes) -> list[dict]:
+    """Read and crop the scans of ``tasks``, predict them in one forward pass, write their
+    outputs. One status row per task: file, output (out_dir/name, the outputs' common stem),
+    ok, reason, lesions, area_mm2.
+    Plain Python: each Ray actor runs it on its batches, a single scan runs it in process."""
+    rows, ready = [], []
+    for task in tasks:
+        row = {"file": task["files"][0], "output": str(Path(task["out_dir"]) / task["name"]),
+               "ok": False, "reason": "", "lesions": 0, "area_mm2": 0.0}
+        rows.append(row)
+        try:
+            scan = read_scan(task["files"], secret)
+            box = scan_crop_box(scan)
+        except InputError as err:
+            row.update(file=err.path, reason=err.reason)
+            continue
+        except ValueError as err:  # the crop found no body, e.g. an empty image
+            row["reason"] = " ".join(str(err).split())
+            continue
+        except Exception as err:  # noqa: BLE001 - one bad scan must not lose the others
+            row["reason"] = f"could not be read or cropped ({type(err).__name__})"
+            continue
+        ready.append((task, row, scan, box))
+    predictions = predict_scans(model, [r[2] for r in ready], boxes=[r[3] for r in ready])
+    for (task, row, scan, _), prediction in zip(ready, predictions):
+        prediction = dataclasses.replace(prediction, name=task["name"])
+        write_prediction(task["out_dir"], prediction, reference_view(scan))
+        row.update(ok=True, lesions=prediction.lesions, area_mm2=sum(prediction.lesion_areas_mm2))
+    return rows
+
+
+class _BatchPredictor:
+    """The Ray Data actor: loads the checkpoint once, then predicts batch after batch.
+    The checkpoint path must be readable on every node (a run folder on shared storage, as
+    multi-node training needs anyway)."""
+
+    def __init__(self, checkpoint: str, secret: bytes):
+        self.model, _, _ = load_checkpoint(checkpoint)
+        self.secret = secret
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = predict_batch(self.model, [json.loads(t) for t in batch["task"]], self.secret)
+        return {"row": np.array([json.dumps(r) for r in rows], dtype=object)}
+
+
+def _run_on_ray(checkpoint: Path, tasks: list[dict], secret: bytes) -> list[dict]:
+    import ray
+
+    with ray_session():
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        actors = max(1, min(math.ceil(len(tasks) / BATCH_SCANS), cpus, MAX_ACTORS))
+        # Spread small jobs over every actor instead of filling the first one's batch.
+        batch_size = min(BATCH_SCANS, math.ceil(len(tasks) / actors))
+        # Tasks travel as JSON strings: a list column would make Arrow infer a schema per block.
+        ds = ray.data.from_items([{"task": json.dumps(t)} for t in tasks]).map_batches(
+            _BatchPredictor,
+            fn_constructor_kwargs={"checkpoint": str(checkpoint), "secret": secret},
+            batch_size=batch_size, batch_format="numpy", num_cpus=1,
+            compute=ray.data.ActorPoolStrategy(size=actors),
+        )
+        return [json.loads(r["row"]) for r in ds.take_all()]
+
+
+def predict(checkpoint: str, dicom: str, out: str) -> int:
+    """Exit code 0 when at least one scan was predicted, 2 when none was.
+    Raises InputError for a bad --checkpoint or a --dicom that does not exist."""
+    checkpoint_path = resolve(checkpoint)
+    model, _, _ = load_checkpoint(checkpoint_path)  # here, so a bad checkpoint fails at once
+    secret = load_or_create_secret(default_secret_path())
+    out_dir = Path(out)
+    tasks, unreadable = plan_scans(Path(dicom), out_dir, secret)
+    if len(tasks) > 1:
+        rows = _run_on_ray(checkpoint_path, tasks, secret)
+    else:
+        rows = predict_batch(model, tasks, secret)
+    rejected = [{"file": e.path, "reason": e.reason} for e in unreadable]
+    rejected += [{"file": r["file"], "reason": r["reason"]} for r in rows if not r["ok"]]
+    predicted = [r for r in rows if r["ok"]]
+    _print_summary(predicted, rejected, out_dir)
+    return 0 if predicted else 2
+
+
+def _print_summary(predicted: list[dict], rejected: list[dict], out_dir: Path) -> None:
+    lesions = sum(r["lesions"] for r in predicted)
+    print(f"predicted {len(predicted)} scan(s), {lesions} lesion(s) found; "
+          f"rejected {len(rejected)} file(s)")
+    scans = sorted(((str(Path(r["output"]).relative_to(out_dir)), r) for r in predicted), key=lambda s: s[0])
+    width = max((len(name) for name, _ in scans), default=4)
+    if scans:
+        print(f"  {'scan':<{width}} {'lesions':>7} {'area mm²':>9}")
+    for name, r in scans:
+        print(f"  {name:<{width}} {r['lesions']:>7} {r['area_mm2']:>9.1f}")
+    print(f"outputs: {out_dir}  (per scan: <name>.mask.png, <name>.json, <name>.overlay.png)")
+    if rejected:
+        print("rejected:")
+        width = max(len(r["file"]) for r in rejected)
+        for r in sorted(rejected, key=lambda r: r["file"]):
+            print(f"  {r['file']:<{width}}  {r['reason']}")
