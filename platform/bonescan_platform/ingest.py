@@ -135,7 +135,7 @@ def write_shard_task(task: dict, out_dir: Path, secret: bytes) -> dict:
             continue
         rows.append(_row(case, task["split"]))
         outcomes.append({
-            "file": scan["files"][0], "ok": True, "views": "+".join(case.views),
+            "file": scan["files"][0], "files": scan["files"], "ok": True, "views": "+".join(case.views),
             "labeled": case.mask is not None, "readers_agree": case.readers_agree,
             "patient": case.patient_key, "split": task["split"],
             "label_errors": [{"file": e.path, "reason": e.reason} for e in case.label_errors],
@@ -189,7 +189,7 @@ def _report(results: list[dict], plan: IngestPlan) -> dict:
         "scans_ingested": len(ok),
         "scans_rejected": len(rejected),
         "splits": splits,
-        "scans": sorted(({k: o[k] for k in ("file", "split", "views", "labeled", "readers_agree")}
+        "scans": sorted(({k: o[k] for k in ("file", "files", "split", "views", "labeled", "readers_agree")}
                          for o in ok), key=lambda r: r["file"]),
         "rejected": sorted(rejected, key=lambda r: r["file"]),
         "label_errors": sorted(label_errors, key=lambda r: r["file"]),

@@ -21,6 +21,9 @@ from bonescan_platform import shards
 
 COLUMNS = ["patient_key", "ant", "post", "mask", "source"]
 ORIGINAL_SOURCES = ("dicom", "synthetic")
+# Small decode batches keep the stream flowing: a whole shard decoded at once would hold the
+# first training batch back until every row of the shard is done.
+DECODE_BATCH = 8
 
 
 def labeled_patients(shard_dir: str | Path, fraction: float, seed: int) -> list[str]:
@@ -72,15 +75,17 @@ def decode_batch(batch: dict[str, np.ndarray], labeled: frozenset[str] | None) -
 
 
 def training_dataset(shard_dir: str | Path, labeled: list[str]):
-    import ray
-
-    return ray.data.read_parquet(shards.shard_paths(shard_dir, "train"), columns=COLUMNS).map_batches(
-        decode_batch, batch_format="numpy", fn_kwargs={"labeled": frozenset(labeled)})
+    return _read(shard_dir, "train").map_batches(
+        decode_batch, batch_format="numpy", batch_size=DECODE_BATCH, fn_kwargs={"labeled": frozenset(labeled)})
 
 
 def evaluation_dataset(shard_dir: str | Path, split: str = "test"):
     """Labeled original scans of ``split``, every mask used."""
+    return _read(shard_dir, split).map_batches(
+        decode_batch, batch_format="numpy", batch_size=DECODE_BATCH, fn_kwargs={"labeled": None})
+
+
+def _read(shard_dir: str | Path, split: str):
     import ray
 
-    return ray.data.read_parquet(shards.shard_paths(shard_dir, split), columns=COLUMNS).map_batches(
-        decode_batch, batch_format="numpy", fn_kwargs={"labeled": None})
+    return ray.data.read_parquet(shards.shard_paths(shard_dir, split)).select_columns(COLUMNS)

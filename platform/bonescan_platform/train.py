@@ -61,7 +61,8 @@ def train_loop(loop_config: dict) -> None:
         if cfg.augment:
             batches = augmenting(batches, np.random.default_rng([cfg.seed, epoch, rank]))
         stats = engine.train_epoch(model, batches, loss_fn, optimizer, device=device, amp=cfg.amp, scaler=scaler)
-        metrics = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in stats.items()}}
+        metrics = {"epoch": epoch + 1, "train_workers": ray.train.get_context().get_world_size(),
+                   **{f"train_{k}": v for k, v in stats.items()}}
         if rank == 0:  # validation on one rank: the test split is small, and DDP needs no sync for it
             per_image = engine.evaluate(getattr(model, "module", model), val_shard.iter_torch_batches(
                 batch_size=cfg.batch_size), device=device, threshold=cfg.threshold)
