@@ -1,0 +1,101 @@
+"""`bonescan train` / `evaluate` on a real local Ray: reports, checkpoints, resumes, repeats."""
+
+from __future__ import annotations
+
+import csv
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bonescan_model.synth import write_cohort
+from bonescan_platform import train
+from bonescan_platform.cli import main
+from bonescan_platform.ingest import ingest
+
+TINY = {"model": {"width": 4, "recurrence": 1, "dilations": [1, 2]}, "batch_size": 4, "lr": 0.002}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, ray_local, deid_secret):
+    root = tmp_path_factory.mktemp("train")
+    write_cohort(root / "cohort", 8, seed=11)
+    assert ingest(str(root / "cohort" / "dicom"), str(root / "shards"), str(root / "cohort" / "labels")) == 0
+    return root / "shards"
+
+
+def _config(tmp_path: Path, **overrides) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({**TINY, **overrides}))
+    return path
+
+
+def _history(run: Path) -> list[dict]:
+    with open(run / "history.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_train_reports_every_epoch_and_keeps_the_best(data, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--config", str(_config(tmp_path, epochs=2)),
+                 "--out", str(run)]) == 0
+    history = _history(run)
+    assert [int(r["epoch"]) for r in history] == [1, 2]
+    for row in history:
+        assert float(row["train_loss"]) > 0 and 0 <= float(row["val_dsc"]) <= 1
+        assert int(row["train_images"]) > 0 and int(row["val_images"]) > 0
+    assert (run / "model.pt").is_file() and (run / "config.yaml").is_file()
+    assert yaml.safe_load((run / "config.yaml").read_text())["epochs"] == 2
+
+    report = tmp_path / "eval.json"
+    assert main(["evaluate", "--checkpoint", str(run), "--data", str(data), "--runs", "3",
+                 "--json", str(report)]) == 0
+    body = json.loads(report.read_text())
+    assert {"dsc", "cpa", "recall", "runs"} <= set(body) and len(body["runs"]) == 3
+    assert all(0 <= r["dsc"] <= 1 for r in body["runs"])
+
+
+def test_same_seed_and_config_give_the_same_metrics(data, tmp_path):
+    config = _config(tmp_path, epochs=1, seed=3)
+    for name in ("a", "b"):
+        assert train.train(str(data), str(config), str(tmp_path / name)) == 0
+    keys = ("train_loss", "train_supervised", "val_dsc", "val_cpa", "val_recall")
+    first, second = _history(tmp_path / "a"), _history(tmp_path / "b")
+    assert [[r[k] for k in keys] for r in first] == [[r[k] for k in keys] for r in second]
+
+
+def test_bad_config_names_the_key(data, tmp_path):
+    bad = _config(tmp_path, epochz=3)
+    assert main(["train", "--data", str(data), "--config", str(bad), "--out", str(tmp_path / "r")]) == 2
+    bad.write_text(yaml.safe_dump({**TINY, "epochs": "many"}))
+    with pytest.raises(Exception, match="epochs"):
+        train.train(str(data), str(bad), str(tmp_path / "r"))
+
+
+def test_killed_worker_resumes_from_its_checkpoint(data, tmp_path):
+    import os
+    import signal
+
+    from ray.util.state import list_actors
+
+    run = tmp_path / "run"
+    config = _config(tmp_path, epochs=4)
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(code=train.train(str(data), str(config), str(run))))
+    thread.start()
+    # A second checkpoint folder means the first one was committed (a folder appears while
+    # its upload is still in flight): kill the worker during epoch 3.
+    deadline = time.time() + 300
+    while len(list((run / "train").glob("checkpoint_*"))) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    assert len(list((run / "train").glob("checkpoint_*"))) >= 2, "no checkpoint was written"
+    (worker,) = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+    os.kill(worker.pid, signal.SIGKILL)
+    thread.join(timeout=600)
+    assert outcome.get("code") == 0
+    history = _history(run)
+    assert [int(r["epoch"]) for r in history] == [1, 2, 3, 4]
+    assert any(r.get("resumed") == "True" for r in history), "the run did not resume from a checkpoint"
