@@ -99,3 +99,29 @@ def test_killed_worker_resumes_from_its_checkpoint(data, tmp_path):
     history = _history(run)
     assert [int(r["epoch"]) for r in history] == [1, 2, 3, 4]
     assert any(r.get("resumed") == "True" for r in history), "the run did not resume from a checkpoint"
+
+
+def test_resume_continues_a_run_whose_driver_was_killed(data, tmp_path, ray_local):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    config = _config(tmp_path, epochs=3)
+    # The driver joins the session's Ray (a cluster is running), as `bonescan train` does.
+    driver = subprocess.Popen([sys.executable, "-m", "bonescan_platform.cli", "train", "--data", str(data),
+                               "--config", str(config), "--out", str(run)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while len(list((run / "train").glob("checkpoint_*"))) < 2 and time.time() < deadline:
+            time.sleep(0.2)
+    finally:
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+    assert not (run / "history.csv").exists(), "the driver finished before it could be stopped"
+    assert main(["train", "--resume", str(run)]) == 0
+    history = _history(run)
+    assert [int(r["epoch"]) for r in history] == [1, 2, 3]
+    assert any(r.get("resumed") == "True" for r in history)
