@@ -29,6 +29,7 @@ def main() -> None:
     from bonescan_model.io.deid import load_or_create_secret
     from bonescan_model.synth import write_cohort
     from bonescan_platform import ingest as job
+    from machine import describe  # bench/machine.py
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -56,7 +57,7 @@ def main() -> None:
             ray.shutdown()
 
     n = args.patients
-    print(f"\nmachine: {os.cpu_count()} CPU cores; {n} scans, {len(plan.tasks)} shards")
+    print(f"\n{describe()}\n{n} scans, {len(plan.tasks)} shards")
     print(f"{'pipeline':<34} {'seconds':>8} {'scans/s':>8}")
     print(f"{'baseline: single-process loop':<34} {loop_s:>8.1f} {n / loop_s:>8.1f}")
     print(f"{'bonescan ingest (Ray Data)':<34} {ray_s:>8.1f} {n / ray_s:>8.1f}")

@@ -25,7 +25,6 @@ the scans. About a minute and a half on a 2-core CPU.
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -50,6 +49,7 @@ from bonescan_model.predict import (
 from bonescan_model.preprocess import crop
 from bonescan_model.synth import synth_patient, write_cohort
 from bonescan_platform.predict import predict_batch
+from machine import describe  # bench/machine.py
 
 SEED = 0
 SCANS = 3  # measured, after one warm-up scan
@@ -87,18 +87,8 @@ def _read(files, secret):
     return scan, box, scan_input(scan, box)
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
-
-
 def main() -> None:
-    print(f"machine: {_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, CUDA available: {torch.cuda.is_available()}")
-    print(f"load average before: {os.getloadavg()[0]:.2f}")
+    print(describe())
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         secret = load_or_create_secret(tmp / "secret")

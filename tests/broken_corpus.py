@@ -50,6 +50,20 @@ def _edit(path: Path, change) -> None:
     ds.save_as(path)
 
 
+def make_ct(ds) -> None:
+    ds.Modality = "CT"
+    ds.SOPClassUID = CTImageStorage
+
+
+def make_rgb(ds) -> None:
+    ds.SamplesPerPixel = 3
+    ds.PhotometricInterpretation = "RGB"
+    ds.PlanarConfiguration = 0
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelData = np.zeros((1024, 256, 3), np.uint8).tobytes()
+
+
 def build(folder: Path) -> None:
     """Write every broken DICOM of EXPECTED into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -58,23 +72,8 @@ def build(folder: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
     (path,) = write_whole_body(folder, "ct", _counts(2), None, identity=_identity(1))
-
-    def make_ct(ds):
-        ds.Modality = "CT"
-        ds.SOPClassUID = CTImageStorage
-
     _edit(path, make_ct)
-
     (path,) = write_whole_body(folder, "rgb", _counts(3), None, identity=_identity(2))
-
-    def make_rgb(ds):
-        ds.SamplesPerPixel = 3
-        ds.PhotometricInterpretation = "RGB"
-        ds.PlanarConfiguration = 0
-        ds.BitsAllocated = ds.BitsStored = 8
-        ds.HighBit = 7
-        ds.PixelData = np.zeros((1024, 256, 3), np.uint8).tobytes()
-
     _edit(path, make_rgb)
 
     (path,) = write_whole_body(folder, "nopixels", _counts(4), None, identity=_identity(3))

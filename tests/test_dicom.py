@@ -6,8 +6,9 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.uid import CTImageStorage, generate_uid
+from pydicom.uid import generate_uid
 
+from broken_corpus import make_ct, make_rgb
 from bonescan_model.errors import InputError
 from bonescan_model.io.deid import keyed_hash
 from bonescan_model.io.dicom import (
@@ -202,24 +203,12 @@ def test_not_dicom(tmp_path):
 def test_ct_image_is_rejected(tmp_path):
     (path,) = write_whole_body(tmp_path, "ct", _counts(0), None, identity=IDENTITY)
 
-    def make_ct(ds):
-        ds.Modality = "CT"
-        ds.SOPClassUID = CTImageStorage
-
     message = _read_error([_edit(path, make_ct)])
     assert str(path) in message and "modality is CT" in message
 
 
 def test_rgb_image_is_rejected(tmp_path):
     (path,) = write_whole_body(tmp_path, "rgb", _counts(0), None, identity=IDENTITY)
-
-    def make_rgb(ds):
-        ds.SamplesPerPixel = 3
-        ds.PhotometricInterpretation = "RGB"
-        ds.PlanarConfiguration = 0
-        ds.BitsAllocated = ds.BitsStored = 8
-        ds.HighBit = 7
-        ds.PixelData = np.zeros((1024, 256, 3), np.uint8).tobytes()
 
     message = _read_error([_edit(path, make_rgb)])
     assert str(path) in message and "SamplesPerPixel 3" in message
