@@ -18,6 +18,9 @@ from bonescan_model.errors import InputError
 from bonescan_model.network import ModelConfig
 
 
+DATASETS = ("all", "D1", "D2", "D3", "D4")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run. Defaults follow the paper's Table 2 where it has a value."""
@@ -36,6 +39,9 @@ class TrainConfig:
     # L_label: the share of training scans that keep their masks (patient-level, seeded).
     label_fraction: float = 0.37
     augment: bool = True  # random label-preserving geometric augmentation per batch
+    # Which rows of the shards train (Table 1): D1 originals, D2 + geometric copies
+    # (`bonescan augment`), D3 + DCGAN samples, D4 all of them; "all": every row present.
+    dataset: str = "all"
     seed: int = 0
     amp: bool = False  # mixed precision (float16 on GPUs, bfloat16 on CPUs)
     threshold: float = 0.5  # sigmoid threshold of a lesion pixel
@@ -54,6 +60,7 @@ class TrainConfig:
             "supervised": self.supervised in ("active_contour", "dice_ce"),
             "length_weight": self.length_weight >= 0,
             "label_fraction": 0 <= self.label_fraction <= 1,
+            "dataset": self.dataset in DATASETS,
             "threshold": 0 < self.threshold < 1,
             "checkpoints_to_keep": self.checkpoints_to_keep >= 1,
         }

@@ -51,14 +51,30 @@ def labeled_patients(shard_dir: str | Path, fraction: float, seed: int) -> list[
     return sorted(chosen)
 
 
-def decode_batch(batch: dict[str, np.ndarray], labeled: frozenset[str] | None) -> dict[str, np.ndarray]:
+def in_dataset(source: str, dataset: str) -> bool:
+    """Whether a row of this ``source`` belongs to ``dataset`` (the paper's Table 1)."""
+    kind = source.split(":", 1)[0]
+    if dataset == "all":
+        return True
+    if kind in ORIGINAL_SOURCES:
+        return True
+    return {"D2": kind == "augmented", "D3": kind == "dcgan",
+            "D4": kind in ("augmented", "dcgan")}.get(dataset, False)
+
+
+def decode_batch(batch: dict[str, np.ndarray], labeled: frozenset[str] | None,
+                 dataset: str = "all") -> dict[str, np.ndarray]:
     """Shard rows -> {"image": (B, 2, 256, 256) float32, "mask": (B, 1, 256, 256) float32,
     "labeled": (B,) bool}.
 
     labeled: the patients whose masks training may use; None means evaluation: only original
-    scans with a mask are kept (augmented copies are for training, not for scoring)."""
-    keep = [i for i in range(len(batch["source"])) if labeled is not None or (
-        batch["mask"][i] is not None and str(batch["source"][i]) in ORIGINAL_SOURCES)]
+    scans with a mask are kept (augmented copies are for training, not for scoring).
+    dataset: training keeps only the rows of this dataset (``in_dataset``)."""
+    if labeled is None:
+        keep = [i for i, source in enumerate(batch["source"])
+                if batch["mask"][i] is not None and str(source) in ORIGINAL_SOURCES]
+    else:
+        keep = [i for i, source in enumerate(batch["source"]) if in_dataset(str(source), dataset)]
     size = shards.CROP
     images = np.zeros((len(keep), 2, size, size), np.float32)
     masks = np.zeros((len(keep), 1, size, size), np.float32)
@@ -74,9 +90,10 @@ def decode_batch(batch: dict[str, np.ndarray], labeled: frozenset[str] | None) -
     return {"image": images, "mask": masks, "labeled": is_labeled}
 
 
-def training_dataset(shard_dir: str | Path, labeled: list[str]):
+def training_dataset(shard_dir: str | Path, labeled: list[str], dataset: str = "all"):
     return _read(shard_dir, "train").map_batches(
-        decode_batch, batch_format="numpy", batch_size=DECODE_BATCH, fn_kwargs={"labeled": frozenset(labeled)})
+        decode_batch, batch_format="numpy", batch_size=DECODE_BATCH,
+        fn_kwargs={"labeled": frozenset(labeled), "dataset": dataset})
 
 
 def evaluation_dataset(shard_dir: str | Path, split: str = "test"):

@@ -161,7 +161,7 @@ def trainer_for(run: Path, cfg: TrainConfig, data: Path, workers: int, gpus: boo
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep,
                                                checkpoint_score_attribute="val_dsc",
                                                checkpoint_score_order="max")),
-        datasets={"train": stream.training_dataset(data, labeled), "val": stream.evaluation_dataset(data)},
+        datasets={"train": stream.training_dataset(data, labeled, cfg.dataset), "val": stream.evaluation_dataset(data)},
         dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ExecutionOptions(
             preserve_order=True, resource_limits=ExecutionResources(cpu=max(1.0, cpus - workers * cpu_per_worker)))),
     )
