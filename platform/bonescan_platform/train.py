@@ -28,6 +28,7 @@ from bonescan_model.checkpoint import FILENAME, save_checkpoint
 from bonescan_model.errors import InputError
 from bonescan_model.loss import SemiSupervisedLoss
 from bonescan_model.network import build_model
+from bonescan_platform import metrics as training_metrics
 from bonescan_platform import shards, stream
 from bonescan_platform.cluster import ray_session
 from bonescan_platform.config import TrainConfig, load_train_config, save_train_config
@@ -67,6 +68,7 @@ def train_loop(loop_config: dict) -> None:
             per_image = engine.evaluate(getattr(model, "module", model), val_shard.iter_torch_batches(
                 batch_size=cfg.batch_size), device=device, threshold=cfg.threshold)
             metrics.update({f"val_{k}": v for k, v in engine.summarize(per_image).items()})
+        training_metrics.record(metrics, run=loop_config["run"], rank=rank)
         history.append(metrics)
         _report(metrics, history, model, optimizer, cfg, rank)
 
@@ -137,8 +139,13 @@ def resume(run_dir: str) -> int:
     return _fit(run, cfg, Path(info["data"]), info["workers"], info["gpus"])
 
 
-def trainer_for(run: Path, cfg: TrainConfig, data: Path, workers: int, gpus: bool, callbacks=()):
-    """The TorchTrainer of one run; `bonescan tune` builds one per trial."""
+def trainer_for(run: Path, cfg: TrainConfig, data: Path, workers: int, gpus: bool, callbacks=(),
+                cpu_per_worker: float | None = None):
+    """The TorchTrainer of one run; `bonescan tune` builds one per trial.
+
+    cpu_per_worker: the CPUs each worker reserves, and (one at least) the torch threads it runs;
+    `bonescan tune` passes its share when several trials train at once. None: this run's
+    workers share the cluster's CPUs, one left to Ray Data."""
     import ray
     from ray.data import DataContext, ExecutionOptions, ExecutionResources
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -146,13 +153,17 @@ def trainer_for(run: Path, cfg: TrainConfig, data: Path, workers: int, gpus: boo
 
     cpus = ray.cluster_resources().get("CPU", 1)
     # Leave a CPU to Ray Data: training workers holding every CPU starve the reader (RAY_NOTES).
-    cpu_per_worker = 1.0 if gpus else max(0.25, min(1.0, (cpus - 1) / workers))
+    if cpu_per_worker is None:
+        cpu_per_worker = 1.0 if gpus else max(0.25, min(1.0, (cpus - 1) / workers))
+        torch_threads = max(1, int(os.cpu_count() // max(1, min(workers, cpus))))
+    else:
+        torch_threads = max(1, int(cpu_per_worker))
     DataContext.get_current().enable_progress_bars = False
     labeled = stream.labeled_patients(data, cfg.label_fraction, cfg.seed)
     return TorchTrainer(
         train_loop,
-        train_loop_config={"train": _plain(cfg.to_dict()),
-                           "torch_threads": max(1, int(os.cpu_count() // max(1, min(workers, cpus))))},
+        train_loop_config={"train": _plain(cfg.to_dict()), "run": run.name,  # the dashboards' run tag
+                           "torch_threads": torch_threads},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus,
                                      resources_per_worker={"CPU": cpu_per_worker}),
         run_config=RunConfig(
