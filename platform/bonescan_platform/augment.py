@@ -1,4 +1,5 @@
-"""`bonescan augment`: materialize geometric copies of a shard set (the paper's D2) with Ray Data.
+"""`bonescan augment`: materialize geometric copies of a shard set (the paper's D2) with Ray Data,
+and with ``--dcgan`` DCGAN samples (D3 from D1, D4 from D2; bonescan_platform.gan).
 
 Every input row is kept unchanged and followed by K augmented copies. A copy keeps the
 row's patient, split, crop box, spacing, readers' agreement and views, so the split stays
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import re
 from pathlib import Path
 
@@ -25,6 +27,7 @@ import ray
 
 from bonescan_model import augment as geometric
 from bonescan_model.errors import InputError
+from bonescan_platform import gan as dcgan_job
 from bonescan_platform import shards
 from bonescan_platform.cluster import ray_session
 
@@ -39,21 +42,45 @@ _SPLIT_NAME = re.compile(r"[A-Za-z0-9_]+")
 def augment(
     data: str | Path,
     out: str | Path,
-    copies: int = 1,
+    copies: int | None = None,
     dcgan: bool = False,
     seed: int = 0,
+    samples: int | None = None,
+    gan: str | Path | None = None,
+    gan_config: str | Path | None = None,
+    workers: int = 1,
+    gpus: bool = False,
     *,
     rows_per_shard: int = ROWS_PER_SHARD,
 ) -> int:
-    """Write ``out``: the shards of ``data`` plus ``copies`` geometric copies of every row.
+    """Write ``out``: the shards of ``data`` plus ``copies`` geometric copies of every row
+    (default 1), and with ``dcgan`` ``samples`` DCGAN crops (copies then default to 0: D1 gives
+    D3, D2 gives D4).
+
+    The GAN is the trained one in ``gan`` (a GAN run folder or gan.pt), else one trained here
+    on Ray Train (``gan_config`` YAML, ``workers``, ``gpus``) in ``out/dcgan/``, resumed or
+    reused by a rerun; ``out/samples.png`` shows real crops beside generated ones.
 
     Returns 0. Raises InputError for bad input: no manifest, a listed shard missing,
     copies or seed < 0, ``out`` equal to ``data``, or ``out`` a non-empty folder that is not
-    a shard folder (stale shards there are deleted, so it must be ours).
+    a shard folder (stale shards there are deleted, so it must be ours); DCGAN options without
+    ``dcgan``, no ``samples`` with it, a bad GAN config or checkpoint.
     """
     data, out = Path(data), Path(out)
+    if copies is None:
+        copies = 0 if dcgan else 1
+    if not dcgan and (samples is not None or gan is not None or gan_config is not None or workers != 1 or gpus):
+        raise InputError(data, "--samples, --gan, --gan-config, --workers and --gpus go with --dcgan")
     if dcgan:
-        raise InputError(data, "--dcgan is not yet available (DCGAN samples, D3, come in a later step)")
+        if samples is None or samples < 1:
+            raise InputError(data, f"--dcgan needs --samples N >= 1 (crops to generate), got {samples}")
+        if gan is not None and gan_config is not None:
+            raise InputError(gan_config, "--gan-config trains a GAN; --gan uses a trained one: give one of them")
+        if workers < 1:
+            raise InputError(data, f"--workers must be at least 1, got {workers}")
+    # Fail before Ray starts, naming the file.
+    gan_path = dcgan_job.resolve_gan(gan) if dcgan and gan is not None else None
+    gan_cfg = dcgan_job.load_gan_config(gan_config) if dcgan and gan is None else None
     if copies < 0:
         raise InputError(data, f"--copies must be >= 0, got {copies}")
     if seed < 0:
@@ -68,11 +95,16 @@ def augment(
         raise InputError(data / shards.MANIFEST, "the manifest lists no shards")
     for path in paths:
         _check_shard(path)
-    if out.is_dir() and any(out.iterdir()) and not (out / shards.MANIFEST).is_file():
+    # A GAN run folder alone is ours too: a first --dcgan run stopped before its manifest.
+    if (out.is_dir() and any(p.name != dcgan_job.RUN_DIR for p in out.iterdir())
+            and not (out / shards.MANIFEST).is_file()):
         raise InputError(out, "not empty and not a shard folder (no manifest); refusing to write there")
+    spacing = dcgan_job.median_spacing(data) if dcgan else None
     out.mkdir(parents=True, exist_ok=True)
 
     with ray_session():
+        if dcgan and gan_path is None:
+            gan_path = dcgan_job.train_gan(data, out / dcgan_job.RUN_DIR, gan_cfg, workers, gpus)
         ds = ray.data.read_parquet(paths)
         # The dataset's own copy of the DataContext: consume blocks in input order, so the
         # shards' row order, and hence their bytes, are the same on every run.
@@ -84,7 +116,10 @@ def augment(
             fn_kwargs={"copies": copies, "seed": seed},
             num_cpus=1,
         )
-        written, sources = _write_shards(ds.iter_batches(batch_size=None, batch_format="pyarrow"), out, rows_per_shard)
+        tables = ds.iter_batches(batch_size=None, batch_format="pyarrow")
+        if dcgan:  # after every input row: the originals' shards keep their rows and order
+            tables = itertools.chain(tables, dcgan_job.generated_tables(gan_path, samples, seed, spacing))
+        written, sources = _write_shards(tables, out, rows_per_shard)
 
     report = {
         "job": "augment",
@@ -94,13 +129,19 @@ def augment(
         "seed": seed,
         "sources": dict(sorted(sources.items())),
     }
+    if dcgan:
+        report["dcgan"] = {"samples": samples, "gan": str(gan_path.resolve()), "sheet": dcgan_job.SHEET,
+                           **dcgan_job.gan_summary(gan_path)}
+        dcgan_job.write_sheet(data, out, gan_path, seed)
     shards.write_manifest(out, written, report)
     # After the manifest: a rerun with fewer rows or copies must not leave old shards behind.
     listed = {s.file for s in written}
     for stale in out.glob("*.parquet"):
         if stale.name not in listed:
             stale.unlink()
-    print(f"augment: {report['rows_in']} rows in, {report['rows_out']} rows out ({copies} copies, seed {seed}) -> {out}")
+    generated = f", {samples} DCGAN samples (sheet: {out / dcgan_job.SHEET})" if dcgan else ""
+    print(f"augment: {report['rows_in']} rows in, {report['rows_out']} rows out ({copies} copies{generated}, "
+          f"seed {seed}) -> {out}")
     return 0
 
 

@@ -89,11 +89,17 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(run=_ingest)
 
-    p = sub.add_parser("augment", help="materialize geometric (D2) or DCGAN (D3) shards")
+    p = sub.add_parser("augment", help="materialize geometric (D2) or DCGAN (D3, D4) shards")
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--copies", type=int, default=1)
-    p.add_argument("--dcgan", action="store_true")
+    p.add_argument("--copies", type=int, help="geometric copies of every row (default 1; 0 with --dcgan)")
+    p.add_argument("--dcgan", action="store_true",
+                   help="add DCGAN samples: D1 shards give D3, D2 shards give D4 (trains the GAN on Ray Train)")
+    p.add_argument("--samples", type=int, metavar="N", help="with --dcgan: generated crops to add")
+    p.add_argument("--gan", metavar="RUN", help="with --dcgan: use this trained GAN (a GAN run folder or gan.pt)")
+    p.add_argument("--gan-config", metavar="YAML", help="with --dcgan: GAN settings (GanConfig keys)")
+    p.add_argument("--workers", type=int, default=1, help="with --dcgan: GAN training workers")
+    p.add_argument("--gpus", action="store_true", help="with --dcgan: train the GAN on GPUs")
     p.add_argument("--seed", type=int, default=0)
 
     def run_augment(**kwargs) -> int:

@@ -1,0 +1,564 @@
+"""The DCGAN that makes the paper's D3 samples (Lin et al. 2022, Section 3.2.2, Fig. 6; Radford
+et al. 2015), in plain PyTorch. Reads top to bottom: config, networks, losses, one training
+epoch, back to counts, sampling, checkpoints, the Fréchet distance that tracks training.
+
+The GAN sees and makes normalized counts shifted into tanh's range:
+    images: (B, C, H, W) float32 in [-1, 1] = preprocess.normalize_counts(counts) - 1
+    C = 2 for views "both" (ANT, then POST mirrored into ANT orientation), C = 1 for
+    "aggregated" (the mean of the two normalized views: Eq. 4's aggregation, halved, the same
+    image engine.intensity_image gives the Chan-Vese term).
+Normalized counts have no unit (each crop is divided by its own count level); ``to_counts``
+turns a generated image back into uint16 counts with a level drawn from the real crops.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import math
+import os
+import time
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import linalg
+from torch import nn
+
+from bonescan_model.errors import InputError
+from bonescan_model.preprocess import NORMALIZATION_PERCENTILE
+
+VIEWS = ("both", "aggregated")
+FILENAME = "gan.pt"
+# Normalized counts live in [0, 2] (normalize_counts clips there); tanh's range is [-1, 1].
+_SHIFT = 1.0
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass(frozen=True)
+class GanConfig:
+    """The whole GAN recipe, saved into every GAN checkpoint (dataclasses.asdict).
+
+    Architecture (enough to rebuild the generator from a checkpoint):
+    views:  "both" (2 channels: ANT, mirrored POST) or "aggregated" (1 channel, their mean).
+    size:   crop side in pixels, a power of two >= 16; the shards hold 256 x 256 crops.
+    latent: length of the noise vector z.
+    width:  channels of the discriminator's first level and of the generator's last; each
+            level towards 4 x 4 doubles them, up to 8 * width (Radford et al.'s 64-128-256-512
+            is width 64 at 64 x 64).
+    Training (the paper gives only k; the rest are Radford et al.'s):
+    d_steps: k of Fig. 6, discriminator updates per generator update (the paper's 3).
+    lr, beta1, beta2: Adam, both networks; beta1 0.5 as Radford et al. found stable.
+    batch_size, epochs, seed; checkpoint_every: epochs between checkpoints (and Fréchet
+            distances), the last epoch always included.
+    """
+
+    views: str = "both"
+    size: int = 256
+    latent: int = 100
+    width: int = 32
+    d_steps: int = 3
+    lr: float = 0.0002
+    beta1: float = 0.5
+    beta2: float = 0.999
+    batch_size: int = 16
+    epochs: int = 200
+    checkpoint_every: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.views not in VIEWS:
+            raise ValueError(f"GanConfig: views must be one of {VIEWS}, got {self.views!r}")
+        minimum = {"size": 16, "latent": 1, "width": 1, "d_steps": 1, "batch_size": 1, "epochs": 1,
+                   "checkpoint_every": 1, "seed": 0}
+        for name, low in minimum.items():
+            value = getattr(self, name)
+            # bool is an int subclass: `width: true` in a YAML file must not become width 1.
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"GanConfig: {name} must be an int >= {low}, got {value!r}")
+        if self.size & (self.size - 1):
+            raise ValueError(f"GanConfig: size must be a power of two, got {self.size}")
+        for name, low, high in (("lr", 0.0, math.inf), ("beta1", 0.0, 1.0), ("beta2", 0.0, 1.0)):
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value < high
+            if not ok or (name == "lr" and value == 0):
+                raise ValueError(f"GanConfig: {name} must be a number in [{low}, {high}), got {value!r}")
+
+    @property
+    def channels(self) -> int:
+        return 2 if self.views == "both" else 1
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> GanConfig:
+        """Rebuild from dataclasses.asdict output (or a YAML mapping); unknown keys are errors."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in d:
+            if key not in known:
+                raise ValueError(f"GanConfig: unknown key {key!r}; known keys: {sorted(known)}")
+        return cls(**d)
+
+
+def _level_channels(config: GanConfig) -> list[int]:
+    """Channels of the feature maps at 4 x 4, 8 x 8, ..., size/2 x size/2 (the generator's order)."""
+    sides = [4 * 2**i for i in range(int(math.log2(config.size)) - 2)]  # 4 .. size/2
+    return [min(config.width * config.size // (2 * side), 8 * config.width) for side in sides]
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks (Radford et al. 2015: strided convolutions, BatchNorm, ReLU / LeakyReLU, tanh out)
+
+
+def _dcgan_init(module: nn.Module) -> None:
+    """Weights from N(0, 0.02), BatchNorm scales from N(1, 0.02), as Radford et al."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+class Generator(nn.Module):
+    """z: (B, latent) -> images (B, C, size, size) in [-1, 1]."""
+
+    def __init__(self, config: GanConfig):
+        super().__init__()
+        self.latent = config.latent
+        channels = _level_channels(config)
+        # No conv bias before BatchNorm: its shift replaces it.
+        layers: list[nn.Module] = [nn.ConvTranspose2d(config.latent, channels[0], 4, 1, 0, bias=False),
+                                   nn.BatchNorm2d(channels[0]), nn.ReLU(inplace=True)]
+        for c_in, c_out in zip(channels, channels[1:]):
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out),
+                       nn.ReLU(inplace=True)]
+        layers += [nn.ConvTranspose2d(channels[-1], config.channels, 4, 2, 1), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+        self.apply(_dcgan_init)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if z.ndim != 2 or z.shape[1] != self.latent:
+            raise ValueError(f"expected noise of shape (B, {self.latent}), got {tuple(z.shape)}")
+        return self.net(z[:, :, None, None])  # (B, latent, 1, 1) -> (B, C, size, size)
+
+
+class Discriminator(nn.Module):
+    """images (B, C, size, size) in [-1, 1] -> (B,) logits, > 0 for "real"."""
+
+    def __init__(self, config: GanConfig):
+        super().__init__()
+        self.shape = (config.channels, config.size, config.size)
+        channels = _level_channels(config)[::-1]  # size/2 .. 4
+        # No BatchNorm on the input layer (Radford et al.: it made samples oscillate).
+        layers: list[nn.Module] = [nn.Conv2d(config.channels, channels[0], 4, 2, 1), nn.LeakyReLU(0.2, inplace=True)]
+        for c_in, c_out in zip(channels, channels[1:]):
+            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out),
+                       nn.LeakyReLU(0.2, inplace=True)]
+        layers += [nn.Conv2d(channels[-1], 1, 4, 1, 0)]  # (B, c, 4, 4) -> (B, 1, 1, 1)
+        self.net = nn.Sequential(*layers)
+        self.apply(_dcgan_init)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or tuple(images.shape[1:]) != self.shape:
+            raise ValueError(f"expected images of shape (B, {', '.join(map(str, self.shape))}), "
+                             f"got {tuple(images.shape)}")
+        return self.net(images).flatten()  # (B,)
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses
+
+
+def adversarial_loss(logits: torch.Tensor, real: bool) -> torch.Tensor:
+    """Per-sample terms of Eq. 9: -log D(x) for samples labeled real, -log(1 - D(x)) for fake.
+
+    logits: (B,) discriminator logits. Returns (B,). The generator minimizes the "real" term
+    of its samples (-log D(G(z)), Goodfellow et al.'s non-saturating form) rather than
+    log(1 - D(G(z))), whose gradient vanishes while D still tells fakes apart easily.
+    """
+    # softplus(-l) = -log sigmoid(l); softplus(l) = -log(1 - sigmoid(l)), both without overflow.
+    return F.softplus(-logits) if real else F.softplus(logits)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def train_gan_epoch(
+    generator: nn.Module,
+    discriminator: nn.Module,
+    batches: Iterable[torch.Tensor],
+    opt_g: torch.optim.Optimizer,
+    opt_d: torch.optim.Optimizer,
+    *,
+    noise: torch.Generator,
+    d_steps: int = 3,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """One pass over ``batches`` (Fig. 6): each real batch updates D once, against as many fakes;
+    after every ``d_steps`` D updates G updates once, on fresh noise of the same batch size. A
+    last group shorter than ``d_steps`` still ends with a G update.
+
+    batches: (B, C, H, W) float32 in [-1, 1], real crops. noise: the generator of every z drawn
+    (on the CPU, so a seed gives the same z on any device). Works on DDP-wrapped networks:
+    each forward pass with gradients has its own backward pass. Returns the mean D and G losses
+    per update, D's mean probability of "real" for real and fake images, the update and image
+    counts, the epoch's seconds and the seconds spent waiting for data.
+    """
+    if d_steps < 1:
+        raise ValueError(f"d_steps must be >= 1, got {d_steps}")
+    device = torch.device(device)
+    latent = getattr(generator, "module", generator).latent
+    generator.train()
+    discriminator.train()
+    sums = {"d_loss": 0.0, "g_loss": 0.0, "d_real": 0.0, "d_fake": 0.0}
+    d_updates = g_updates = images = 0
+    wait = 0.0
+    start = tick = time.perf_counter()
+
+    def z(n: int) -> torch.Tensor:
+        return torch.randn(n, latent, generator=noise).to(device)
+
+    def g_update(n: int) -> None:
+        nonlocal g_updates
+        opt_g.zero_grad(set_to_none=True)
+        loss = adversarial_loss(discriminator(generator(z(n))), real=True).mean()
+        loss.backward()  # also leaves gradients on D; every D update starts from zero_grad
+        opt_g.step()
+        sums["g_loss"] += loss.item()
+        g_updates += 1
+
+    n = 0
+    for real in batches:
+        wait += time.perf_counter() - tick
+        real = real.to(device, non_blocking=True)
+        n = real.shape[0]
+        opt_d.zero_grad(set_to_none=True)
+        real_logits = discriminator(real)
+        loss_real = adversarial_loss(real_logits, real=True).mean()
+        loss_real.backward()
+        with torch.no_grad():
+            fake = generator(z(n))
+        fake_logits = discriminator(fake)
+        loss_fake = adversarial_loss(fake_logits, real=False).mean()
+        loss_fake.backward()
+        opt_d.step()
+        sums["d_loss"] += loss_real.item() + loss_fake.item()
+        sums["d_real"] += torch.sigmoid(real_logits).mean().item()
+        sums["d_fake"] += torch.sigmoid(fake_logits).mean().item()
+        d_updates += 1
+        images += n
+        if d_updates % d_steps == 0:
+            g_update(n)
+        tick = time.perf_counter()
+    if d_updates % d_steps:
+        g_update(n)
+    return {
+        "d_loss": sums["d_loss"] / max(d_updates, 1),
+        "g_loss": sums["g_loss"] / max(g_updates, 1),
+        "d_real": sums["d_real"] / max(d_updates, 1),
+        "d_fake": sums["d_fake"] / max(d_updates, 1),
+        "d_updates": d_updates,
+        "g_updates": g_updates,
+        "images": images,
+        "seconds": time.perf_counter() - start,
+        "data_wait_seconds": wait,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Between counts and the GAN's images
+
+
+def gan_images(normalized: np.ndarray | torch.Tensor, views: str) -> np.ndarray | torch.Tensor:
+    """Model input -> what the GAN sees.
+
+    normalized: (B, 2, H, W) normalized counts in [0, 2], ANT then mirrored POST
+    (preprocess.model_input). Returns (B, C, H, W) in [-1, 1], same array type.
+    """
+    if views not in VIEWS:
+        raise ValueError(f"views must be one of {VIEWS}, got {views!r}")
+    if normalized.ndim != 4 or normalized.shape[1] != 2:
+        raise ValueError(f"expected (B, 2, H, W) normalized views, got {tuple(normalized.shape)}")
+    x = normalized if views == "both" else normalized.mean(1, keepdims=True)
+    return x - _SHIFT
+
+
+def count_levels(counts: np.ndarray, views: str) -> np.ndarray:
+    """The count level of each channel the GAN makes, for real crops.
+
+    counts: (B, 2, H, W) raw counts, ANT then mirrored POST (a one-view crop repeats its
+    view). A view's level is the scale normalize_counts divides it by: the
+    NORMALIZATION_PERCENTILE percentile of its non-zero pixels (1 for an empty view). The
+    aggregated image is the mean of the normalized views, so its level is the mean of theirs.
+    Returns (B, C) float32.
+    """
+    # The same percentile as normalize_counts, which does not return its scale.
+    x = np.asarray(counts, dtype=np.float32)
+    if x.ndim != 4 or x.shape[1] != 2:
+        raise ValueError(f"expected (B, 2, H, W) counts, got {x.shape}")
+    levels = np.ones(x.shape[:2], np.float32)  # (B, 2)
+    for index in np.ndindex(*x.shape[:2]):
+        body = x[index][x[index] > 0]
+        if body.size:
+            levels[index] = max(float(np.percentile(body, NORMALIZATION_PERCENTILE)), 1e-6)
+    return levels if views == "both" else levels.mean(1, keepdims=True)
+
+
+def to_counts(images: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """Generated images -> uint16 counts.
+
+    images: (B, C, H, W) in [-1, 1]; levels: (B, C) count levels (``count_levels`` of real
+    crops). A pixel's counts are round((image + 1) * level), the inverse of normalize_counts
+    at that level: a real crop's own image and level give its counts back (up to the clip at
+    twice the level), and a sample gets counts on a real crop's scale. Rounded, not
+    Poisson-sampled: the generator learned the real crops' noise already, and a second draw
+    would double it. Returns (B, C, H, W) uint16.
+    """
+    images = np.asarray(images, dtype=np.float32)
+    levels = np.asarray(levels, dtype=np.float32)
+    if images.ndim != 4 or levels.shape != images.shape[:2]:
+        raise ValueError(f"expected images (B, C, H, W) and levels (B, C), got {images.shape} and {levels.shape}")
+    counts = np.rint(np.clip(images + _SHIFT, 0.0, 2.0) * levels[:, :, None, None])
+    return np.clip(counts, 0, np.iinfo(np.uint16).max).astype(np.uint16)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+
+
+def sample_noise(latent: int, indices: Sequence[int], seed: int) -> torch.Tensor:
+    """z of samples ``indices``: (n, latent) float32, each a function of (seed, index) alone,
+    so sample i is the same whatever batch it is drawn in."""
+    return torch.from_numpy(np.stack(
+        [np.random.default_rng([seed, i]).standard_normal(latent, dtype=np.float32) for i in indices]))
+
+
+# Noise draws that set the generator's BatchNorm statistics before sampling (see calibrated).
+CALIBRATION_SAMPLES = 128
+
+
+@torch.no_grad()
+def calibrated(generator: nn.Module, samples: int = CALIBRATION_SAMPLES, batch_size: int = 32) -> nn.Module:
+    """A copy of the generator, in eval mode, whose BatchNorm running statistics are the exact
+    means and variances of its layers over ``samples`` noise draws ("precise BN").
+
+    Sampling in eval mode makes each sample independent of the others in its batch, but the
+    running statistics lag the weights (momentum 0.1): early in training they are far off and
+    eval-mode samples are nearly blank. Recomputing them for the current weights fixes that;
+    the original generator, and its training, are untouched. The noise is drawn with a fixed
+    seed: the same weights always give the same statistics.
+    """
+    module = copy.deepcopy(getattr(generator, "module", generator))
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over the calibration batches
+    module.train()
+    device = next(module.parameters()).device
+    noise = torch.Generator().manual_seed(0)
+    for start in range(0, samples, batch_size):
+        module(torch.randn(min(batch_size, samples - start), module.latent, generator=noise).to(device))
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    return module.eval()
+
+
+@torch.no_grad()
+def sample_images(generator: nn.Module, indices: Sequence[int], seed: int, batch_size: int = 32) -> np.ndarray:
+    """Samples ``indices`` (n >= 1) of ``seed``: (n, C, H, W) float32 in [-1, 1].
+
+    The generator runs in eval mode, so a sample depends neither on the others drawn beside it
+    nor on the batch size; a generator straight from training should be ``calibrated`` first
+    (checkpoints hold calibrated generators)."""
+    module = getattr(generator, "module", generator)
+    was_training = module.training
+    module.eval()
+    device = next(module.parameters()).device
+    out = [module(sample_noise(module.latent, indices[i: i + batch_size], seed).to(device)).float().cpu().numpy()
+           for i in range(0, len(indices), batch_size)]
+    module.train(was_training)
+    return np.concatenate(out)
+
+
+def sample_counts(generator: nn.Module, levels: np.ndarray, indices: Sequence[int], seed: int) -> np.ndarray:
+    """Samples as uint16 counts: (n, C, H, W).
+
+    levels: (N, C) count levels of the real training crops (saved in the GAN checkpoint).
+    Sample i takes the levels of one real crop, drawn with a generator seeded by (seed, i):
+    count levels follow the real crops' distribution, and ANT and POST keep their real pairing.
+    """
+    levels = np.asarray(levels, dtype=np.float32)
+    if levels.ndim != 2 or len(levels) == 0:
+        raise ValueError(f"expected (N, C) count levels of real crops, N >= 1, got {levels.shape}")
+    rows = [int(np.random.default_rng([seed, i, 1]).integers(len(levels))) for i in indices]
+    return to_counts(sample_images(generator, indices, seed), levels[rows])
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints (plain containers only: torch.load(weights_only=True) reads them)
+
+
+def save_gan_checkpoint(path: str | os.PathLike, generator: nn.Module, discriminator: nn.Module,
+                        config: GanConfig, levels: np.ndarray, **meta) -> Path:
+    """Both networks, the GanConfig, the real crops' count levels (N, C) and ``meta``; a
+    generator rebuilt from this file alone can write counts. Pass a ``calibrated`` generator
+    so that sampling from the file needs no further step."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # DDP wraps the networks: save the inner modules' keys so any process can load them.
+    state = {name: {k: v.detach().cpu() for k, v in getattr(net, "module", net).state_dict().items()}
+             for name, net in (("generator", generator), ("discriminator", discriminator))}
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"gan_config": dataclasses.asdict(config), **state,
+                "count_levels": torch.as_tensor(np.asarray(levels, np.float32)), "meta": meta}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_gan_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu"
+                        ) -> tuple[Generator, Discriminator, GanConfig, np.ndarray, dict]:
+    """A GAN checkpoint file, or a folder holding ``gan.pt`` -> (generator, discriminator,
+    config, count levels (N, C), meta); networks in eval mode."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / FILENAME
+    if not path.is_file():
+        raise InputError(path, f"no GAN checkpoint here (expected a {FILENAME} or a folder holding one)")
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+        config = GanConfig.from_dict(blob["gan_config"])
+        generator, discriminator = Generator(config), Discriminator(config)
+        generator.load_state_dict(blob["generator"])
+        discriminator.load_state_dict(blob["discriminator"])
+        levels = blob["count_levels"].numpy()
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line error
+        raise InputError(path, f"not a bonescan GAN checkpoint ({type(err).__name__}: {err})") from None
+    return generator.eval(), discriminator.eval(), config, levels, blob.get("meta", {})
+
+
+def generator_digest(generator: nn.Module) -> str:
+    """SHA-256 of the generator's weights: names the GAN that made a sample."""
+    h = hashlib.sha256()
+    for name, value in getattr(generator, "module", generator).state_dict().items():
+        h.update(name.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Fréchet distance between real and generated crops
+
+
+FEATURE_SEED = 0
+FEATURE_CHANNELS = 16
+FEATURES = 2 * FEATURE_CHANNELS
+
+
+class FrechetFeatures(nn.Module):
+    """A fixed, randomly initialized conv net (seed FEATURE_SEED): images (B, C, H, W) in
+    [-1, 1] -> (B, FEATURES) features, the mean and the standard deviation over the image of
+    each of its last FEATURE_CHANNELS feature maps.
+
+    Not Inception: no downloadable weights exist for bone scans, and none can be fetched on a
+    cluster without internet. Random conv features still respond to intensity, texture and
+    structure at several scales (random-network FIDs rank generators much like the Inception
+    one, Naeem et al. 2020), and fixed weights make distances comparable across checkpoints
+    and runs. The means alone mostly follow the mean intensity, so a flat grey crop would
+    score close to real ones; the standard deviations tell it from a skeleton.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        widths = [channels, 16, 32, 32, FEATURE_CHANNELS]
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip(widths, widths[1:]):
+            layers += [nn.Conv2d(c_in, c_out, 3, 2, 1), nn.ReLU()]
+        self.net = nn.Sequential(*layers[:-1])
+        rng = torch.Generator().manual_seed(FEATURE_SEED)
+        for conv in self.net:
+            if isinstance(conv, nn.Conv2d):
+                # He initialization keeps the features' scale through the ReLUs; PyTorch's
+                # default shrinks it about 3x per layer, and the distance with it.
+                nn.init.kaiming_normal_(conv.weight, nonlinearity="relu", generator=rng)
+                nn.init.zeros_(conv.bias)
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        maps = self.net(images).flatten(2)  # (B, FEATURE_CHANNELS, h * w)
+        return torch.cat([maps.mean(2), maps.std(2)], dim=1)  # (B, FEATURES)
+
+
+@torch.no_grad()
+def frechet_features(images: np.ndarray | torch.Tensor, batch_size: int = 32) -> np.ndarray:
+    """images (B, C, H, W) in [-1, 1] -> (B, FEATURES) float64."""
+    images = torch.as_tensor(images, dtype=torch.float32).cpu()
+    net = FrechetFeatures(images.shape[1])
+    return torch.cat([net(images[i: i + batch_size]) for i in range(0, len(images), batch_size)]).double().numpy()
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to feature sets a (N, F) and b (M, F):
+    |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)). 0 for equal sets; N, M >= 2."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
+        raise ValueError(f"expected two (N, F) feature sets with N >= 2, got {a.shape} and {b.shape}")
+    mu = a.mean(0) - b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    with warnings.catch_warnings():
+        # Fewer samples than features make the covariances singular: expected, and harmless
+        # to the square root's trace, which is all that is used.
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        root = linalg.sqrtm(cov_a @ cov_b)
+    # Rounding leaves tiny imaginary parts (and few samples make the covariances singular).
+    trace = np.trace(cov_a) + np.trace(cov_b) - 2 * float(np.real(np.trace(root)))
+    return float(mu @ mu + max(trace, 0.0))
+
+
+
+# ----------------------------------------------------------------------------------------------
+# The sample sheet
+
+
+def write_sample_sheet(real: np.ndarray, generated: np.ndarray, path: str | os.PathLike) -> Path:
+    """A PNG of real crops (left) beside generated ones (right), one crop per row, its views
+    side by side (ANT then mirrored POST, or the aggregated view).
+
+    real, generated: (n, C, H, W) in [-1, 1], the same C. Shown as bone scans are read: dark
+    uptake on white, normalized counts 0..1 (bone) over the full grey range.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from skimage.util import montage
+
+    real, generated = np.asarray(real, np.float32), np.asarray(generated, np.float32)
+    if real.ndim != 4 or real.shape[1:] != generated.shape[1:] or not len(real) or not len(generated):
+        raise ValueError(f"expected two non-empty (n, C, H, W) sets of the same C, H, W, "
+                         f"got {real.shape} and {generated.shape}")
+    rows = max(len(real), len(generated))
+    channels, height, width = real.shape[1:]
+    fig = Figure(figsize=(2 * channels * width / 100 + 0.5, rows * height / 100 + 0.6), dpi=100)
+    FigureCanvasAgg(fig)
+    for column, (title, images) in enumerate((("real (training crops)", real), ("generated (DCGAN)", generated))):
+        grid = montage(images.reshape(-1, height, width) + _SHIFT, grid_shape=(rows, channels), fill=0.0,
+                       padding_width=4)  # (rows * (H + pad), C * (W + pad))
+        ax = fig.add_subplot(1, 2, column + 1)
+        ax.imshow(grid, cmap="gray_r", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_title(title, fontsize=10)
+        ax.set_axis_off()
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,362 @@
+"""The DCGAN of `bonescan augment --dcgan`: Ray Train around bonescan_model.gan, and the
+generated rows it adds to a shard set (the paper's D3 = D1 + samples, D4 = D2 + samples).
+
+``gan_loop`` is the adapter each worker runs, as ``train.train_loop`` is for segmentation:
+dataset shard -> iter_torch_batches -> gan.train_gan_epoch -> ray.train.report (with a
+checkpoint and the Fréchet distance between real and generated crops). The GAN learns from
+the original crops of the train split only: a test image must not leak into training data
+through its synthetic look-alikes.
+
+A GAN run folder (``<augment --out>/dcgan/`` unless ``--gan`` names a trained one) holds:
+gan.yaml (the resolved GanConfig), run.json (data, workers, devices), train/ (Ray Train's
+checkpoints; a rerun resumes from them), gan.pt (the checkpoint with the lowest Fréchet
+distance) and history.csv (one row per checkpoint).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import statistics
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import yaml
+
+from bonescan_model import gan as dcgan
+from bonescan_model.errors import InputError
+from bonescan_model.preprocess import model_input
+from bonescan_platform import shards, stream
+
+RUN_DIR = "dcgan"  # the GAN run's folder inside the augment output folder
+RUN_NAME = "train"  # fixed, so a rerun with the same folder resumes instead of starting over
+STATE = "gan_state.pt"
+CONFIG = "gan.yaml"
+SHEET = "samples.png"
+# The Fréchet distance compares the first REFERENCE_CROPS original training crops with the
+# same number of samples drawn with FRECHET_SEED, the same ones at every checkpoint.
+REFERENCE_CROPS = 64
+FRECHET_SEED = 2_147_483_647
+SHEET_CROPS = 4
+GENERATE_BATCH = 32
+# Real patient and scan keys are HMAC-SHA256 hex digests: exactly 64 characters of [0-9a-f].
+# "dcgan-" holds '-', 'g' and 'n', none of them hex, and makes the key 70 characters long, so
+# no generated key can ever equal a real one, whatever the site secret.
+KEY_PREFIX = "dcgan-"
+SOURCE = "dcgan"
+
+
+# ---------------------------------------------------------------- the worker: a thin adapter
+def gan_loop(loop_config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = dcgan.GanConfig.from_dict(loop_config["gan"])
+    levels = np.asarray(loop_config["levels"], np.float32)
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    torch.set_num_threads(loop_config["torch_threads"])
+    torch.manual_seed(cfg.seed)
+    generator = ray.train.torch.prepare_model(dcgan.Generator(cfg))
+    discriminator = ray.train.torch.prepare_model(dcgan.Discriminator(cfg))
+    opt_g, opt_d = (torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+                    for net in (generator, discriminator))
+    device = ray.train.torch.get_device()
+    start, history = _restore(ray.train.get_checkpoint(), generator, discriminator, opt_g, opt_d)
+    reference = _reference_features(ray.train.get_dataset_shard("reference")) if rank == 0 else None
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start, cfg.epochs):
+        batches = shard.iter_torch_batches(batch_size=cfg.batch_size, prefetch_batches=2, dtypes=torch.float32,
+                                           local_shuffle_buffer_size=4 * cfg.batch_size,
+                                           local_shuffle_seed=cfg.seed + epoch)
+        real = (b["image"] for b in batches)
+        # Noise seeded per (seed, epoch, rank): a resumed run draws what an unbroken one would.
+        noise = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, epoch, rank]).generate_state(1)[0]))
+        stats = dcgan.train_gan_epoch(generator, discriminator, real, opt_g, opt_d, noise=noise,
+                                      d_steps=cfg.d_steps, device=device)
+        if (epoch + 1) % cfg.checkpoint_every and epoch + 1 < cfg.epochs:
+            continue
+        metrics = {"epoch": epoch + 1, "train_workers": context.get_world_size(), **stats}
+        frozen = None
+        if rank == 0:  # on one rank: the reference set is small, and sampling needs no sync
+            frozen = dcgan.calibrated(generator)  # what the checkpoint keeps and samples come from
+            samples = dcgan.sample_images(frozen, range(len(reference)), FRECHET_SEED)
+            metrics["frechet"] = dcgan.frechet_distance(reference, dcgan.frechet_features(samples))
+        history.append(metrics)
+        _report(metrics, history, frozen, discriminator, opt_g, opt_d, cfg, levels, rank)
+
+
+def _reference_features(shard) -> np.ndarray:
+    images = [b["image"] for b in shard.iter_torch_batches(batch_size=REFERENCE_CROPS, dtypes=torch.float32)]
+    return dcgan.frechet_features(torch.cat(images)[:REFERENCE_CROPS])
+
+
+def _report(metrics, history, frozen, discriminator, opt_g, opt_d, cfg, levels, rank: int) -> None:
+    """frozen: rank 0's calibrated copy of the generator (same weights), None elsewhere."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:  # every rank reports (a barrier); rank 0 alone carries the checkpoint
+            dcgan.save_gan_checkpoint(Path(tmp) / dcgan.FILENAME, frozen, discriminator, cfg, levels,
+                                      epoch=metrics["epoch"], metrics=metrics)
+            torch.save({"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "epoch": metrics["epoch"],
+                        "history": history}, Path(tmp) / STATE)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _restore(checkpoint, generator, discriminator, opt_g, opt_d) -> tuple[int, list[dict]]:
+    """Resume after a worker failure or a rerun: both networks, both optimizers, epoch, history."""
+    if checkpoint is None:
+        return 0, []
+    with checkpoint.as_directory() as folder:
+        saved_g, saved_d, *_ = dcgan.load_gan_checkpoint(Path(folder) / dcgan.FILENAME)
+        state = torch.load(Path(folder) / STATE, map_location="cpu", weights_only=True)
+    getattr(generator, "module", generator).load_state_dict(saved_g.state_dict())
+    getattr(discriminator, "module", discriminator).load_state_dict(saved_d.state_dict())
+    opt_g.load_state_dict(state["opt_g"])
+    opt_d.load_state_dict(state["opt_d"])
+    history = state["history"]
+    history[-1] = {**history[-1], "resumed": True}
+    return state["epoch"], history
+
+
+# ---------------------------------------------------------------- the driver
+def load_gan_config(path: str | os.PathLike | None) -> dcgan.GanConfig:
+    """A GanConfig from YAML (any GanConfig key; the rest keep their defaults); None: defaults."""
+    if path is None:
+        return dcgan.GanConfig()
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise InputError(path, "no such GAN config file") from None
+    except yaml.YAMLError as err:
+        raise InputError(path, f"not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise InputError(path, "a GAN config must be a mapping of keys to values")
+    try:
+        cfg = dcgan.GanConfig.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise InputError(path, str(err)) from None
+    if cfg.size != shards.CROP:
+        raise InputError(path, f"size must be {shards.CROP}: the shards hold {shards.CROP} x {shards.CROP} crops")
+    return cfg
+
+
+def resolve_gan(path: str | os.PathLike) -> Path:
+    """A trained GAN (a GAN run folder or its gan.pt) -> its gan.pt, checked to load."""
+    path = Path(path)
+    path = path / dcgan.FILENAME if path.is_dir() else path
+    _, _, cfg, _, _ = dcgan.load_gan_checkpoint(path)
+    if cfg.size != shards.CROP:
+        raise InputError(path, f"makes {cfg.size} x {cfg.size} crops; the shards hold {shards.CROP} x {shards.CROP}")
+    return path
+
+
+def gan_summary(gan_path: Path) -> dict:
+    """What the manifest records of the GAN: its config, epoch and Fréchet distance."""
+    _, _, cfg, _, meta = dcgan.load_gan_checkpoint(gan_path)
+    return {"gan_config": dataclasses.asdict(cfg), "epoch": meta.get("epoch"),
+            "frechet": meta.get("metrics", {}).get("frechet")}
+
+
+def train_gan(data: Path, run: Path, cfg: dcgan.GanConfig, workers: int = 1, gpus: bool = False) -> Path:
+    """Train (or resume, or reuse) the GAN of ``data`` in ``run``; returns its gan.pt.
+
+    Needs a Ray session. A run folder that already holds a finished GAN of this config and
+    data is reused as is; one with another config or data is refused rather than mixed.
+    """
+    data, run = Path(data).resolve(), Path(run).resolve()
+    info = {"data": str(data), "workers": workers, "gpus": gpus}
+    config = dataclasses.asdict(cfg)
+    if (run / CONFIG).is_file():
+        if yaml.safe_load((run / CONFIG).read_text()) != config:
+            raise InputError(run, f"holds a GAN trained with another config ({CONFIG}); remove it or pass that config")
+        if json.loads((run / "run.json").read_text())["data"] != str(data):
+            raise InputError(run, "holds a GAN trained on other shards; remove it or use --gan")
+        if (run / dcgan.FILENAME).is_file():
+            print(f"dcgan: using the trained GAN in {run}")
+            return run / dcgan.FILENAME
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "run.json").write_text(json.dumps(info, indent=2))
+    (run / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))  # second: it marks the run as ours
+    originals = original_dataset(data, cfg.views)
+    levels = [b["levels"] for b in originals.select_columns(["levels"]).iter_batches(batch_size=None,
+                                                                                      batch_format="numpy")]
+    levels = np.concatenate(levels) if levels else np.zeros((0, cfg.channels), np.float32)
+    if len(levels) < 2:
+        raise InputError(data, f"the train split holds {len(levels)} original crops; the DCGAN needs at least 2")
+    result = trainer_for(run, cfg, originals, levels, workers, gpus).fit()
+    return finish_gan_run(run, result)
+
+
+def original_dataset(data: Path, views: str):
+    """The train split's original crops as the GAN sees them, with their count levels:
+    rows {"image": (C, 256, 256) float32 in [-1, 1], "levels": (C,) float32}, in file order.
+
+    Materialized: the originals are the paper's D1, a few hundred crops (0.5 MB each in the
+    object store; Ray spills to disk past its memory). Streamed, every epoch of a few batches
+    would spend more time restarting Ray Data (~1.5 s) than training.
+    """
+    import ray
+
+    ds = ray.data.read_parquet(shards.shard_paths(data, "train")).select_columns(["ant", "post", "source"])
+    ds.context.execution_options.preserve_order = True
+    ds.context.enable_progress_bars = False
+    return ds.map_batches(_gan_batch, batch_format="numpy", batch_size=stream.DECODE_BATCH,
+                          fn_kwargs={"views": views}).materialize()
+
+
+def _gan_batch(batch: dict[str, np.ndarray], views: str) -> dict[str, np.ndarray]:
+    rows = zip(batch["ant"], batch["post"], batch["source"])
+    counts = [np.stack(_both_views(ant, post)) for ant, post, source in rows if str(source) in stream.ORIGINAL_SOURCES]
+    if not counts:
+        channels = dcgan.GanConfig(views=views).channels
+        return {"image": np.zeros((0, channels, shards.CROP, shards.CROP), np.float32),
+                "levels": np.zeros((0, channels), np.float32)}
+    counts = np.stack(counts)  # (B, 2, H, W) uint16
+    images = np.stack([model_input(ant, post) for ant, post in counts])  # as segmentation training sees them
+    return {"image": dcgan.gan_images(images, views), "levels": dcgan.count_levels(counts, views)}
+
+
+def _both_views(ant: bytes | None, post: bytes | None) -> tuple[np.ndarray, np.ndarray]:
+    """A row's (ANT, mirrored POST) counts; a one-view crop repeats its view (as model_input)."""
+    ant = None if ant is None else shards.decode_image(ant, "<u2")
+    post = None if post is None else shards.decode_image(post, "<u2")
+    return (post if ant is None else ant), (ant if post is None else post)
+
+
+def trainer_for(run: Path, cfg: dcgan.GanConfig, originals, levels: np.ndarray, workers: int, gpus: bool):
+    """The TorchTrainer of one GAN run: the resources, failure and checkpoint policy of
+    train.trainer_for, checkpoints ranked by the lowest Fréchet distance.
+
+    originals: ``original_dataset``; levels: its (N, C) count levels, saved in every checkpoint."""
+    import ray
+    from ray.data import DataContext, ExecutionOptions, ExecutionResources
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cpus = ray.cluster_resources().get("CPU", 1)
+    # Leave a CPU to Ray Data: training workers holding every CPU starve the reader (RAY_NOTES).
+    cpu_per_worker = 1.0 if gpus else max(0.25, min(1.0, (cpus - 1) / workers))
+    DataContext.get_current().enable_progress_bars = False
+    originals = originals.select_columns(["image"])
+    return TorchTrainer(
+        gan_loop,
+        train_loop_config={"gan": dataclasses.asdict(cfg), "levels": levels.tolist(),
+                           "torch_threads": max(1, int(os.cpu_count() // max(1, min(workers, cpus))))},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus, resources_per_worker={"CPU": cpu_per_worker}),
+        run_config=RunConfig(
+            name=RUN_NAME, storage_path=str(run),
+            failure_config=FailureConfig(max_failures=3),
+            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="frechet",
+                                               checkpoint_score_order="min")),
+        datasets={"train": originals, "reference": originals.limit(REFERENCE_CROPS)},
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ExecutionOptions(
+            preserve_order=True, resource_limits=ExecutionResources(cpu=max(1.0, cpus - workers * cpu_per_worker)))),
+    )
+
+
+def finish_gan_run(run: Path, result) -> Path:
+    """Keep the checkpoint with the lowest Fréchet distance as run/gan.pt, and the history of
+    every checkpoint as run/history.csv."""
+    best = result.get_best_checkpoint("frechet", "min") or result.checkpoint
+    if best is None:
+        raise InputError(run, "GAN training reported no checkpoint")
+    with best.as_directory() as folder:
+        shutil.copy(Path(folder) / dcgan.FILENAME, run / ".gan.pt.tmp")
+    with result.checkpoint.as_directory() as folder:
+        history = torch.load(Path(folder) / STATE, map_location="cpu", weights_only=True)["history"]
+    keys = sorted({k for row in history for k in row}, key=lambda k: (k != "epoch", k != "frechet", k))
+    with open(run / "history.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(history)
+    # Last: gan.pt is what tells a rerun that this GAN is finished.
+    os.replace(run / ".gan.pt.tmp", run / dcgan.FILENAME)
+    distances = ", ".join(f"{row['frechet']:.3f}" for row in history)
+    print(f"dcgan: trained {history[-1]['epoch']} epochs; Fréchet distance per checkpoint: {distances}; "
+          f"GAN: {run / dcgan.FILENAME}, history: {run / 'history.csv'}")
+    return run / dcgan.FILENAME
+
+
+# ---------------------------------------------------------------- generated rows
+def sample_key(digest: str, seed: int, index: int, kind: str) -> str:
+    """The patient or scan key of sample ``index``: KEY_PREFIX + 64 hex (see KEY_PREFIX for
+    why it can never equal a real key). Each sample is a patient of its own."""
+    return KEY_PREFIX + hashlib.sha256(f"{digest}|{seed}|{index}|{kind}".encode()).hexdigest()
+
+
+def generated_tables(gan_path: Path, samples: int, seed: int, pixel_spacing_mm: float) -> Iterator[pa.Table]:
+    """``samples`` generated crops as shard rows, GENERATE_BATCH at a time.
+
+    Rows: source "dcgan", split "train" (a sample has no patient to test on), no mask, no
+    readers, the crop box the whole 256 x 256 image, the real crops' median pixel spacing.
+    Sample i depends on (GAN, seed, i) only."""
+    generator, _, cfg, levels, _ = dcgan.load_gan_checkpoint(gan_path)
+    generator.to("cuda" if torch.cuda.is_available() else "cpu")
+    digest = dcgan.generator_digest(generator)
+    for start in range(0, samples, GENERATE_BATCH):
+        indices = range(start, min(start + GENERATE_BATCH, samples))
+        counts = dcgan.sample_counts(generator, levels, indices, seed)  # (n, C, 256, 256) uint16
+        rows = [{
+            "patient_key": sample_key(digest, seed, i, "patient"),
+            "scan_key": sample_key(digest, seed, i, "scan"),
+            "ant": shards.encode_image(crop[0], "<u2"),
+            # An aggregated sample is one image: stored as a one-view crop, which the stream
+            # repeats into both input channels.
+            "post": shards.encode_image(crop[1], "<u2") if cfg.views == "both" else None,
+            "mask": None,
+            "crop_box": [0, 0, shards.CROP, shards.CROP],
+            "pixel_spacing_mm": pixel_spacing_mm,
+            "readers_agree": None,
+            "source": SOURCE,
+            "split": "train",
+            "views": "ANT+POST" if cfg.views == "both" else "ANT",
+        } for i, crop in zip(indices, counts)]
+        yield pa.Table.from_pylist(rows, schema=shards.SCHEMA)
+
+
+def median_spacing(data: Path) -> float:
+    """The median pixel spacing of the train split's original crops (one small column)."""
+    paths = shards.shard_paths(data, "train")
+    table = pq.read_table(paths, columns=["pixel_spacing_mm", "source"]).to_pydict() if paths else {}
+    spacings = [spacing for spacing, source in zip(table.get("pixel_spacing_mm", []), table.get("source", []))
+                if source in stream.ORIGINAL_SOURCES]
+    if not spacings:
+        raise InputError(data, "the train split holds no original crops to learn from or show beside samples")
+    return float(statistics.median(spacings))
+
+
+def original_crops(data: Path, count: int) -> list[np.ndarray]:
+    """The first ``count`` original training crops, as (2, H, W) model input."""
+    def rows():
+        for path in shards.shard_paths(data, "train"):
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=16, columns=["ant", "post", "source"]):
+                yield from batch.to_pylist()
+
+    originals = (row for row in rows() if row["source"] in stream.ORIGINAL_SOURCES)
+    return [model_input(*_both_views(row["ant"], row["post"])) for row in itertools.islice(originals, count)]
+
+
+def write_sheet(data: Path, out: Path, gan_path: Path, seed: int) -> Path:
+    """out/samples.png: the first original training crops of ``data`` beside the first
+    generated crops written to ``out`` (the counts in the shards, normalized as training sees them)."""
+    generator, _, cfg, levels, _ = dcgan.load_gan_checkpoint(gan_path)
+    real = original_crops(data, SHEET_CROPS)
+    counts = dcgan.sample_counts(generator, levels, range(SHEET_CROPS), seed)
+    generated = [model_input(c[0], c[1] if cfg.views == "both" else None) for c in counts]
+    return dcgan.write_sample_sheet(dcgan.gan_images(np.stack(real), cfg.views),
+                                    dcgan.gan_images(np.stack(generated), cfg.views), out / SHEET)
