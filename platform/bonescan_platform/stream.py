@@ -26,21 +26,22 @@ ORIGINAL_SOURCES = ("dicom", "synthetic")
 DECODE_BATCH = 8
 
 
-def labeled_patients(shard_dir: str | Path, fraction: float, seed: int) -> list[str]:
+def labeled_patients(shard_dir: str | Path, fraction: float, seed: int, dataset: str = "all") -> list[str]:
     """The training patients whose masks the run may use (the paper's L_label).
 
     Patients with a ground-truth mask are taken in a seeded order until their scans reach
-    ``fraction`` of all training scans; the rest train unlabeled. Chosen per patient, so all
-    scans of a patient (augmented copies included) are labeled or none is.
+    ``fraction`` of the training scans of ``dataset``; the rest train unlabeled. Chosen per
+    patient, so all scans of a patient (augmented copies included) are labeled or none is.
     """
-    table = pq.read_table(shards.shard_paths(shard_dir, "train"), columns=["patient_key", "mask"])
-    keys = table.column("patient_key").to_pylist()
-    has_mask = pc.is_valid(table.column("mask")).to_pylist()
+    table = pq.read_table(shards.shard_paths(shard_dir, "train"), columns=["patient_key", "mask", "source"])
+    rows = [(key, valid) for key, valid, source in zip(
+        table.column("patient_key").to_pylist(), pc.is_valid(table.column("mask")).to_pylist(),
+        table.column("source").to_pylist()) if in_dataset(source, dataset)]
     scans_of: dict[str, int] = {}
-    for key, valid in zip(keys, has_mask):
+    for key, valid in rows:
         if valid:
             scans_of[key] = scans_of.get(key, 0) + 1
-    target = round(fraction * len(keys))
+    target = round(fraction * len(rows))
     chosen, count = [], 0
     # A seeded shuffle independent of file order: patient keys are already keyed hashes.
     for key in sorted(scans_of, key=lambda k: hashlib.sha256(f"{seed}:{k}".encode()).hexdigest()):

@@ -159,7 +159,7 @@ def trainer_for(run: Path, cfg: TrainConfig, data: Path, workers: int, gpus: boo
     else:
         torch_threads = max(1, int(cpu_per_worker))
     DataContext.get_current().enable_progress_bars = False
-    labeled = stream.labeled_patients(data, cfg.label_fraction, cfg.seed)
+    labeled = stream.labeled_patients(data, cfg.label_fraction, cfg.seed, cfg.dataset)
     return TorchTrainer(
         train_loop,
         train_loop_config={"train": _plain(cfg.to_dict()), "run": run.name,  # the dashboards' run tag
