@@ -75,7 +75,7 @@ def test_bad_config_names_the_key(data, tmp_path):
         train.train(str(data), str(bad), str(tmp_path / "r"))
 
 
-def test_killed_worker_resumes_from_its_checkpoint(data, tmp_path):
+def test_killed_worker_resumes_from_its_checkpoint(data, tmp_path, ray_local):
     import os
     import signal
 
@@ -92,7 +92,14 @@ def test_killed_worker_resumes_from_its_checkpoint(data, tmp_path):
     while len(list((run / "train").glob("checkpoint_*"))) < 2 and time.time() < deadline:
         time.sleep(0.2)
     assert len(list((run / "train").glob("checkpoint_*"))) >= 2, "no checkpoint was written"
-    (worker,) = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+    # This session's cluster (others may run on the machine) and this test's own worker
+    # (another driver on the same cluster may be training too).
+    from ray._private.worker import global_worker
+
+    dashboard = "http://" + global_worker.node.address_info["webui_url"]
+    job = ray_local.get_runtime_context().get_job_id()
+    (worker,) = list_actors(address=dashboard, filters=[
+        ("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE"), ("job_id", "=", job)])
     os.kill(worker.pid, signal.SIGKILL)
     thread.join(timeout=600)
     assert outcome.get("code") == 0
@@ -109,10 +116,11 @@ def test_resume_continues_a_run_whose_driver_was_killed(data, tmp_path, ray_loca
 
     run = tmp_path / "run"
     config = _config(tmp_path, epochs=3)
-    # The driver joins the session's Ray (a cluster is running), as `bonescan train` does.
+    # The driver joins the session's Ray through RAY_ADDRESS, as `bonescan train` does.
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     driver = subprocess.Popen([sys.executable, "-m", "bonescan_platform.cli", "train", "--data", str(data),
                                "--config", str(config), "--out", str(run)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         deadline = time.time() + 300
         while len(list((run / "train").glob("checkpoint_*"))) < 2 and time.time() < deadline:
