@@ -58,6 +58,18 @@ def _evaluate(checkpoint: str, data: str, runs: int, json_path: str | None) -> i
     return evaluate(checkpoint, data, runs, json_path)
 
 
+def _tune(data: str, space: str, out: str, resume: bool) -> int:
+    from bonescan_platform.tune import sweep
+
+    return sweep(data, space, out, resume)
+
+
+def _report(experiment: str, out: str) -> int:
+    from bonescan_platform.report import report
+
+    return report(experiment, out)
+
+
 def _predict(checkpoint: str, dicom: str, out: str) -> int:
     from bonescan_platform.predict import predict
 
@@ -124,8 +136,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--space", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--resume", action="store_true")
-    p.set_defaults(run=_not_yet("tune"))
+    p.add_argument("--resume", action="store_true", help="continue the interrupted sweep in --out")
+    p.set_defaults(run=_tune)
 
     p = sub.add_parser("evaluate", help="DSC / CPA / Recall on the test split, averaged over runs")
     p.add_argument("--checkpoint", required=True)
@@ -141,9 +153,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_predict)
 
     p = sub.add_parser("report", help="an HTML report of an experiment or a run")
-    p.add_argument("--experiment", required=True)
+    p.add_argument("--experiment", required=True, help="an experiment folder (bonescan tune) or a run folder")
     p.add_argument("--out", required=True)
-    p.set_defaults(run=_not_yet("report"))
+    p.set_defaults(run=_report)
 
     p = sub.add_parser("demo", help="synth -> ingest -> train -> evaluate -> predict -> report")
     p.add_argument("--out", default="bonescan-demo")

@@ -1,0 +1,447 @@
+"""`bonescan tune`: a Ray Tune sweep over a space file, one Ray Train run per trial.
+
+The pattern Ray 2.60 recommends for Tune over Train (RAY_NOTES "Tune over Train"): the Tune
+function trainable ``run_trial`` builds the trial's TorchTrainer with ``train.trainer_for`` and
+calls ``fit()``; ``TuneReportCallback`` forwards every epoch's metrics to Tune, where ASHA reads
+them. A trial's run folder is named after its trial id, so a resumed sweep resumes each
+unfinished trial's own Train run from its latest checkpoint.
+
+An experiment folder holds:
+
+    experiment.json   data path, space path, resources plan (the report reads the data path)
+    space.yaml        the space file as given;  base.yaml: its resolved base training config
+    tune/             Ray Tune's experiment: state for --resume, per-trial results, TensorBoard events
+    runs/<trial id>/  one training run per trial (config.yaml, run.json, trial.json, history.csv,
+                      model.pt, test.json: the kept model scored on the test split)
+    results.parquet, results.csv   one row per trial: parameters, config, metrics, size, timings
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv
+import pyarrow.parquet as pq
+import torch
+import yaml
+
+from bonescan_model import engine
+from bonescan_model.checkpoint import FILENAME, load_checkpoint
+from bonescan_model.errors import InputError
+from bonescan_model.network import count_parameters
+from bonescan_platform import shards, stream
+from bonescan_platform.cluster import ray_session
+from bonescan_platform.config import TrainConfig, load_train_config, save_train_config
+from bonescan_platform.evaluate import BATCH, HEADLINE, score_runs
+from bonescan_platform.search_space import AUTO, SearchSpace, case_name, load_space, parse_space
+from bonescan_platform.train import STATE, finish_run, trainer_for
+
+TUNE_NAME = "tune"  # fixed, so `tune/` is where --resume finds Ray Tune's state
+DRIVER_CPU = 0.25  # each trial's Tune function only waits on its TorchTrainer
+# Ray Data's read-and-decode tasks take 1 CPU each: a CPU left free keeps the streams of all
+# trials flowing (RAY_NOTES "2-CPU deadlock").
+DATA_CPU = 1.0
+
+
+# ---------------------------------------------------------------- resources
+@dataclass(frozen=True)
+class Plan:
+    """How trials share the cluster: ``trials`` at once, each ``workers`` Train workers."""
+
+    trials: int
+    workers: int
+    cpu_per_worker: float
+    gpus: bool
+
+
+def plan_resources(space: SearchSpace, cluster: dict) -> Plan:
+    """Trials at once and CPUs per worker for ``ray.cluster_resources()``-like ``cluster``.
+
+    Each trial holds DRIVER_CPU for its Tune function and workers * cpu_per_worker for its
+    TorchTrainer; DATA_CPU stays free. With GPUs, one GPU per worker bounds the trials.
+    """
+    cpus, n_gpus = float(cluster.get("CPU", 1)), int(cluster.get("GPU", 0))
+    res = space.resources
+    workers = res["workers"]
+    gpus = n_gpus > 0 if res["gpus"] == AUTO else res["gpus"]
+    if gpus and n_gpus < workers:
+        raise InputError(space.source, f"resources.gpus: a trial needs {workers} GPU(s), the cluster has {n_gpus}")
+    spare = cpus - DATA_CPU
+    fixed = res["cpus_per_worker"]
+    if space.max_concurrent_trials == AUTO:
+        per_trial = DRIVER_CPU + workers * (1.0 if fixed == AUTO else fixed)
+        trials = max(1, int(spare // per_trial))
+        if gpus:
+            trials = min(trials, n_gpus // workers)
+    else:
+        trials = space.max_concurrent_trials
+    cpu = fixed if fixed != AUTO else (1.0 if gpus else round((spare / trials - DRIVER_CPU) / workers, 4))
+    if cpu <= 0 or trials * (DRIVER_CPU + workers * cpu) > spare + 1e-9:
+        raise InputError(space.source, (
+            f"max_concurrent_trials: {trials} trials of {workers} worker(s) need more than this cluster's "
+            f"{cpus:g} CPUs: each trial takes {DRIVER_CPU} CPU for its driver plus its workers' CPUs, "
+            f"and {DATA_CPU:g} CPU stays free for Ray Data"))
+    return Plan(trials=trials, workers=workers, cpu_per_worker=cpu, gpus=gpus)
+
+
+# ---------------------------------------------------------------- the experiment folder
+@dataclass(frozen=True)
+class Experiment:
+    root: Path
+    data: Path
+    space: SearchSpace
+    record: dict
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    @classmethod
+    def create(cls, root: Path, data: Path, space_path: Path) -> Experiment:
+        space = load_space(space_path)
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "space.yaml").write_text(space_path.read_text())
+        save_train_config(TrainConfig.from_dict(space.base), root / "base.yaml")
+        record = {"data": str(data), "space": str(space_path), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        (root / "experiment.json").write_text(json.dumps(record, indent=2))
+        return cls.open(root)
+
+    @classmethod
+    def open(cls, root: str | Path) -> Experiment:
+        root = Path(root).resolve()
+        try:
+            record = json.loads((root / "experiment.json").read_text())
+        except FileNotFoundError:
+            raise InputError(root, "not an experiment folder (no experiment.json; see `bonescan tune`)") from None
+        space = parse_space(yaml.safe_load((root / "space.yaml").read_text()), root / "space.yaml",
+                            load_train_config(root / "base.yaml"))
+        return cls(root=root, data=Path(record["data"]), space=space, record=record)
+
+    def plan(self) -> Plan:
+        return Plan(**self.record["plan"])
+
+    def save_plan(self, plan: Plan) -> Experiment:
+        record = {**self.record, "plan": plan.__dict__}
+        (self.root / "experiment.json").write_text(json.dumps(record, indent=2))
+        return Experiment(self.root, self.data, self.space, record)
+
+
+# ---------------------------------------------------------------- the Tune function: one trial
+def run_trial(config: dict, experiment: str) -> None:
+    """One trial: the TorchTrainer of ``train.trainer_for``, its epochs reported to Tune."""
+    from ray import tune as ray_tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    exp = Experiment.open(experiment)
+    trial_id = ray_tune.get_context().get_trial_id()
+    run = exp.runs / trial_id
+    cfg = exp.space.trial_config(config, f"trial {trial_id}")
+    if not (run / "history.csv").exists():
+        finish_from_checkpoints(run, cfg.epochs)  # its last epoch was saved, its model.pt not yet
+    if (run / "history.csv").exists():
+        # Trained to the end before the sweep's driver stopped, after Tune last saved its
+        # state: give Tune the epochs again instead of training again.
+        for row in read_history(run):
+            ray_tune.report(row)
+        return
+    plan = exp.plan()
+    run.mkdir(parents=True, exist_ok=True)
+    save_train_config(cfg, run / "config.yaml")
+    (run / "run.json").write_text(json.dumps(
+        {"data": str(exp.data), "workers": plan.workers, "gpus": plan.gpus}, indent=2))
+    (run / "trial.json").write_text(json.dumps(
+        {"trial_id": trial_id, "params": config, "label": trial_label(config)}, indent=2))
+    trainer = trainer_for(run, cfg, exp.data, plan.workers, plan.gpus, callbacks=[TuneReportCallback()],
+                          cpu_per_worker=plan.cpu_per_worker)
+    finish_run(run, trainer.fit())
+
+
+def trial_label(params: dict) -> str:
+    return ", ".join(f"{name}={case_name(value)}" for name, value in params.items())
+
+
+def _trial_dirname(trial) -> str:
+    return trial.trial_id  # short and stable: runs/<trial id> and tune/<trial id> pair up
+
+
+# ---------------------------------------------------------------- the driver
+def sweep(data: str, space: str, out: str, resume: bool = False) -> int:
+    """`bonescan tune`: run (or with ``resume``, continue) the sweep ``space`` into ``out``."""
+    from ray import tune as ray_tune
+
+    root, data_dir, space_path = Path(out).resolve(), Path(data).resolve(), Path(space).resolve()
+    shards.read_manifest(data_dir)  # a folder that is not shards fails here, named
+    if resume:
+        exp = Experiment.open(root)
+        for flag, given, recorded in (("--data", data_dir, exp.data), ("--space", space_path, exp.record["space"])):
+            if str(given) != str(recorded):
+                raise InputError(root, f"was started with {flag} {recorded}; resume with the same")
+    elif (root / "experiment.json").exists():
+        raise InputError(root, "already holds an experiment: add --resume to continue it, or choose another --out")
+    else:
+        exp = Experiment.create(root, data_dir, space_path)  # validates the space before writing
+
+    with ray_session():
+        import ray
+
+        plan = plan_resources(exp.space, ray.cluster_resources())
+        exp = exp.save_plan(plan)
+        print(f"sweep {exp.space.source}: {plan.trials} trial(s) at once, {plan.workers} worker(s) each "
+              f"at {plan.cpu_per_worker:g} CPU{' + 1 GPU' if plan.gpus else ''}")
+        trainable = ray_tune.with_resources(functools.partial(run_trial, experiment=str(root)),
+                                            {"cpu": DRIVER_CPU})
+        state = root / TUNE_NAME
+        if resume and ray_tune.Tuner.can_restore(str(state)):
+            tuner = ray_tune.Tuner.restore(str(state), trainable=trainable, resume_unfinished=True,
+                                           resume_errored=True)
+        else:
+            tuner = _new_tuner(exp, plan, trainable)
+        grid = tuner.fit()
+    errors = [f"{Path(r.path).name}: {type(r.error).__name__}: {r.error}" for r in grid if r.error]
+    rows = collect(root)
+    print_summary(rows, exp.space)
+    for line in errors:
+        print(f"trial failed: {line}")
+    print(f"results: {root / 'results.parquet'}, {root / 'results.csv'}; "
+          f"TensorBoard: tensorboard --logdir {root}")
+    return 1 if errors else 0
+
+
+def _new_tuner(exp: Experiment, plan: Plan, trainable):
+    from ray import tune as ray_tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    space = exp.space
+    scheduler = None
+    if space.scheduler:
+        # time is the epoch each report carries; stop_last_trials=False lets a trial that
+        # reaches max_t return from fit() and keep its model like any run.
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=space.max_epochs(),
+                                  grace_period=space.scheduler["grace_period"],
+                                  reduction_factor=space.scheduler["reduction_factor"], stop_last_trials=False)
+    return ray_tune.Tuner(
+        trainable,
+        param_space=space.param_space(),
+        tune_config=ray_tune.TuneConfig(
+            metric=space.metric, mode=space.mode, scheduler=scheduler, num_samples=1,
+            # The limit goes to the generator itself: Tune ignores max_concurrent_trials when
+            # it is handed a BasicVariantGenerator, and trials beyond the plan starve Ray Data.
+            search_alg=BasicVariantGenerator(random_state=space.search.get("random_state"),
+                                             max_concurrent=plan.trials),
+            trial_dirname_creator=_trial_dirname),
+        run_config=ray_tune.RunConfig(
+            name=TUNE_NAME, storage_path=str(exp.root), verbose=1,
+            # A trial whose Tune function died is started once more; its Train run resumes
+            # from its own checkpoint. Worker failures are Ray Train's (train.trainer_for).
+            failure_config=ray_tune.FailureConfig(max_failures=1)),
+    )
+
+
+# ---------------------------------------------------------------- the results table
+def collect(experiment: str | Path) -> list[dict]:
+    """One row per trial from the run folders -> results.parquet and results.csv.
+
+    Trials that ASHA stopped get their model.pt and history.csv here, from their checkpoints;
+    every kept model is scored on the test split (the paper's protocol, ``evaluate_runs``
+    runs) once, cached in its run's test.json."""
+    exp = Experiment.open(experiment)
+    runs = sorted(p for p in exp.runs.glob("*") if (p / "trial.json").is_file()) if exp.runs.is_dir() else []
+    crops = None
+    rows = []
+    for run in runs:
+        if not (run / "history.csv").exists():
+            finish_from_checkpoints(run)
+        if (run / FILENAME).exists() and not _fresh(run / "test.json", run / FILENAME):
+            crops = crops if crops is not None else test_crops(exp.data)
+            _score(run, crops, exp.space.evaluate_runs)
+        rows.append(_row(exp, run))
+    if rows:
+        table = pa.Table.from_pylist(rows)
+        pq.write_table(table, exp.root / "results.parquet")
+        pa.csv.write_csv(table, exp.root / "results.csv")
+    return rows
+
+
+def _row(exp: Experiment, run: Path) -> dict:
+    trial = json.loads((run / "trial.json").read_text())
+    cfg = load_train_config(run / "config.yaml")
+    history = read_history(run) if (run / "history.csv").exists() else []
+    tested = json.loads((run / "test.json").read_text()) if (run / "test.json").exists() else {}
+    params = trial["params"]
+    epochs = int(history[-1]["epoch"]) if history else 0
+    best = max(history, key=lambda r: r.get("val_dsc", -1.0)) if history else {}
+    labeled, train_scans = _labeled_scans(exp.data, cfg)
+    nan = float("nan")
+    row = {
+        "trial_id": trial["trial_id"],
+        "status": "error" if not history else ("stopped" if epochs < cfg.epochs else "finished"),
+        "label": trial["label"],
+        **{name: (case_name(params[name]) if isinstance(params.get(name), dict) else params.get(name))
+           for name in exp.space.names},
+        "seed": cfg.seed,
+        "labeled_scans": labeled, "train_scans": train_scans,
+        "epochs": epochs, "max_epochs": cfg.epochs,
+        **{k: tested.get(k, nan) for k in HEADLINE},
+        **{f"{k}_std": tested.get("std", {}).get(k, nan) for k in ("dsc", "cpa", "recall")},
+        "evaluate_runs": len(tested.get("runs", [])),
+        "best_epoch": int(best.get("epoch", 0)),
+        "best_val_dsc": best.get("val_dsc", nan),
+        **{f"final_{k}": history[-1].get(k, nan) if history else nan
+           for k in ("val_dsc", "val_cpa", "val_recall", "train_loss")},
+        "parameters": tested.get("parameters", 0),
+        "test_seconds": tested.get("test_seconds", nan), "test_images": tested.get("images", 0),
+        "train_seconds": float(sum(r.get("train_seconds", 0.0) for r in history)),
+        "trial_seconds": _trial_seconds(exp.root / TUNE_NAME / trial["trial_id"]),
+        "run": str(run),
+        "config": json.dumps(cfg.to_dict()),
+    }
+    return row
+
+
+def read_history(run: Path) -> list[dict]:
+    """history.csv -> rows of numbers (True/False kept as bools, empty cells dropped)."""
+    with open(run / "history.csv") as f:
+        return [{k: _number(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+def _number(text: str):
+    if text in ("True", "False"):
+        return text == "True"
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return int(value) if value.is_integer() and "." not in text and "e" not in text else value
+
+
+def _trial_seconds(trial_dir: Path) -> float:
+    """The trial's wall time in Ray Tune: its time_total_s, summed over the sessions of a
+    resumed sweep (a trial started again counts from zero, and its results append)."""
+    try:
+        times = [float(json.loads(line)["time_total_s"])
+                 for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
+    except (FileNotFoundError, ValueError, KeyError):
+        return float("nan")
+    ends = [t for t, after in zip(times, times[1:] + [0.0]) if after < t]  # each session's last
+    return float(sum(ends)) if times else float("nan")
+
+
+def _labeled_scans(data: Path, cfg) -> tuple[int, int]:
+    """(labeled, all) training scans of the config's dataset: the paper's L_label."""
+    table = pq.read_table(shards.shard_paths(data, "train"), columns=["patient_key", "mask", "source"])
+    labeled = set(stream.labeled_patients(data, cfg.label_fraction, cfg.seed))
+    keep = [stream.in_dataset(s, cfg.dataset) for s in table.column("source").to_pylist()]
+    has_mask = pc.is_valid(table.column("mask")).to_pylist()
+    keys = table.column("patient_key").to_pylist()
+    return (sum(k and m and p in labeled for k, m, p in zip(keep, has_mask, keys)), sum(keep))
+
+
+# ---------------------------------------------------------------- trials ASHA stopped
+class _CheckpointFolders:
+    """What ``train.finish_run`` reads of a Ray Train Result, from a run's checkpoint folders:
+    a trial that ASHA stopped (or whose driver died) never got its Result."""
+
+    def __init__(self, folders: list[Path]):
+        from ray.train import Checkpoint
+
+        metas = []
+        for folder in folders:
+            try:
+                state = torch.load(folder / STATE, map_location="cpu", weights_only=True)
+                blob = torch.load(folder / FILENAME, map_location="cpu", weights_only=True)
+            except (OSError, RuntimeError, EOFError):  # a folder whose upload the stop cut short
+                continue
+            metas.append((state["epoch"], blob["meta"].get("metrics", {}).get("val_dsc", -1.0),
+                          Checkpoint.from_directory(str(folder))))
+        self.epochs = max((m[0] for m in metas), default=0)
+        if not metas:
+            self.checkpoint = None
+            return
+        self.checkpoint = max(metas, key=lambda m: m[0])[2]
+        self._best = max(metas, key=lambda m: m[1])[2]
+
+    def get_best_checkpoint(self, metric: str, mode: str):
+        return self._best
+
+
+def finish_from_checkpoints(run: Path, epochs: int = 1) -> bool:
+    """model.pt and history.csv of a run that did not return from fit(), from its checkpoints,
+    if they reach ``epochs``. False: nothing written."""
+    folders = [p for p in (run / "train").glob("checkpoint_*") if (p / STATE).is_file()]
+    result = _CheckpointFolders(folders)
+    if result.checkpoint is None or result.epochs < epochs:
+        return False
+    finish_run(run, result)
+    return True
+
+
+# ---------------------------------------------------------------- scoring kept models
+def test_crops(data: Path) -> dict[str, np.ndarray]:
+    """The labeled original test scans, decoded once: {"image": (N, 2, 256, 256) float32,
+    "mask": (N, 1, 256, 256), "labeled": (N,)}, in scan_key order."""
+    table = pq.read_table(shards.shard_paths(data, "test"), columns=stream.COLUMNS + ["scan_key"])
+    table = table.sort_by("scan_key")
+    return stream.decode_batch({k: np.array(v, dtype=object) for k, v in table.to_pydict().items()}, None)
+
+
+class _Crops:
+    """Decoded crops in memory, in the shape score_runs iterates: it makes ``runs`` passes, and
+    a Ray dataset would read and decode the shards again for each."""
+
+    def __init__(self, crops: dict[str, np.ndarray]):
+        self._tensors = {k: torch.from_numpy(v) for k, v in crops.items()}
+
+    def iter_torch_batches(self, batch_size: int):
+        n = len(self._tensors["labeled"])
+        for i in range(0, n, batch_size):
+            yield {k: v[i:i + batch_size] for k, v in self._tensors.items()}
+
+
+def _score(run: Path, crops: dict[str, np.ndarray], runs: int) -> dict:
+    model, _config, meta = load_checkpoint(run)
+    threshold = meta.get("train_config", {}).get("threshold", 0.5)
+    body = score_runs(model, _Crops(crops), runs, threshold)
+    body["parameters"] = count_parameters(model)
+    body["test_seconds"] = test_seconds(model, crops["image"], threshold)
+    (run / "test.json").write_text(json.dumps(body, indent=2))
+    return body
+
+
+def test_seconds(model: torch.nn.Module, images: np.ndarray, threshold: float = 0.5) -> float:
+    """Seconds to segment ``images`` (N, 2, H, W) in batches of 8 (Table 4's test time), after
+    a one-image warm-up that pays the allocations of the first call."""
+    tensor = torch.from_numpy(images)
+    if not len(tensor):
+        return float("nan")
+    engine.predict_masks(model, tensor[:1], threshold)
+    start = time.perf_counter()
+    for i in range(0, len(tensor), BATCH):
+        engine.predict_masks(model, tensor[i:i + BATCH], threshold)
+    return time.perf_counter() - start
+
+
+def _fresh(product: Path, source: Path) -> bool:
+    return product.exists() and product.stat().st_mtime >= source.stat().st_mtime
+
+
+def print_summary(rows: list[dict], space: SearchSpace) -> None:
+    print(f"{len(rows)} trials ({space.metric} {space.mode}); test split, {space.evaluate_runs} runs each:")
+    for row in rows:
+        print(f"  {row['trial_id']}  {row['label'] or '(base)'}  seed {row['seed']}: {row['status']} after "
+              f"{row['epochs']} epochs; DSC {_fmt(row['dsc'])}, CPA {_fmt(row['cpa'])}, "
+              f"Recall {_fmt(row['recall'])}; {row['parameters'] / 1e6:.3f}M parameters, "
+              f"test {_fmt(row['test_seconds'], 2)} s")
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"

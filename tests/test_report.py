@@ -1,0 +1,166 @@
+"""`bonescan report`: self-contained HTML that a real browser (headless Chromium) renders whole.
+
+The experiments here are laid out as `bonescan tune` lays them out, without training: each
+trial's run folder holds a freshly initialized model of its config and a made-up history,
+and `tune.collect` scores the models and writes the results table, as after a sweep.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from skimage import io as skio
+
+from bonescan_model.checkpoint import save_checkpoint
+from bonescan_model.network import build_model
+from bonescan_model.synth import write_cohort
+from bonescan_platform import tune
+from bonescan_platform.cli import main
+from bonescan_platform.config import save_train_config
+from bonescan_platform.ingest import ingest
+from bonescan_platform.tune import Experiment, Plan
+
+REPO = Path(__file__).resolve().parents[1]
+OUTPUT = Path(__file__).parent / "_output"
+CHROMIUM = Path("/usr/bin/chromium")
+needs_chromium = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="headless Chromium is not installed (Debian: apt-get install -y chromium)")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, ray_local, deid_secret):
+    root = tmp_path_factory.mktemp("report")
+    write_cohort(root / "cohort", 8, seed=3)
+    assert ingest(str(root / "cohort" / "dicom"), str(root / "shards"), str(root / "cohort" / "labels")) == 0
+    return root / "shards"
+
+
+def laid_out_experiment(root: Path, data: Path, space_file: str) -> Path:
+    """An experiment folder of the space `tune_spaces/<space_file>`, one trial per grid value."""
+    exp = Experiment.create(root, data, REPO / "tune_spaces" / space_file)
+    exp = exp.save_plan(Plan(trials=1, workers=1, cpu_per_worker=1.0, gpus=False))
+    (parameter,) = exp.space.parameters
+    for i, value in enumerate(parameter.values):
+        params = {parameter.name: value}
+        cfg = exp.space.trial_config(params)
+        run = exp.runs / f"laidout_{i:05d}"
+        run.mkdir(parents=True)
+        save_train_config(cfg, run / "config.yaml")
+        (run / "run.json").write_text(json.dumps({"data": str(data), "workers": 1, "gpus": False}))
+        (run / "trial.json").write_text(json.dumps(
+            {"trial_id": run.name, "params": params, "label": tune.trial_label(params)}))
+        torch.manual_seed(i)
+        save_checkpoint(run / "model.pt", build_model(cfg.model), cfg.model, epoch=cfg.epochs,
+                        train_config={"threshold": cfg.threshold})
+        with open(run / "history.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["epoch", "train_loss", "train_seconds", "val_dsc", "val_cpa",
+                                                   "val_recall"])
+            writer.writeheader()
+            for epoch in range(1, cfg.epochs + 1):
+                writer.writerow({"epoch": epoch, "train_loss": 1.0 / (epoch + i), "train_seconds": 3.0,
+                                 "val_dsc": epoch / (cfg.epochs + i), "val_cpa": 0.2, "val_recall": 0.3})
+    rows = tune.collect(root)
+    assert len(rows) == len(parameter.values) and all(r["status"] == "finished" for r in rows)
+    return root
+
+
+def chromium(page: Path, *args: str, tmp_path: Path) -> str:
+    profile = tmp_path / f"chromium-profile-{len(list(tmp_path.glob('chromium-profile-*')))}"
+    done = subprocess.run(
+        [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={profile}", *args, page.as_uri()],
+        capture_output=True, text=True, timeout=120, check=True)
+    return done.stdout
+
+
+def check_in_browser(page: Path, tmp_path: Path, screenshot_name: str) -> str:
+    """Every image decoded, then a screenshot (kept in tests/_output to look at); -> the DOM."""
+    text = page.read_text()
+    sources = re.findall(r"<img [^>]*src='([^']*)'", text)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources), "an image is not embedded"
+    assert not re.search(r"(src|href)=['\"]https?:", text), "the page loads something from outside"
+
+    dom = chromium(page, "--dump-dom", "--virtual-time-budget=5000", tmp_path=tmp_path)
+    loaded = re.search(r"id=\"images-loaded\">(\d+)<", dom)
+    assert loaded, "the page's image check did not run"
+    assert int(loaded.group(1)) == len(sources)
+
+    shot = tmp_path / "shot.png"
+    chromium(page, f"--screenshot={shot}", "--window-size=1280,3200", "--hide-scrollbars", tmp_path=tmp_path)
+    pixels = skio.imread(shot)
+    assert pixels.shape[:2] == (3200, 1280) and pixels.std() > 10, "the screenshot is blank"
+    OUTPUT.mkdir(exist_ok=True)
+    shutil.copy(shot, OUTPUT / screenshot_name)
+    return dom
+
+
+@pytest.fixture(scope="module")
+def baselines(data, tmp_path_factory):  # Table 6: a case parameter, the paper's nnU-Net row run by no trial
+    return laid_out_experiment(tmp_path_factory.mktemp("baselines") / "exp", data, "baselines.yaml")
+
+
+@pytest.fixture(scope="module")
+def label_fraction(data, tmp_path_factory):  # Fig. 7: a numeric x, the paper's point at 37 %
+    return laid_out_experiment(tmp_path_factory.mktemp("label_fraction") / "exp", data, "label_fraction.yaml")
+
+
+@needs_chromium
+@pytest.mark.parametrize("experiment, expected", [
+    ("baselines", ["U-Net", "Proposed", "nnU-Net", "0.757", "not run", "Model"]),
+    ("label_fraction", ["37%", "0.683", "0.715", "0.601", "L_label (share)"]),
+])
+def test_experiment_report_opens_in_a_browser_with_its_tables_and_pictures(request, tmp_path, experiment, expected):
+    exp = request.getfixturevalue(experiment)
+    page = tmp_path / "report.html"
+    assert main(["report", "--experiment", str(exp), "--out", str(page)]) == 0
+    dom = check_in_browser(page, tmp_path, f"report_{experiment}.png")
+    table = re.search(r"<table id=\"paper-table\">.*?</table>", dom, re.S)
+    assert table and re.search(r"<table id=\"trials-table\">", dom)
+    for text in expected:
+        assert text in table.group(0), text
+    assert dom.count("<img ") >= 3  # metrics, training curves, the Figure-10 panel
+
+
+@needs_chromium
+def test_run_report_shows_its_curves_and_predictions(baselines, tmp_path):
+    run = sorted((baselines / "runs").iterdir())[0]
+    page = tmp_path / "run.html"
+    assert main(["report", "--experiment", str(run), "--out", str(page)]) == 0
+    dom = check_in_browser(page, tmp_path, "report_run.png")
+    assert re.search(r"<table id=\"run-table\">", dom)
+    assert "seeded runs" in dom  # the test protocol's scores that tune.collect kept
+
+
+def test_report_shows_the_paper_beside_the_measured_numbers(baselines, tmp_path):
+    page = tmp_path / "report.html"
+    assert main(["report", "--experiment", str(baselines), "--out", str(page)]) == 0
+    table = re.search(r"<table id='paper-table'>.*?</table>", page.read_text(), re.S).group(0)
+    rows = re.findall(r"<tr[^>]*>(.*?)</tr>", table, re.S)[2:]  # past the two header rows
+    assert len(rows) == 3
+    for model, published in (("U-Net", ("0.695", "0.722", "0.608")), ("Proposed", ("0.692", "0.721", "0.624"))):
+        row = next(r for r in rows if f"<td>{model}</td>" in r)
+        for value in published:  # each published score right after the measured one
+            assert re.search(rf"<td>(<b>)?[01]\.\d{{3}}(</b>)?</td><td class='paper'>{value}</td>", row), row
+    (nnunet,) = [r for r in rows if "nnU-Net" in r]
+    assert nnunet.count("not run") >= 3 and "<td class='paper'>0.757</td>" in nnunet
+
+
+def test_report_of_a_folder_that_is_neither_names_it(tmp_path, capsys):
+    assert main(["report", "--experiment", str(tmp_path), "--out", str(tmp_path / "r.html")]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path) in err and "neither an experiment folder" in err
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_report_of_an_unfinished_sweep_says_how_to_finish_it(data, tmp_path, capsys):
+    exp = Experiment.create(tmp_path / "exp", data, REPO / "tune_spaces" / "ablation.yaml")
+    assert main(["report", "--experiment", str(exp.root), "--out", str(tmp_path / "r.html")]) == 2
+    assert "--resume" in capsys.readouterr().err

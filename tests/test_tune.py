@@ -1,0 +1,146 @@
+"""`bonescan tune` on a real local Ray: a sweep runs to its table, a killed sweep resumes."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from bonescan_model.synth import write_cohort
+from bonescan_platform.cli import main
+from bonescan_platform.ingest import ingest
+from bonescan_platform.config import TrainConfig
+from bonescan_platform.search_space import parse_space
+from bonescan_platform.tune import plan_resources
+
+TINY = {"model": {"width": 4, "recurrence": 1, "dilations": [1, 2]}, "batch_size": 4, "lr": 0.002,
+        "epochs": 2, "supervised": "dice_ce"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, ray_local, deid_secret):
+    root = tmp_path_factory.mktemp("tune")
+    write_cohort(root / "cohort", 6, seed=5)
+    assert ingest(str(root / "cohort" / "dicom"), str(root / "shards"), str(root / "cohort" / "labels")) == 0
+    return root / "shards"
+
+
+def _space(folder: Path, **keys) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    path = folder / "space.yaml"
+    path.write_text(yaml.safe_dump({"base": "tiny.yaml", "evaluate_runs": 2, **keys}))
+    return path
+
+
+def _history_epochs(run: Path) -> list[int]:
+    with open(run / "history.csv") as f:
+        return [int(row["epoch"]) for row in csv.DictReader(f)]
+
+
+def test_killed_sweep_resumes_without_training_a_finished_trial_again(data, tmp_path, ray_local):
+    space = _space(tmp_path, parameters={"label_fraction": {"grid": [0.2, 0.4, 0.6]}}, max_concurrent_trials=2)
+    exp = tmp_path / "exp"
+    args = ["tune", "--data", str(data), "--space", str(space), "--out", str(exp)]
+    # The driver joins this session's Ray (not another one running on the machine).
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    driver = subprocess.Popen([sys.executable, "-m", "bonescan_platform.cli", *args], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not list(exp.glob("runs/*/history.csv")) and time.time() < deadline and driver.poll() is None:
+            time.sleep(0.2)
+    finally:
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+    finished = [p.parent for p in exp.glob("runs/*/history.csv")]
+    assert finished, "no trial finished before the driver was stopped"
+    assert not (exp / "results.parquet").exists(), "the sweep finished before its driver could be stopped"
+    before = {run: ((run / "history.csv").read_bytes(), (run / "model.pt").stat().st_mtime_ns) for run in finished}
+
+    assert main([*args, "--resume"]) == 0
+    rows = pq.read_table(exp / "results.parquet").to_pylist()
+    assert sorted(r["label_fraction"] for r in rows) == [0.2, 0.4, 0.6]
+    assert all(r["status"] == "finished" for r in rows)
+    for row in rows:  # every trial trained each epoch once
+        assert _history_epochs(Path(row["run"])) == [1, 2]
+    for run, (history, model_time) in before.items():  # the finished ones were not trained again
+        assert (run / "history.csv").read_bytes() == history
+        assert (run / "model.pt").stat().st_mtime_ns == model_time
+
+
+# Last of the sweeps here: a trial ASHA stops leaves its placement group to Ray Train's cleaner,
+# which needs the State API; on a machine running several Ray instances it cannot tell which
+# one to ask, and a group left behind would hold CPUs the next sweep waits for.
+def test_sweep_runs_its_trials_stops_the_weak_one_and_writes_its_table(data, tmp_path):
+    # One trial at a time, so ASHA's decision is fixed: the first trial sets the rung, the
+    # second (no labeled scan, so no labeled image trained) falls below it after epoch 1.
+    space = _space(tmp_path, parameters={"label_fraction": {"grid": [0.5, 0.0]}}, metric="train_labeled_images",
+                   mode="max", scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
+                   max_concurrent_trials=1)
+    exp = tmp_path / "exp"
+    assert main(["tune", "--data", str(data), "--space", str(space), "--out", str(exp)]) == 0
+
+    rows = pq.read_table(exp / "results.parquet").to_pylist()
+    with open(exp / "results.csv") as f:
+        assert [r["trial_id"] for r in csv.DictReader(f)] == [r["trial_id"] for r in rows]
+    by_fraction = {r["label_fraction"]: r for r in rows}
+    assert set(by_fraction) == {0.5, 0.0}
+    full, stopped = by_fraction[0.5], by_fraction[0.0]
+    assert (full["status"], full["epochs"]) == ("finished", 2)
+    assert (stopped["status"], stopped["epochs"]) == ("stopped", 1)
+    assert full["labeled_scans"] > 0 and stopped["labeled_scans"] == 0
+    for row in rows:
+        run = Path(row["run"])
+        assert (run / "model.pt").is_file() and _history_epochs(run) == list(range(1, row["epochs"] + 1))
+        assert row["parameters"] > 0 and row["test_seconds"] > 0 and row["test_images"] > 0
+        assert 0 <= row["dsc"] <= 1 and 0 <= row["cpa"] <= 1 and 0 <= row["recall"] <= 1
+        assert row["evaluate_runs"] == 2
+        assert TrainConfig.from_dict(yaml.safe_load(row["config"])).label_fraction == row["label_fraction"]
+    # Ray Tune's TensorBoard output, for `tensorboard --logdir EXP`.
+    assert list((exp / "tune").glob("*/events.out.tfevents.*"))
+
+
+def test_resume_and_rerun_are_refused_where_they_make_no_sense(data, tmp_path, capsys):
+    space = _space(tmp_path, parameters={"label_fraction": {"grid": [0.2]}})
+    exp = tmp_path / "exp"
+    assert main(["tune", "--data", str(data), "--space", str(space), "--out", str(exp), "--resume"]) == 2
+    assert "not an experiment folder" in capsys.readouterr().err
+    assert main(["tune", "--data", str(tmp_path), "--space", str(space), "--out", str(exp)]) == 2
+    assert "_manifest.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cluster, keys, expected", [
+    ({"CPU": 2}, {}, (1, 0.75, False)),
+    ({"CPU": 2}, {"max_concurrent_trials": 2}, (2, 0.25, False)),
+    ({"CPU": 4}, {"max_concurrent_trials": 4}, (4, 0.5, False)),
+    ({"CPU": 16}, {}, (12, 1.0, False)),
+    ({"CPU": 16, "GPU": 4}, {}, (4, 1.0, True)),
+    ({"CPU": 16, "GPU": 4}, {"resources": {"workers": 2}}, (2, 1.0, True)),
+    ({"CPU": 16, "GPU": 4}, {"resources": {"gpus": False}, "max_concurrent_trials": 3}, (3, 4.75, False)),
+])
+def test_trials_share_the_cluster_and_leave_a_cpu_to_ray_data(cluster, keys, expected):
+    space = parse_space({"parameters": {"seed": {"grid": [0, 1]}}, **keys}, "space.yaml", TrainConfig())
+    plan = plan_resources(space, cluster)
+    assert (plan.trials, plan.cpu_per_worker, plan.gpus) == expected
+    assert plan.trials * (0.25 + plan.workers * plan.cpu_per_worker) <= cluster["CPU"] - 1
+
+
+@pytest.mark.parametrize("cluster, keys, key", [
+    ({"CPU": 2}, {"max_concurrent_trials": 4}, "max_concurrent_trials"),
+    ({"CPU": 2}, {"resources": {"gpus": True}}, "resources.gpus"),
+])
+def test_a_plan_the_cluster_cannot_hold_names_its_key(cluster, keys, key):
+    from bonescan_model.errors import InputError
+
+    space = parse_space({"parameters": {"seed": {"grid": [0, 1]}}, **keys}, "space.yaml", TrainConfig())
+    with pytest.raises(InputError, match=key):
+        plan_resources(space, cluster)

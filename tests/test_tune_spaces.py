@@ -1,0 +1,108 @@
+"""tune_spaces/*.yaml: every shipped space loads and validates; a broken one fails naming its key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bonescan_model.errors import InputError
+from bonescan_platform.search_space import case_name, load_space
+
+REPO = Path(__file__).resolve().parents[1]
+SPACES = sorted((REPO / "tune_spaces").glob("*.yaml"))
+BASE = {"model": {"width": 4, "recurrence": 1}, "epochs": 4}
+
+
+def test_every_experiment_of_the_paper_has_its_space():
+    assert {p.stem for p in SPACES} >= {"label_fraction", "recurrence", "loss_weights", "ablation", "datasets",
+                                        "aggregation", "baselines"}
+
+
+@pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)
+def test_shipped_space_loads_and_gives_ray_a_search_space(path):
+    from ray.tune.search.variant_generator import generate_variants
+
+    space = load_space(path)
+    variants = list(generate_variants(space.param_space()))
+    grid = 1
+    for p in space.parameters:
+        grid *= len(p.values) if p.kind == "grid" else 1
+    assert len(variants) == grid * space.num_samples
+    for _resolved, config in variants:  # each trial Ray would run builds its training config
+        space.trial_config(config, path)
+
+
+def _values(name: str, parameter: str) -> list:
+    (p,) = [p for p in load_space(REPO / "tune_spaces" / f"{name}.yaml").parameters if p.name == parameter]
+    return list(p.values) if p.values else [p.low, p.high]
+
+
+def test_spaces_hold_the_papers_settings():
+    assert _values("label_fraction", "label_fraction") == [0.0, 0.09, 0.18, 0.28, 0.37]  # Fig. 7
+    assert _values("recurrence", "model.recurrence") == [1, 2, 3, 4]  # Fig. 8, Table 4
+    alpha, nu = _values("loss_weights", "alpha"), _values("loss_weights", "nu")
+    assert alpha[0] < 0.4 < alpha[1] and nu[0] < 0.004 < nu[1]
+    assert _values("datasets", "dataset") == ["D1", "D2", "D3", "D4"]  # Table 3
+    assert {"none", "input"} <= set(_values("aggregation", "model.aggregation"))  # Fig. 9
+    cases = {case_name(c): c for c in _values("ablation", "case")}  # Table 5
+    switches = {n: tuple(c[f"model.{k}"] for k in ("dilated", "inception", "residual")) for n, c in cases.items()}
+    assert switches == {"1#": (False, False, False), "2#": (True, False, False), "3#": (True, True, False),
+                        "4#": (True, True, True)}
+    space = load_space(REPO / "tune_spaces" / "baselines.yaml")  # Table 6
+    configs = {case_name(c): space.trial_config({"case": c}) for c in _values("baselines", "case")}
+    assert (configs["U-Net"].model.arch, configs["U-Net"].label_fraction) == ("unet", 0.70)
+    assert (configs["Proposed"].model.arch, configs["Proposed"].label_fraction) == ("recurrent", 0.37)
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"parameters": {"model.recurence": {"grid": [1, 2]}}}, "parameters.model.recurence"),
+    ({"parameters": {"epoch": {"grid": [1, 2]}}}, "parameters.epoch"),
+    ({"parameters": {"alpha": {"uniform": [0.8, 0.2]}}}, "parameters.alpha.uniform"),
+    ({"parameters": {"nu": {"loguniform": [0.0, 0.01]}}}, "parameters.nu.loguniform"),
+    ({"parameters": {"alpha": {"uniform": [0.1]}}}, "parameters.alpha.uniform"),
+    ({"parameters": {"alpha": {"range": [0.1, 0.2]}}}, "parameters.alpha"),
+    ({"parameters": {"model.recurrence": {"grid": [1, 5]}}}, "model.recurrence=5"),
+    ({"parameters": {"dataset": {"choice": ["D1", "D5"]}}}, "dataset=D5"),
+    ({"parameters": {"lr": {"grid": []}}}, "parameters.lr.grid"),
+    ({"parameters": {"case": {"grid": [{"name": "a", "model.dilatd": False}]}}}, "parameters.case.grid[0].model.dilatd"),
+    ({"parameters": {"case": {"grid": [{"name": "a", "lr": 0.1}, 0.2]}}}, "parameters.case.grid"),
+    ({"parameters": {"lr": {"grid": [{"alpha": 0.1}]}}}, "parameters.lr"),
+    ({"schedular": {"type": "asha"}}, "schedular"),
+    ({"scheduler": {"type": "pbt"}}, "scheduler.type"),
+    ({"scheduler": {"grace_period": 9}}, "scheduler.grace_period"),
+    ({"scheduler": {"reduction_factor": 1}}, "scheduler.reduction_factor"),
+    ({"search": {"type": "optuna"}}, "search.type"),
+    ({"resources": {"gpu": 1}}, "resources.gpu"),
+    ({"resources": {"cpus_per_worker": 0}}, "resources.cpus_per_worker"),
+    ({"max_concurrent_trials": 0}, "max_concurrent_trials"),
+    ({"fixed": {"epoch": 3}}, "fixed.epoch"),
+    ({"fixed": {"model.width": 2}}, "fixed: model"),
+    ({"metric": "dsc"}, "metric"),
+    ({"mode": "maximum"}, "mode"),
+    ({"num_samples": 2, "parameters": {"seed": {"grid": [0, 1]}}}, "num_samples"),
+    ({"evaluate_runs": 0}, "evaluate_runs"),
+    ({"report": {"x": "alpha"}}, "report.x"),
+    ({"report": {"columns": ["dice"]}}, "report.columns.dice"),
+    ({"report": {"paper": [{"lr": 0.1, "dice": 0.5}]}}, "report.paper[0].dice"),
+    ({"report": {"paper": [{"lr": 0.1, "dsc": "high"}]}}, "report.paper[0].dsc"),
+    ({"base": "missing.yaml"}, "base"),
+])
+def test_broken_space_fails_on_load_naming_the_key(tmp_path, change, key):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
+    raw = {"base": "base.yaml", "parameters": {"lr": {"grid": [0.001, 0.01]}}, **change}
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(InputError) as err:
+        load_space(path)
+    assert str(err.value).startswith(f"{path}: ")
+    assert key in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_space_file_that_is_not_yaml_says_so(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("parameters: {lr: [grid: 1\n")
+    with pytest.raises(InputError, match="not valid YAML"):
+        load_space(path)
