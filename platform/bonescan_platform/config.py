@@ -119,15 +119,20 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def load_train_config(path: str | os.PathLike) -> TrainConfig:
-    path = Path(path)
+def read_yaml(path: Path, kind: str):
+    """A YAML file's content, or an InputError naming the file: missing, or not YAML.
+    kind: what the file is, for the message ("config", "space", "GAN config")."""
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise InputError(path, "no such config file") from None
+        raise InputError(path, f"no such {kind} file") from None
     except yaml.YAMLError as err:
         raise InputError(path, f"not valid YAML ({err})") from None
-    return TrainConfig.from_dict(data or {}, path)
+
+
+def load_train_config(path: str | os.PathLike) -> TrainConfig:
+    path = Path(path)
+    return TrainConfig.from_dict(read_yaml(path, "config") or {}, path)
 
 
 def save_train_config(config: TrainConfig, path: str | os.PathLike) -> None:

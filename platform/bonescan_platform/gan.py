@@ -37,6 +37,7 @@ from bonescan_model import gan as dcgan
 from bonescan_model.errors import InputError
 from bonescan_model.preprocess import model_input
 from bonescan_platform import shards, stream
+from bonescan_platform.config import read_yaml
 
 RUN_DIR = "dcgan"  # the GAN run's folder inside the augment output folder
 RUN_NAME = "train"  # fixed, so a rerun with the same folder resumes instead of starting over
@@ -138,12 +139,7 @@ def load_gan_config(path: str | os.PathLike | None) -> dcgan.GanConfig:
     if path is None:
         return dcgan.GanConfig()
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise InputError(path, "no such GAN config file") from None
-    except yaml.YAMLError as err:
-        raise InputError(path, f"not valid YAML ({err})") from None
+    data = read_yaml(path, "GAN config") or {}
     if not isinstance(data, dict):
         raise InputError(path, "a GAN config must be a mapping of keys to values")
     try:

@@ -48,11 +48,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from bonescan_model.errors import InputError
 from bonescan_model.network import ModelConfig
-from bonescan_platform.config import TrainConfig, load_train_config
+from bonescan_platform.config import TrainConfig, load_train_config, read_yaml
 
 KINDS = ("grid", "choice", "uniform", "loguniform")
 TOP_KEYS = ("base", "fixed", "parameters", "num_samples", "metric", "mode", "scheduler", "search",
@@ -177,12 +176,7 @@ def case_name(value) -> str:
 
 def load_space(path: str | os.PathLike) -> SearchSpace:
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise InputError(path, "no such space file") from None
-    except yaml.YAMLError as err:
-        raise InputError(path, f"not valid YAML ({err})") from None
+    raw = read_yaml(path, "space")
     if not isinstance(raw, dict):
         raise InputError(path, "a space file must be a mapping (see tune_spaces/README in search_space.py)")
     if "base" not in raw:
