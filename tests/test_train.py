@@ -59,12 +59,40 @@ def test_train_reports_every_epoch_and_keeps_the_best(data, tmp_path):
 
 
 def test_same_seed_and_config_give_the_same_metrics(data, tmp_path):
-    config = _config(tmp_path, epochs=1, seed=3)
+    # Two epochs: the second one's stream is started early, on a thread (train.started_early).
+    config = _config(tmp_path, epochs=2, seed=3)
     for name in ("a", "b"):
         assert train.train(str(data), str(config), str(tmp_path / name)) == 0
     keys = ("train_loss", "train_supervised", "val_dsc", "val_cpa", "val_recall")
     first, second = _history(tmp_path / "a"), _history(tmp_path / "b")
     assert [[r[k] for k in keys] for r in first] == [[r[k] for k in keys] for r in second]
+
+
+def test_started_early_hands_over_every_item_in_order():
+    assert list(train.started_early(iter(range(5)))) == [0, 1, 2, 3, 4]
+    assert list(train.started_early(iter([]))) == []
+
+
+def test_started_early_pulls_before_it_is_asked_and_passes_errors_on():
+    pulled = threading.Event()
+
+    def source():
+        pulled.set()
+        yield "first"
+        raise OSError("shard unreadable")
+
+    batches = train.started_early(source())
+    assert pulled.wait(5)  # the first pull happened with nobody consuming yet
+    assert next(batches) == "first"
+    with pytest.raises(OSError, match="shard unreadable"):
+        next(batches)
+
+    def broken():
+        raise ValueError("bad first batch")
+        yield
+
+    with pytest.raises(ValueError, match="bad first batch"):
+        list(train.started_early(broken()))
 
 
 def test_bad_config_names_the_key(data, tmp_path):

@@ -76,10 +76,10 @@ def _predict(checkpoint: str, dicom: str, out: str) -> int:
     return predict(checkpoint, dicom, out)
 
 
-def _demo(out: str) -> int:
+def _demo(out: str, patients: int | None, config: str | None) -> int:
     from bonescan_platform.demo import demo
 
-    return demo(out)
+    return demo(out, patients, config)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -159,6 +159,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="synth -> ingest -> train -> evaluate -> predict -> report")
     p.add_argument("--out", default="bonescan-demo")
+    p.add_argument("--patients", type=int, default=None, help="synthetic patients (default 40)")
+    p.add_argument("--config", default=None, help="training config YAML (default configs/demo.yaml)")
     p.set_defaults(run=_demo)
     return parser
 

@@ -1,7 +1,7 @@
 """`bonescan demo`: the whole platform on the built-in synthetic cohort, on one machine.
 
 synth -> ingest -> train (configs/demo.yaml) -> evaluate (against a tuned count threshold)
--> predict on one test scan. One local Ray instance serves every step.
+-> predict on one test scan -> report (one HTML page). One local Ray instance serves every step.
 """
 
 from __future__ import annotations
@@ -14,15 +14,21 @@ from pathlib import Path
 from bonescan_model.baseline import ThresholdModel, fit_threshold
 from bonescan_model.errors import InputError
 from bonescan_model.synth import write_cohort
-from bonescan_platform import evaluate, ingest, predict, shards, stream, train
+from bonescan_platform import evaluate, ingest, predict, report, shards, stream, train
 from bonescan_platform.cluster import ray_session
 
 PATIENTS = 40
+MIN_PATIENTS = 6
+STEPS = 6
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 
-def demo(out: str = "bonescan-demo", patients: int = PATIENTS, config: str | Path = CONFIG) -> int:
+def demo(out: str = "bonescan-demo", patients: int | None = None, config: str | Path | None = None) -> int:
     out_dir = Path(out).resolve()
+    patients = PATIENTS if patients is None else patients
+    config = CONFIG if config is None else config
+    if patients < MIN_PATIENTS:
+        raise InputError(out_dir, f"--patients must be at least {MIN_PATIENTS} (to fill a training and a test split)")
     if not Path(config).is_file():
         raise InputError(config, "demo config not found (bonescan demo runs from a source checkout)")
     started = time.perf_counter()
@@ -43,19 +49,24 @@ def demo(out: str = "bonescan-demo", patients: int = PATIENTS, config: str | Pat
         predict.predict(str(run), str(scan), str(out_dir / "predictions"))
     summary = {"model": model_result, "count_threshold_baseline": baseline_result}
     (out_dir / "demo_metrics.json").write_text(json.dumps(summary, indent=2))
+    # The run page shows a test.json beside the model as its test-split scores (as for a sweep's runs).
+    (run / "test.json").write_text(json.dumps(model_result, indent=2))
+    _step(6, "reporting: training curves, scores, test scans with labels and predictions")
+    report.report(str(run), str(out_dir / "report.html"))
     print(f"\nbonescan demo finished in {time.perf_counter() - started:.0f} s")
     evaluate.print_summary(model_result, "trained model       ")
     evaluate.print_summary(baseline_result, f"count threshold {baseline_result['tau']:.2f}")
     beaten = model_result["dsc"] > baseline_result["dsc"]
     print(f"the model {'beats' if beaten else 'does NOT beat'} the count-threshold baseline on DSC")
     for label, path in [("cohort", out_dir / "cohort"), ("shards", data), ("run (model.pt, history.csv)", run),
-                        ("metrics", out_dir / "demo_metrics.json"), ("predictions", out_dir / "predictions")]:
+                        ("metrics", out_dir / "demo_metrics.json"), ("predictions", out_dir / "predictions"),
+                        ("report (open in a browser)", out_dir / "report.html")]:
         print(f"  {label:<28} {path}")
     return 0
 
 
 def _step(n: int, text: str) -> None:
-    print(f"\n[{n}/5] {text}", flush=True)
+    print(f"\n[{n}/{STEPS}] {text}", flush=True)
 
 
 def _evaluate_model(run: Path, data: Path) -> dict:
@@ -72,12 +83,13 @@ def _evaluate_baseline(data: Path) -> dict:
 
 
 def _one_test_scan(out_dir: Path, data: Path) -> Path:
-    """A folder holding the DICOM file(s) of one labeled test scan, found through the ingest
-    report (a two-file series must travel together, or predict would see one view)."""
-    report = shards.read_manifest(data)["report"]
-    candidates = [e for e in report["scans"] if e["split"] == "test" and e["labeled"]]
+    """A folder holding the DICOM file(s) of one test scan, a labeled one if there is one (its
+    overlay can be set beside the readers' outlines), found through the ingest report (a
+    two-file series must travel together, or predict would see one view)."""
+    scans = [e for e in shards.read_manifest(data)["report"]["scans"] if e["split"] == "test"]
+    candidates = sorted(scans, key=lambda e: not e["labeled"])
     if not candidates:
-        raise InputError(data, "no labeled test scan to predict on")
+        raise InputError(data, "no test scan to predict on")
     folder = out_dir / "predict_input"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)

@@ -381,7 +381,7 @@ def run_page(run: Path) -> str:
         f"<td>{h.get('train_loss', float('nan')):.4f}</td></tr>"
         for name, h in (("kept model (best validation DSC)", best), ("last epoch", last)))
     if tested and tested.get("images"):
-        rows += (f"<tr><td>kept model, {len(tested['runs'])} seeded runs (bonescan tune)</td><td>{best['epoch']}</td>"
+        rows += (f"<tr><td>kept model, {len(tested['runs'])} seeded runs on the test split</td><td>{best['epoch']}</td>"
                  + "".join(f"<td>{tested[k]:.3f} ± {tested['std'][k]:.3f}</td>" for k in METRICS) + "<td></td></tr>")
     fig = _figure(12, 3.6)
     axes = fig.subplots(1, 3)

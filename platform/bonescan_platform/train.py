@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -55,13 +56,14 @@ def train_loop(loop_config: dict) -> None:
                                  length_weight=cfg.length_weight)
     start, history = _restore(ray.train.get_checkpoint(), model, optimizer)
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    upcoming = epoch_batches(train_shard, cfg, start, rank)
     for epoch in range(start, cfg.epochs):
-        batches = train_shard.iter_torch_batches(
-            batch_size=cfg.batch_size, prefetch_batches=2,
-            local_shuffle_buffer_size=4 * cfg.batch_size, local_shuffle_seed=cfg.seed + epoch)
-        if cfg.augment:
-            batches = augmenting(batches, np.random.default_rng([cfg.seed, epoch, rank]))
-        stats = engine.train_epoch(model, batches, loss_fn, optimizer, device=device, amp=cfg.amp, scaler=scaler)
+        stats = engine.train_epoch(model, upcoming, loss_fn, optimizer, device=device, amp=cfg.amp, scaler=scaler)
+        if epoch + 1 < cfg.epochs:
+            # Ray Data re-executes the dataset every epoch and its first batch takes 2-3 s to
+            # arrive whatever the data's size (bench/RESULTS.md): start it now, behind validation
+            # and the checkpoint, not in front of the next epoch's first step.
+            upcoming = started_early(epoch_batches(train_shard, cfg, epoch + 1, rank))
         metrics = {"epoch": epoch + 1, "train_workers": ray.train.get_context().get_world_size(),
                    **{f"train_{k}": v for k, v in stats.items()}}
         if rank == 0:  # validation on one rank: the test split is small, and DDP needs no sync for it
@@ -71,6 +73,49 @@ def train_loop(loop_config: dict) -> None:
         training_metrics.record(metrics, run=loop_config["run"], rank=rank)
         history.append(metrics)
         _report(metrics, history, model, optimizer, cfg, rank)
+
+
+def epoch_batches(train_shard, cfg: TrainConfig, epoch: int, rank: int) -> Iterator[dict]:
+    """One epoch of this worker's training batches, shuffled and augmented by (seed, epoch, rank)."""
+    batches = train_shard.iter_torch_batches(
+        batch_size=cfg.batch_size, prefetch_batches=2,
+        local_shuffle_buffer_size=4 * cfg.batch_size, local_shuffle_seed=cfg.seed + epoch)
+    if cfg.augment:
+        batches = augmenting(batches, np.random.default_rng([cfg.seed, epoch, rank]))
+    return iter(batches)
+
+
+def started_early(batches: Iterator[dict]) -> Iterator[dict]:
+    """``batches``, its first item already being pulled on a background thread.
+
+    Items come out in the same order as from ``batches``; an error raised while pulling the
+    first one is raised to the consumer. The thread is a daemon: a worker that fails while a
+    pull waits on the other ranks (the epoch barrier) can still exit."""
+    first: list = []
+
+    def pull() -> None:
+        try:
+            first.append(next(batches, _END))
+        except BaseException as error:  # handed to the consumer below
+            first.append(error)
+
+    thread = threading.Thread(target=pull, name="next-epoch", daemon=True)
+    thread.start()
+
+    def handover() -> Iterator[dict]:
+        thread.join()
+        item = first[0]
+        if isinstance(item, BaseException):
+            raise item
+        if item is _END:
+            return
+        yield item
+        yield from batches
+
+    return handover()
+
+
+_END = object()
 
 
 def augmenting(batches: Iterable[dict], rng: np.random.Generator) -> Iterator[dict]:
