@@ -7,9 +7,9 @@ import json
 import yaml
 
 from bonescan_platform.cli import main
+from tiny import tiny_config
 
-TINY = {"model": {"width": 4, "recurrence": 1, "dilations": [1, 2]}, "batch_size": 4, "lr": 0.003,
-        "supervised": "dice_ce", "epochs": 2}
+TINY = tiny_config(lr=0.003, supervised="dice_ce", epochs=2)
 
 
 def test_demo_runs_every_step_and_says_where_each_output_is(ray_local, tmp_path, monkeypatch, capsys):

@@ -19,11 +19,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bonescan_model.synth import write_cohort
-from bonescan_platform.ingest import ingest
+from tiny import ingested_cohort, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {"model": {"width": 4, "recurrence": 1, "dilations": [1, 2]}, "epochs": 1, "batch_size": 2}
+TINY = tiny_config(epochs=1, batch_size=2)
 
 # A head of its own, in its own process: the session's shared Ray stays untouched, and closing
 # this process's stdin shuts down exactly this cluster.
@@ -84,9 +83,7 @@ def head():
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, ray_local, deid_secret):
     root = tmp_path_factory.mktemp("jobs")
-    write_cohort(root / "cohort", 6, seed=5)
-    assert ingest(str(root / "cohort" / "dicom"), str(root / "shards"), str(root / "cohort" / "labels")) == 0
-    return root / "shards"
+    return ingested_cohort(root, 6, seed=5)
 
 
 def _readme_runtime_env() -> dict:

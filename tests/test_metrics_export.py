@@ -25,13 +25,12 @@ import pytest
 import torch
 import yaml
 
-from bonescan_model.synth import write_cohort
 from bonescan_platform import metrics, train
-from bonescan_platform.ingest import ingest
+from tiny import ingested_cohort, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARDS = REPO / "platform" / "dashboards"
-TINY = {"model": {"width": 4, "recurrence": 1, "dilations": [1, 2]}, "epochs": 1, "batch_size": 2}
+TINY = tiny_config(epochs=1, batch_size=2)
 RUN = "metrics-run"  # the run folder's name: the `run` tag of its metrics
 # Ray's reporter exports these only on nodes where it finds an NVIDIA GPU.
 GPU_ONLY = ("ray_node_gpus_", "ray_node_gram_")
@@ -104,8 +103,7 @@ def exported(ray_local, deid_secret, tmp_path_factory):
     import ray
 
     root = tmp_path_factory.mktemp("metrics")
-    write_cohort(root / "cohort", 6, seed=7)
-    assert ingest(str(root / "cohort" / "dicom"), str(root / "shards"), str(root / "cohort" / "labels")) == 0
+    ingested_cohort(root, 6, seed=7)
     (root / "config.yaml").write_text(yaml.safe_dump(TINY))
     session = Path(ray._private.worker.global_worker.node.get_session_dir_path())
 

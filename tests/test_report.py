@@ -20,12 +20,11 @@ from skimage import io as skio
 
 from bonescan_model.checkpoint import save_checkpoint
 from bonescan_model.network import build_model
-from bonescan_model.synth import write_cohort
 from bonescan_platform import tune
 from bonescan_platform.cli import main
 from bonescan_platform.config import save_train_config
-from bonescan_platform.ingest import ingest
 from bonescan_platform.tune import Experiment, Plan
+from tiny import ingested_cohort
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUT = Path(__file__).parent / "_output"
@@ -37,9 +36,7 @@ needs_chromium = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, ray_local, deid_secret):
     root = tmp_path_factory.mktemp("report")
-    write_cohort(root / "cohort", 8, seed=3)
-    assert ingest(str(root / "cohort" / "dicom"), str(root / "shards"), str(root / "cohort" / "labels")) == 0
-    return root / "shards"
+    return ingested_cohort(root, 8, seed=3)
 
 
 def laid_out_experiment(root: Path, data: Path, space_file: str) -> Path:

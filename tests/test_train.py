@@ -11,20 +11,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bonescan_model.synth import write_cohort
 from bonescan_platform import train
 from bonescan_platform.cli import main
-from bonescan_platform.ingest import ingest
+from tiny import ingested_cohort, tiny_config
 
-TINY = {"model": {"width": 4, "recurrence": 1, "dilations": [1, 2]}, "batch_size": 4, "lr": 0.002}
+TINY = tiny_config()
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, ray_local, deid_secret):
     root = tmp_path_factory.mktemp("train")
-    write_cohort(root / "cohort", 8, seed=11)
-    assert ingest(str(root / "cohort" / "dicom"), str(root / "shards"), str(root / "cohort" / "labels")) == 0
-    return root / "shards"
+    return ingested_cohort(root, 8, seed=11)
 
 
 def _config(tmp_path: Path, **overrides) -> Path:
