@@ -29,9 +29,9 @@ def data(tmp_path_factory, ray_local, deid_secret):
     return ingested_cohort(root, 6, seed=5)
 
 
-def _space(folder: Path, base: dict = TINY, **keys) -> Path:
+def _space(folder: Path, **keys) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "tiny.yaml").write_text(yaml.safe_dump(base))
+    (folder / "tiny.yaml").write_text(yaml.safe_dump(TINY))
     path = folder / "space.yaml"
     path.write_text(yaml.safe_dump({"base": "tiny.yaml", "evaluate_runs": 2, **keys}))
     return path
@@ -82,7 +82,7 @@ def test_sweep_runs_its_trials_stops_the_weak_one_and_writes_its_table(data, tmp
     # Tune stops a trial while its training goes on (a tiny epoch here takes a second): four
     # epochs leave the stop time to land before the run ends on its own.
     epochs = 4
-    space = _space(tmp_path, base={**TINY, "epochs": epochs},
+    space = _space(tmp_path, fixed={"epochs": epochs},
                    parameters={"label_fraction": {"grid": [0.5, 0.0]}}, metric="train_labeled_images",
                    mode="max", scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
                    max_concurrent_trials=1)

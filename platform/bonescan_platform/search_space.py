@@ -288,17 +288,23 @@ def _touches(p: Parameter, path: str) -> bool:
     return p.name == path or (p.is_case and any(path in v for v in p.values))
 
 
+def _known_and_typed(name: str, out: dict, known: dict, fail) -> dict:
+    """``out`` if every key is one of ``known`` and its value of the type ``known`` names."""
+    for key, value in out.items():
+        if key not in known:
+            fail(f"{name}.{key}", f"unknown key; known keys: {', '.join(known)}")
+        if not isinstance(value, known[key]) or isinstance(value, bool):
+            fail(f"{name}.{key}", f"wrong type: {value!r}")
+    return out
+
+
 def _scheduler(raw, fail) -> dict | None:
     if raw is None:
         return None
     if not isinstance(raw, dict):
         fail("scheduler", "must be a mapping like {type: asha, grace_period: 4, reduction_factor: 2}")
-    out = {"type": "asha", "grace_period": 1, "reduction_factor": 2, **raw}
-    for key, value in out.items():
-        if key not in SCHEDULER_KEYS:
-            fail(f"scheduler.{key}", f"unknown key; known keys: {', '.join(SCHEDULER_KEYS)}")
-        if not isinstance(value, SCHEDULER_KEYS[key]) or isinstance(value, bool):
-            fail(f"scheduler.{key}", f"wrong type: {value!r}")
+    out = _known_and_typed("scheduler", {"type": "asha", "grace_period": 1, "reduction_factor": 2, **raw},
+                           SCHEDULER_KEYS, fail)
     if out["type"] != "asha":
         fail("scheduler.type", f"only 'asha' is supported, got {out['type']!r}")
     if out["grace_period"] < 1:
@@ -309,12 +315,7 @@ def _scheduler(raw, fail) -> dict | None:
 
 
 def _search(raw, fail) -> dict:
-    out = {"type": "random", **(raw or {})}
-    for key, value in out.items():
-        if key not in SEARCH_KEYS:
-            fail(f"search.{key}", f"unknown key; known keys: {', '.join(SEARCH_KEYS)}")
-        if not isinstance(value, SEARCH_KEYS[key]) or isinstance(value, bool):
-            fail(f"search.{key}", f"wrong type: {value!r}")
+    out = _known_and_typed("search", {"type": "random", **(raw or {})}, SEARCH_KEYS, fail)
     # Only Ray's own variant generator: the others (Optuna, HyperOpt, ...) are extra installs
     # and cannot expand the grids the paper's experiments are.
     if out["type"] != "random":
