@@ -43,10 +43,9 @@ def bare_loop(data: Path, cfg, epochs: int, decode_as_it_goes: bool = False) -> 
     train (the baseline of the goal). True: the shard rows are held encoded and each batch is
     decoded when it is needed, in the training process, as a loop without Ray Data would."""
     from bonescan_model import engine
-    from bonescan_model.loss import SemiSupervisedLoss
     from bonescan_model.network import build_model
     from bonescan_platform import shards, stream
-    from bonescan_platform.train import augmenting
+    from bonescan_platform.train import augmenting, loss_for
 
     table = pq.read_table(shards.shard_paths(data, "train"), columns=stream.COLUMNS).to_pydict()
     rows = {k: np.array(v, dtype=object) for k, v in table.items()}
@@ -64,7 +63,7 @@ def bare_loop(data: Path, cfg, epochs: int, decode_as_it_goes: bool = False) -> 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    loss_fn = SemiSupervisedLoss(alpha=cfg.alpha, nu=cfg.nu, supervised=cfg.supervised)
+    loss_fn = loss_for(cfg)
     images = seconds = wait = 0.0
     for epoch in range(epochs):
         order = torch.randperm(n).numpy()

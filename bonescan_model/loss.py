@@ -132,6 +132,10 @@ class SemiSupervisedLoss(nn.Module):
 
     l_U is applied to every image, l_S only to the images marked labeled.
 
+    unsupervised_weight (default 1, the paper) multiplies l_U: l = w_U * l_U + alpha * l_S.
+    0 trains on the labels alone (a supervised baseline, or the ablation of what l_U brings);
+    l_U is still computed and returned, so it can be watched. Both weights 0 is an error.
+
     length_weight (default 0.1) weighs the length term inside l_S against the region term.
     Both are per-pixel means over the same H*W, so their ratio is that of the sum form; for a
     hard mask the length is about the lesion's perimeter and the region term counts wrong
@@ -149,12 +153,16 @@ class SemiSupervisedLoss(nn.Module):
         nu: float = 0.004,
         supervised: str = "active_contour",
         length_weight: float = 0.1,
+        unsupervised_weight: float = 1.0,
         reduction: str = "mean",
     ):
         super().__init__()
-        for name, value in (("alpha", alpha), ("nu", nu), ("length_weight", length_weight)):
+        for name, value in (("alpha", alpha), ("nu", nu), ("length_weight", length_weight),
+                            ("unsupervised_weight", unsupervised_weight)):
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if alpha == 0 and unsupervised_weight == 0:
+            raise ValueError("alpha and unsupervised_weight are both 0: nothing would be learned")
         if supervised not in SUPERVISED_KINDS:
             raise ValueError(f"supervised must be one of {SUPERVISED_KINDS}, got {supervised!r}")
         if reduction not in REDUCTIONS:
@@ -163,12 +171,14 @@ class SemiSupervisedLoss(nn.Module):
         self.nu = float(nu)
         self.supervised = supervised
         self.length_weight = float(length_weight)
+        self.unsupervised_weight = float(unsupervised_weight)
         self.reduction = reduction
 
     def extra_repr(self) -> str:
         return (
             f"alpha={self.alpha}, nu={self.nu}, supervised={self.supervised!r}, "
-            f"length_weight={self.length_weight}, reduction={self.reduction!r}"
+            f"length_weight={self.length_weight}, unsupervised_weight={self.unsupervised_weight}, "
+            f"reduction={self.reduction!r}"
         )
 
     def _supervised_terms(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -184,6 +194,7 @@ class SemiSupervisedLoss(nn.Module):
         labeled: (B,) bool, which images carry a label.
 
         Returns {"loss", "unsupervised", "supervised", "n_labeled"}.
+        (Weights as in the class docstring: w_U * l_U below where it says l_U, in "loss" only.)
         - "mean": loss = mean over all images of l_U + alpha * mean over labeled images of l_S;
           "supervised" is that labeled mean (0 when no image is labeled, so loss == l_U).
         - "sum": the same with sums.
@@ -210,7 +221,7 @@ class SemiSupervisedLoss(nn.Module):
         n = logits.new_tensor(float(n_labeled))
         if self.reduction == "none":
             return {
-                "loss": unsupervised + self.alpha * supervised,
+                "loss": self.unsupervised_weight * unsupervised + self.alpha * supervised,
                 "unsupervised": unsupervised,
                 "supervised": supervised,
                 "n_labeled": n,
@@ -220,4 +231,5 @@ class SemiSupervisedLoss(nn.Module):
         else:
             l_u = unsupervised.mean()
             l_s = supervised.sum() / n_labeled if n_labeled else supervised.sum()
-        return {"loss": l_u + self.alpha * l_s, "unsupervised": l_u, "supervised": l_s, "n_labeled": n}
+        loss = self.unsupervised_weight * l_u + self.alpha * l_s
+        return {"loss": loss, "unsupervised": l_u, "supervised": l_s, "n_labeled": n}

@@ -188,9 +188,31 @@ def test_reductions_agree():
     assert mean["n_labeled"].item() == 2
 
 
+def test_unsupervised_weight_scales_l_u_in_the_loss_only():
+    logits, g, v = _batch(b=4)
+    labeled = torch.tensor([True, False, True, False])
+    for reduction in ("mean", "sum", "none"):
+        paper = SemiSupervisedLoss(alpha=0.4, reduction=reduction)(logits, g, v, labeled)
+        half = SemiSupervisedLoss(alpha=0.4, unsupervised_weight=0.5, reduction=reduction)(logits, g, v, labeled)
+        torch.testing.assert_close(half["unsupervised"], paper["unsupervised"])  # reported unweighted
+        torch.testing.assert_close(half["loss"], paper["loss"] - 0.5 * paper["unsupervised"])
+
+
+def test_unsupervised_weight_zero_learns_from_labels_alone():
+    logits, g, v = _batch(b=3)
+    labeled = torch.tensor([True, False, False])
+    x = logits.clone().requires_grad_(True)
+    out = SemiSupervisedLoss(supervised="dice_ce", alpha=1.0, unsupervised_weight=0.0)(x, g, v, labeled)
+    torch.testing.assert_close(out["loss"], dice_ce_loss(logits[:1], v[:1]).mean())
+    out["loss"].backward()
+    assert x.grad[0].abs().sum() > 0 and (x.grad[1:] == 0).all()  # unlabeled images teach nothing
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
+        {"alpha": 0.0, "unsupervised_weight": 0.0},
+        {"unsupervised_weight": -1.0},
         {"alpha": -0.1},
         {"nu": -1.0},
         {"length_weight": -0.5},

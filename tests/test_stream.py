@@ -54,7 +54,8 @@ def test_config_files_load_and_errors_name_the_key(tmp_path):
     assert (paper.model.recurrence, paper.alpha, paper.nu) == (3, 0.4, 0.004)
     bad = tmp_path / "bad.yaml"
     for body, key in [({"epoch": 3}, "epoch"), ({"lr": "fast"}, "lr"), ({"model": {"widht": 8}}, "widht"),
-                      ({"dataset": "D9"}, "dataset"), ({"label_fraction": 1.5}, "label_fraction")]:
+                      ({"dataset": "D9"}, "dataset"), ({"label_fraction": 1.5}, "label_fraction"),
+                      ({"alpha": 0, "unsupervised_weight": 0}, "unsupervised_weight")]:
         bad.write_text(yaml.safe_dump(body))
         with pytest.raises(InputError, match=key) as info:
             load_train_config(bad)

@@ -33,6 +33,7 @@ class TrainConfig:
     beta2: float = 0.999
     weight_decay: float = 0.0001
     alpha: float = 0.4  # weight of l_S, Eq. 6
+    unsupervised_weight: float = 1.0  # weight of l_U (the paper: 1); 0 trains on the labels alone
     nu: float = 0.004  # area weight of l_U, Eq. 7
     supervised: str = "active_contour"  # or "dice_ce"
     length_weight: float = 0.1
@@ -56,6 +57,7 @@ class TrainConfig:
             "beta2": 0 <= self.beta2 < 1,
             "weight_decay": self.weight_decay >= 0,
             "alpha": self.alpha >= 0,
+            "unsupervised_weight": self.unsupervised_weight >= 0,
             "nu": self.nu >= 0,
             "supervised": self.supervised in ("active_contour", "dice_ce"),
             "length_weight": self.length_weight >= 0,
@@ -67,6 +69,8 @@ class TrainConfig:
         for key, ok in checks.items():
             if not ok:
                 raise ValueError(f"{key}: invalid value {getattr(self, key)!r}")
+        if self.alpha == 0 and self.unsupervised_weight == 0:
+            raise ValueError("alpha and unsupervised_weight: both 0, nothing would be learned")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

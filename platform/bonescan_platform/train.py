@@ -52,8 +52,7 @@ def train_loop(loop_config: dict) -> None:
                                  weight_decay=cfg.weight_decay)
     device = ray.train.torch.get_device()
     scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" else None
-    loss_fn = SemiSupervisedLoss(alpha=cfg.alpha, nu=cfg.nu, supervised=cfg.supervised,
-                                 length_weight=cfg.length_weight)
+    loss_fn = loss_for(cfg)
     start, history = _restore(ray.train.get_checkpoint(), model, optimizer)
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     upcoming = epoch_batches(train_shard, cfg, start, rank)
@@ -73,6 +72,11 @@ def train_loop(loop_config: dict) -> None:
         training_metrics.record(metrics, run=loop_config["run"], rank=rank)
         history.append(metrics)
         _report(metrics, history, model, optimizer, cfg, rank)
+
+
+def loss_for(cfg: TrainConfig) -> SemiSupervisedLoss:
+    return SemiSupervisedLoss(alpha=cfg.alpha, nu=cfg.nu, supervised=cfg.supervised,
+                              length_weight=cfg.length_weight, unsupervised_weight=cfg.unsupervised_weight)
 
 
 def epoch_batches(train_shard, cfg: TrainConfig, epoch: int, rank: int) -> Iterator[dict]:
