@@ -37,6 +37,7 @@ from bonescan_platform.search_space import RESULT_COLUMNS, SearchSpace, case_nam
 from bonescan_platform.tune import Experiment, read_history, test_crops
 
 METRICS = ("dsc", "cpa", "recall")
+METRIC_NAMES = {"dsc": "DSC", "cpa": "CPA", "recall": "Recall"}  # as the paper writes them
 PANEL_SCANS = 3
 PANEL_MODELS = 6  # columns of predictions in the Figure-10 panel: the best configurations past that
 LABEL_COLOR, PREDICTION_COLOR = "#00b000", "#e00000"
@@ -270,7 +271,7 @@ def metric_figure(groups: list[dict], space: SearchSpace) -> Figure:
             ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
         if not numeric:
             ax.set_xticks(range(len(categories)), categories)
-        ax.set_title(metric.upper() if metric != "recall" else "Recall")
+        ax.set_title(METRIC_NAMES[metric])
         ax.set_xlabel(_header(x, spec))
         ax.set_ylim(0, 1.05)
         ax.grid(alpha=0.3)
@@ -373,7 +374,7 @@ def run_page(run: Path) -> str:
                        f"aggregation {model.aggregation}"),
              ("training", f"{last['epoch']} of {cfg.epochs} epochs, lr {cfg.lr}, alpha {cfg.alpha}, nu {cfg.nu}, "
                           f"{cfg.supervised}, L_label {cfg.label_fraction:.0%}, data set {cfg.dataset}, seed {cfg.seed}")]
-    head = "".join(f"<th>{h}</th>" for h in ("", "epoch", "DSC", "CPA", "Recall", "training loss"))
+    head = "".join(f"<th>{h}</th>" for h in ("", "epoch", *METRIC_NAMES.values(), "training loss"))
     tested = json.loads((run / "test.json").read_text()) if (run / "test.json").is_file() else None
     rows = "".join(
         f"<tr><td>{name}</td><td>{h['epoch']}</td>" + "".join(
@@ -390,9 +391,9 @@ def run_page(run: Path) -> str:
         if all(key in h for h in history):
             axes[0].plot(epochs, [h[key] for h in history], "-", label=key[6:])
     axes[0].set_yscale("log")
-    for key in ("val_dsc", "val_cpa", "val_recall"):
-        if all(key in h for h in history):
-            axes[1].plot(epochs, [h[key] for h in history], "-", label=key[4:].upper())
+    for metric in METRICS:
+        if all(f"val_{metric}" in h for h in history):
+            axes[1].plot(epochs, [h[f"val_{metric}"] for h in history], "-", label=METRIC_NAMES[metric])
     axes[2].plot(epochs, [h.get("train_seconds", float("nan")) for h in history], "-", label="epoch seconds")
     for ax, title in zip(axes, ("training loss", "validation scores", "seconds per epoch")):
         ax.set_title(title)
