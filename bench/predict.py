@@ -5,7 +5,7 @@ bench/model.py chose), after one warm-up scan, on synthetic scans written as a c
 (`write_cohort`: multi-frame and two-file layouts, some JPEG 2000):
 
     read+crop   read_scan (decode, de-identify) + thoracic crop box + model_input
-    forward     the network on one crop (batch 1), and per scan in a batch of 8
+    forward     the network on one crop (batch 1), and per crop in batches of 2, 4 and 8
     contours    paste back into the whole body, closed contours, lesion areas
     write       mask PNG + LabelMe JSON + overlay PNG (the overlay alone in brackets)
 
@@ -34,11 +34,13 @@ import numpy as np
 import torch
 from pydicom.data import get_testdata_file
 
+from bonescan_model import predict as predict_module
 from bonescan_model.engine import predict_masks
 from bonescan_model.io.deid import load_or_create_secret
 from bonescan_model.io.dicom import group_series, read_scan, scan_name
 from bonescan_model.network import ModelConfig, build_model, count_parameters
 from bonescan_model.predict import (
+    CPU_FORWARD_BATCH,
     make_prediction,
     reference_view,
     render_overlay,
@@ -54,7 +56,8 @@ from machine import describe  # bench/machine.py
 SEED = 0
 SCANS = 3  # measured, after one warm-up scan
 REPEATS = 2
-BATCH = 8
+BATCH = 8  # scans per actor call (platform predict.BATCH_SCANS)
+FORWARD_BATCHES = (2, 4, 8)  # crops per forward pass, beside batch 1
 # bench/model.py: width 48 is the multiple of 16 nearest the paper's 3.654M parameters at t = 1.
 PAPER_WIDTH = 48
 MODELS = {"demo (ModelConfig())": ModelConfig(), f"paper (width {PAPER_WIDTH}, t=3)": ModelConfig(width=PAPER_WIDTH)}
@@ -108,21 +111,34 @@ def main() -> None:
             per_scan = [_stages(model, files, truth, secret, out) for files, truth in scans[1:]]
             mean = {k: statistics.fmean(s[k] for s in per_scan) for k in per_scan[0]}
             views = torch.from_numpy(np.stack([_read(scans[i % len(scans)][0], secret)[2] for i in range(BATCH)]))
-            batch_s, _ = _fastest(lambda: predict_masks(model, views))
-            mean["forward_batched"] = batch_s / BATCH
+            for b in FORWARD_BATCHES:
+                batch_s, _ = _fastest(lambda: predict_masks(model, views[:b]))
+                mean[f"forward_{b}"] = batch_s / b
+            tasks = [{"files": scans[i % len(scans)][0], "out_dir": str(out / "call"), "name": f"scan{i}"}
+                     for i in range(BATCH)]
+            call_s, _ = _fastest(lambda: predict_batch(model, tasks, secret))
+            mean["whole_call"] = call_s / BATCH
+            # The same call with all its crops in one forward pass, as a GPU runs it.
+            predict_module.CPU_FORWARD_BATCH = BATCH
+            call_s, _ = _fastest(lambda: predict_batch(model, tasks, secret))
+            predict_module.CPU_FORWARD_BATCH = CPU_FORWARD_BATCH
+            mean["whole_call_one_pass"] = call_s / BATCH
             rows[label] = (count_parameters(model), mean)
         # The real GE scan pydicom ships: lossy JPEG 2000, the slowest decode a clinic sends.
         ge_s, _ = _fastest(lambda: _read([get_testdata_file("JPEG2000.dcm")], secret), repeats=3)
 
+    batches = " | ".join(f"forward (batch {b})" for b in FORWARD_BATCHES)
     print("seconds per scan:")
-    print(f"| model | params (M) | read+crop | forward (batch 1) | forward (per scan, batch {BATCH}) | contours "
-          f"| write [overlay] | sum of stages | whole predict (baseline) | forward / whole |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| model | params (M) | read+crop | forward (batch 1) | {batches} | contours | write [overlay] "
+          f"| sum of stages | whole predict (baseline) | {BATCH} scans a call, crop by crop "
+          f"| {BATCH} scans a call, one forward | forward / whole |")
+    print("|---" * (11 + len(FORWARD_BATCHES)) + "|")
     for label, (params, m) in rows.items():
         stages = m["read"] + m["forward"] + m["contours"] + m["write"]
-        print(f"| {label} | {params / 1e6:.2f} | {m['read']:.3f} | {m['forward']:.3f} | {m['forward_batched']:.3f} "
+        forwards = " | ".join(f"{m[f'forward_{b}']:.3f}" for b in FORWARD_BATCHES)
+        print(f"| {label} | {params / 1e6:.2f} | {m['read']:.3f} | {m['forward']:.3f} | {forwards} "
               f"| {m['contours']:.3f} | {m['write']:.3f} [{m['overlay']:.3f}] | {stages:.3f} | {m['whole']:.3f} "
-              f"| {m['forward'] / m['whole']:.2f} |")
+              f"| {m['whole_call']:.3f} | {m['whole_call_one_pass']:.3f} | {m['forward'] / m['whole']:.2f} |")
     print(f"\nread+crop of the real GE whole-body scan (JPEG 2000, pydicom's JPEG2000.dcm): {ge_s:.3f} s")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 

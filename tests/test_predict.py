@@ -16,6 +16,7 @@ import pytest
 import torch
 from skimage.io import imread
 
+from bonescan_model import predict as predict_module
 from bonescan_model.checkpoint import load_checkpoint, save_checkpoint
 from bonescan_model.contours import polygons_to_mask
 from bonescan_model.io.deid import load_or_create_secret
@@ -146,7 +147,7 @@ def test_no_lesion_model_writes_empty_outputs(models, secret, tmp_path):
     assert imread(overlay).shape[:2] == (2 * SHAPE[0], 2 * SHAPE[1])
 
 
-def test_one_forward_keeps_each_scan_in_its_own_box(models, secret):
+def test_a_batch_of_scans_keeps_each_scan_in_its_own_box(models, secret):
     patient, post_only = synth_patient(SEED, 1), synth_patient(SEED, 3)
     scans = [read_scan([GE_SCAN], secret), _scan(patient), _scan(post_only, with_ant=False)]
     predictions = predict_scans(models["all"], scans)
@@ -156,6 +157,20 @@ def test_one_forward_keeps_each_scan_in_its_own_box(models, secret):
     for scan, prediction, box in zip(scans, predictions, boxes):
         assert prediction.name == scan.name and prediction.crop_box == box == scan_crop_box(scan)
         np.testing.assert_array_equal(prediction.mask, _box_mask(box))
+
+
+def test_crops_one_at_a_time_or_all_at_once_predict_the_same(secret, monkeypatch):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(width=4, recurrence=1, dilations=(1, 2)))
+    scans = [_scan(synth_patient(SEED, i)) for i in range(3)]
+    results = []
+    for step in (1, 3):  # the CPU default, and a GPU's whole batch
+        monkeypatch.setattr(predict_module, "CPU_FORWARD_BATCH", step)
+        results.append([p.mask for p in predict_scans(model, scans, threshold=0.02)])
+    assert len(results[0]) == len(results[1]) == 3
+    assert 0 < sum(m.sum() for m in results[0])  # a threshold low enough to mark something
+    for one, together in zip(*results):  # float rounding may differ with the batch; scans may not
+        assert (one != together).mean() < 1e-4
 
 
 def test_plan_keeps_sub_folders_and_never_reuses_a_name(secret, tmp_path):

@@ -3,7 +3,7 @@
 One scan (a file, or a folder holding one series) runs in this process: starting Ray would
 cost more than the prediction. A folder of several series is a Ray Data batch job: the driver
 groups files per series from headers alone, then a pool of actors, each loading the checkpoint
-once, reads, crops and predicts a batch of scans in one forward pass and writes their outputs.
+once, reads, crops and predicts a batch of scans and writes their outputs.
 A bad file is reported with its reason and skipped; the other scans still get their outputs.
 """
 
@@ -24,8 +24,8 @@ from bonescan_model.io.dicom import group_series, read_scan, scan_name
 from bonescan_model.predict import predict_scans, reference_view, scan_crop_box, write_prediction
 from bonescan_platform.cluster import ray_session
 
-# Scans per forward pass: 8 crops of (2, 256, 256) float32 are 4 MiB of input, and a batch is
-# what an actor reads, predicts and writes before it reports back.
+# Scans per actor call: what an actor reads, predicts and writes before it reports back (the
+# network then takes them one crop at a time on a CPU, all at once on a GPU: predict_scans).
 BATCH_SCANS = 8
 # Each actor holds its own copy of the model and one CPU; reading and writing, most of a
 # scan's time (bench/predict.py), scale with actors, but a shared cluster keeps its other CPUs.
@@ -63,7 +63,7 @@ def plan_scans(dicom: Path, out_dir: Path, secret: bytes) -> tuple[list[dict], l
 
 
 def predict_batch(model: nn.Module, tasks: list[dict], secret: bytes) -> list[dict]:
-    """Read and crop the scans of ``tasks``, predict them in one forward pass, write their
+    """Read and crop the scans of ``tasks``, predict them (``predict_scans``), write their
     outputs. One status row per task: file, output (out_dir/name, the outputs' common stem),
     ok, reason, lesions, area_mm2.
     Plain Python: each Ray actor runs it on its batches, a single scan runs it in process."""
