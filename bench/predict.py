@@ -34,13 +34,11 @@ import numpy as np
 import torch
 from pydicom.data import get_testdata_file
 
-from bonescan_model import predict as predict_module
-from bonescan_model.engine import predict_masks
+from bonescan_model import engine
 from bonescan_model.io.deid import load_or_create_secret
 from bonescan_model.io.dicom import group_series, read_scan, scan_name
 from bonescan_model.network import ModelConfig, build_model, count_parameters
 from bonescan_model.predict import (
-    CPU_FORWARD_BATCH,
     make_prediction,
     reference_view,
     render_overlay,
@@ -74,7 +72,7 @@ def _fastest(fn, repeats: int = REPEATS):
 
 def _stages(model, files: list[str], truth: np.ndarray, secret: bytes, out: Path) -> dict[str, float]:
     read_s, (scan, box, views) = _fastest(lambda: _read(files, secret))
-    forward_s, _ = _fastest(lambda: predict_masks(model, torch.from_numpy(views)[None]))
+    forward_s, _ = _fastest(lambda: _forward(model, torch.from_numpy(views)[None]))
     contours_s, prediction = _fastest(lambda: make_prediction(scan, box, crop(truth, box)))
     write_s, _ = _fastest(lambda: write_prediction(out, prediction, reference_view(scan)))
     overlay_s, _ = _fastest(lambda: render_overlay(out / "o.png", prediction, reference_view(scan)))
@@ -82,6 +80,12 @@ def _stages(model, files: list[str], truth: np.ndarray, secret: bytes, out: Path
     whole_s, _ = _fastest(lambda: predict_batch(model, [task], secret))
     return {"read": read_s, "forward": forward_s, "contours": contours_s, "write": write_s,
             "overlay": overlay_s, "whole": whole_s}
+
+
+@torch.no_grad()
+def _forward(model, views):
+    """The network on a batch in one pass, whatever engine.predict_masks would do on a CPU."""
+    return model(views)
 
 
 def _read(files, secret):
@@ -112,16 +116,17 @@ def main() -> None:
             mean = {k: statistics.fmean(s[k] for s in per_scan) for k in per_scan[0]}
             views = torch.from_numpy(np.stack([_read(scans[i % len(scans)][0], secret)[2] for i in range(BATCH)]))
             for b in FORWARD_BATCHES:
-                batch_s, _ = _fastest(lambda: predict_masks(model, views[:b]))
+                batch_s, _ = _fastest(lambda: _forward(model, views[:b]))
                 mean[f"forward_{b}"] = batch_s / b
             tasks = [{"files": scans[i % len(scans)][0], "out_dir": str(out / "call"), "name": f"scan{i}"}
                      for i in range(BATCH)]
             call_s, _ = _fastest(lambda: predict_batch(model, tasks, secret))
             mean["whole_call"] = call_s / BATCH
             # The same call with all its crops in one forward pass, as a GPU runs it.
-            predict_module.CPU_FORWARD_BATCH = BATCH
+            default = engine.CPU_FORWARD_BATCH
+            engine.CPU_FORWARD_BATCH = BATCH
             call_s, _ = _fastest(lambda: predict_batch(model, tasks, secret))
-            predict_module.CPU_FORWARD_BATCH = CPU_FORWARD_BATCH
+            engine.CPU_FORWARD_BATCH = default
             mean["whole_call_one_pass"] = call_s / BATCH
             rows[label] = (count_parameters(model), mean)
         # The real GE scan pydicom ships: lossy JPEG 2000, the slowest decode a clinic sends.

@@ -39,10 +39,6 @@ from bonescan_model.preprocess import crop, model_input
 # percentile of body counts, with a gamma below 1: at 99.5 % linear the bladder or an
 # injection site left the ribs of the synthetic cohort and the GE scan a faint grey; at 98 %
 # the spine already saturated.
-# Crops per forward pass on a CPU. One at a time is fastest there: in a batch of 8 the
-# full-resolution activations no longer fit the caches and each crop costs 1.5-1.8x as much
-# (bench/predict.py, quiet 2-core EPYC). GPUs take all the scans of a batch in one pass.
-CPU_FORWARD_BATCH = 1
 OVERLAY_SCALE = 2
 OVERLAY_DPI = 100
 DISPLAY_PERCENTILE = 99.0
@@ -120,8 +116,8 @@ def predict_scans(
     device: str | torch.device = "cpu",
     boxes: Sequence[tuple[int, int, int, int]] | None = None,
 ) -> list[Prediction]:
-    """The thoracic crops of all ``scans`` through the model (one forward pass on a GPU, one
-    crop at a time on a CPU: ``CPU_FORWARD_BATCH``); one Prediction per scan, in order. The model is moved to ``device`` and put in eval mode. A pixel is a lesion where
+    """The thoracic crops of all ``scans`` through the model (``engine.predict_masks``: one
+    pass on a GPU, crop by crop on a CPU); one Prediction per scan, in order. The model is moved to ``device`` and put in eval mode. A pixel is a lesion where
     sigmoid(logit) > threshold. boxes: each scan's ``scan_crop_box``, when the caller already
     found them (to turn away a scan without a body before the batch); found here otherwise,
     raising ValueError for a scan whose body cannot be found."""
@@ -131,12 +127,10 @@ def predict_scans(
         boxes = [scan_crop_box(scan) for scan in scans]
     if len(boxes) != len(scans):
         raise ValueError(f"got {len(boxes)} boxes for {len(scans)} scans")
-    views = torch.from_numpy(np.stack([scan_input(scan, box) for scan, box in zip(scans, boxes)]))  # (B, 2, 256, 256)
-    device = torch.device(device)
+    views = np.stack([scan_input(scan, box) for scan, box in zip(scans, boxes)])  # (B, 2, 256, 256)
     model.to(device)
-    step = CPU_FORWARD_BATCH if device.type == "cpu" else len(views)
-    masks = torch.cat([predict_masks(model, views[i:i + step].to(device), threshold).cpu()
-                       for i in range(0, len(views), step)]).numpy()  # (B, 256, 256)
+    masks = predict_masks(model, torch.from_numpy(views).to(device), threshold)  # (B, 256, 256)
+    masks = masks.cpu().numpy()
     return [make_prediction(scan, box, m) for scan, box, m in zip(scans, boxes, masks)]
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from skimage.io import imread
 
-from bonescan_model import predict as predict_module
+from bonescan_model import engine
 from bonescan_model.checkpoint import load_checkpoint, save_checkpoint
 from bonescan_model.contours import polygons_to_mask
 from bonescan_model.io.deid import load_or_create_secret
@@ -165,7 +165,7 @@ def test_crops_one_at_a_time_or_all_at_once_predict_the_same(secret, monkeypatch
     scans = [_scan(synth_patient(SEED, i)) for i in range(3)]
     results = []
     for step in (1, 3):  # the CPU default, and a GPU's whole batch
-        monkeypatch.setattr(predict_module, "CPU_FORWARD_BATCH", step)
+        monkeypatch.setattr(engine, "CPU_FORWARD_BATCH", step)
         results.append([p.mask for p in predict_scans(model, scans, threshold=0.02)])
     assert len(results[0]) == len(results[1]) == 3
     assert 0 < sum(m.sum() for m in results[0])  # a threshold low enough to mark something

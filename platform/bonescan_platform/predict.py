@@ -25,7 +25,7 @@ from bonescan_model.predict import predict_scans, reference_view, scan_crop_box,
 from bonescan_platform.cluster import ray_session
 
 # Scans per actor call: what an actor reads, predicts and writes before it reports back (the
-# network then takes them one crop at a time on a CPU, all at once on a GPU: predict_scans).
+# network then takes them one crop at a time on a CPU, all at once on a GPU: predict_masks).
 BATCH_SCANS = 8
 # Each actor holds its own copy of the model and one CPU; reading and writing, most of a
 # scan's time (bench/predict.py), scale with actors, but a shared cluster keeps its other CPUs.

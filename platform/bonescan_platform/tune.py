@@ -418,8 +418,9 @@ def _score(run: Path, crops: dict[str, np.ndarray], runs: int) -> dict:
 
 
 def test_seconds(model: torch.nn.Module, images: np.ndarray, threshold: float = 0.5) -> float:
-    """Seconds to segment ``images`` (N, 2, H, W) in batches of 8 (Table 4's test time), after
-    a one-image warm-up that pays the allocations of the first call."""
+    """Seconds to segment ``images`` (N, 2, H, W) in batches of 8 (Table 4's test time; a CPU
+    runs each batch image by image, ``engine.predict_masks``), after a one-image warm-up that
+    pays the allocations of the first call."""
     tensor = torch.from_numpy(images)
     if not len(tensor):
         return float("nan")
