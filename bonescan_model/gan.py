@@ -32,7 +32,8 @@ from scipy import linalg
 from torch import nn
 
 from bonescan_model.errors import InputError
-from bonescan_model.preprocess import NORMALIZATION_PERCENTILE
+from bonescan_model.frozen import from_mapping
+from bonescan_model.preprocess import count_scale
 
 VIEWS = ("both", "aggregated")
 FILENAME = "gan.pt"
@@ -99,11 +100,7 @@ class GanConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> GanConfig:
         """Rebuild from dataclasses.asdict output (or a YAML mapping); unknown keys are errors."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in d:
-            if key not in known:
-                raise ValueError(f"GanConfig: unknown key {key!r}; known keys: {sorted(known)}")
-        return cls(**d)
+        return from_mapping(cls, d)
 
 
 def _level_channels(config: GanConfig) -> list[int]:
@@ -301,15 +298,10 @@ def count_levels(counts: np.ndarray, views: str) -> np.ndarray:
     aggregated image is the mean of the normalized views, so its level is the mean of theirs.
     Returns (B, C) float32.
     """
-    # The same percentile as normalize_counts, which does not return its scale.
-    x = np.asarray(counts, dtype=np.float32)
+    x = np.asarray(counts)
     if x.ndim != 4 or x.shape[1] != 2:
         raise ValueError(f"expected (B, 2, H, W) counts, got {x.shape}")
-    levels = np.ones(x.shape[:2], np.float32)  # (B, 2)
-    for index in np.ndindex(*x.shape[:2]):
-        body = x[index][x[index] > 0]
-        if body.size:
-            levels[index] = max(float(np.percentile(body, NORMALIZATION_PERCENTILE)), 1e-6)
+    levels = count_scale(x)  # (B, 2)
     return levels if views == "both" else levels.mean(1, keepdims=True)
 
 

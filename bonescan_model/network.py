@@ -11,7 +11,6 @@ rounding, and 256 x 256 is what the paper trains on.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from bonescan_model.frozen import from_mapping
 
 ARCHS = ("recurrent", "unet")
 RECURRENT_WEIGHTS = ("shared", "unrolled")
@@ -116,11 +117,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
         """Rebuild from dataclasses.asdict output (or a YAML/JSON mapping); unknown keys are errors."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in d:
-            if key not in known:
-                raise ValueError(f"ModelConfig: unknown key {key!r}; known keys: {sorted(known)}")
-        return cls(**d)
+        return from_mapping(cls, d)
 
 
 # ----------------------------------------------------------------------------------------------

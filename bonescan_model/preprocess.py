@@ -32,14 +32,20 @@ def normalize_counts(counts: np.ndarray) -> np.ndarray:
     an all-zero image stays zero.
     """
     x = np.asarray(counts, dtype=np.float32)
+    return np.clip(x / count_scale(x)[..., None, None], 0.0, 2.0)
+
+
+def count_scale(counts: np.ndarray) -> np.ndarray:
+    """What ``normalize_counts`` divides each image by: counts (..., H, W) -> (...) float32,
+    the NORMALIZATION_PERCENTILE percentile of the image's non-zero pixels (1 if it has none)."""
+    x = np.asarray(counts, dtype=np.float32)
     flat = x.reshape(-1, x.shape[-2] * x.shape[-1])  # (N, H*W)
     scale = np.ones(flat.shape[0], dtype=np.float32)
     for i, row in enumerate(flat):
         body = row[row > 0]
         if body.size:
             scale[i] = max(float(np.percentile(body, NORMALIZATION_PERCENTILE)), 1e-6)
-    out = flat / scale[:, None]
-    return np.clip(out, 0.0, 2.0).reshape(x.shape)
+    return scale.reshape(x.shape[:-2])
 
 
 def model_input(ant: np.ndarray | None, post: np.ndarray | None) -> np.ndarray:

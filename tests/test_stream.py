@@ -74,3 +74,6 @@ def test_label_fraction_counts_the_chosen_datasets_rows_only(tmp_path):
     assert len(stream.labeled_patients(tmp_path, 0.4, seed=0, dataset="D1")) == 4
     assert len(stream.labeled_patients(tmp_path, 0.4, seed=0, dataset="D3")) == 5  # all 5 masks, < 20
     assert len({tuple(stream.labeled_patients(tmp_path, 0.4, seed, "D1")) for seed in range(10)}) > 1
+    # The scans a run of each data set trains labeled, as the sweep's table counts them.
+    assert stream.labeled_scans(tmp_path, 0.4, seed=0, dataset="D1") == (4, 10)
+    assert stream.labeled_scans(tmp_path, 0.4, seed=0, dataset="D3") == (5, 50)

@@ -42,8 +42,9 @@ def demo(out: str = "bonescan-demo", patients: int | None = None, config: str | 
         run = out_dir / "run"
         train.train(str(data), str(config), str(run))
         _step(4, "evaluating on the test split, against a count threshold tuned on the training split")
-        model_result = _evaluate_model(run, data)
-        baseline_result = _evaluate_baseline(data)
+        test = stream.evaluation_dataset(data)  # decoded once, scored 10 times for each
+        model_result = _evaluate_model(run, test)
+        baseline_result = _evaluate_baseline(data, test)
         _step(5, "predicting one test scan: whole-body mask, LabelMe contours, overlay")
         scan = _one_test_scan(out_dir, data)
         predict.predict(str(run), str(scan), str(out_dir / "predictions"))
@@ -69,16 +70,16 @@ def _step(n: int, text: str) -> None:
     print(f"\n[{n}/{STEPS}] {text}", flush=True)
 
 
-def _evaluate_model(run: Path, data: Path) -> dict:
+def _evaluate_model(run: Path, test) -> dict:
     from bonescan_model.checkpoint import load_checkpoint
 
     model, _config, _meta = load_checkpoint(run)
-    return evaluate.score_runs(model, stream.evaluation_dataset(data), runs=10)
+    return evaluate.score_runs(model, test, runs=10)
 
 
-def _evaluate_baseline(data: Path) -> dict:
+def _evaluate_baseline(data: Path, test) -> dict:
     tau = fit_threshold(stream.evaluation_dataset(data, split="train").iter_torch_batches(batch_size=8))
-    result = evaluate.score_runs(ThresholdModel(tau), stream.evaluation_dataset(data), runs=10)
+    result = evaluate.score_runs(ThresholdModel(tau), test, runs=10)
     return {**result, "tau": tau}
 
 

@@ -15,7 +15,6 @@ distance) and history.csv (one row per checkpoint).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
 import itertools
@@ -35,9 +34,10 @@ import yaml
 
 from bonescan_model import gan as dcgan
 from bonescan_model.errors import InputError
-from bonescan_model.preprocess import model_input
+from bonescan_model.preprocess import model_input, normalize_counts
 from bonescan_platform import shards, stream
 from bonescan_platform.config import read_yaml
+from bonescan_platform.train import split_train, worker_cpus, write_history
 
 RUN_DIR = "dcgan"  # the GAN run's folder inside the augment output folder
 RUN_NAME = "train"  # fixed, so a rerun with the same folder resumes instead of starting over
@@ -223,7 +223,7 @@ def _gan_batch(batch: dict[str, np.ndarray], views: str) -> dict[str, np.ndarray
         return {"image": np.zeros((0, channels, shards.CROP, shards.CROP), np.float32),
                 "levels": np.zeros((0, channels), np.float32)}
     counts = np.stack(counts)  # (B, 2, H, W) uint16
-    images = np.stack([model_input(ant, post) for ant, post in counts])  # as segmentation training sees them
+    images = normalize_counts(counts)  # as segmentation training sees them (model_input, views already filled)
     return {"image": dcgan.gan_images(images, views), "levels": dcgan.count_levels(counts, views)}
 
 
@@ -240,19 +240,18 @@ def trainer_for(run: Path, cfg: dcgan.GanConfig, originals, levels: np.ndarray, 
 
     originals: ``original_dataset``; levels: its (N, C) count levels, saved in every checkpoint."""
     import ray
-    from ray.data import DataContext, ExecutionOptions, ExecutionResources
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.data import DataContext
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     cpus = ray.cluster_resources().get("CPU", 1)
-    # Leave a CPU to Ray Data: training workers holding every CPU starve the reader (RAY_NOTES).
-    cpu_per_worker = 1.0 if gpus else max(0.25, min(1.0, (cpus - 1) / workers))
+    cpu_per_worker, torch_threads = worker_cpus(cpus, workers, gpus)
     DataContext.get_current().enable_progress_bars = False
     originals = originals.select_columns(["image"])
     return TorchTrainer(
         gan_loop,
         train_loop_config={"gan": dataclasses.asdict(cfg), "levels": levels.tolist(),
-                           "torch_threads": max(1, int(os.cpu_count() // max(1, min(workers, cpus))))},
+                           "torch_threads": torch_threads},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus, resources_per_worker={"CPU": cpu_per_worker}),
         run_config=RunConfig(
             name=RUN_NAME, storage_path=str(run),
@@ -260,8 +259,7 @@ def trainer_for(run: Path, cfg: dcgan.GanConfig, originals, levels: np.ndarray, 
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="frechet",
                                                checkpoint_score_order="min")),
         datasets={"train": originals, "reference": originals.limit(REFERENCE_CROPS)},
-        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ExecutionOptions(
-            preserve_order=True, resource_limits=ExecutionResources(cpu=max(1.0, cpus - workers * cpu_per_worker)))),
+        dataset_config=split_train(cpus - workers * cpu_per_worker),
     )
 
 
@@ -275,11 +273,7 @@ def finish_gan_run(run: Path, result) -> Path:
         shutil.copy(Path(folder) / dcgan.FILENAME, run / ".gan.pt.tmp")
     with result.checkpoint.as_directory() as folder:
         history = torch.load(Path(folder) / STATE, map_location="cpu", weights_only=True)["history"]
-    keys = sorted({k for row in history for k in row}, key=lambda k: (k != "epoch", k != "frechet", k))
-    with open(run / "history.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(history)
+    write_history(run / "history.csv", history, first=("epoch", "frechet"))
     # Last: gan.pt is what tells a rerun that this GAN is finished.
     os.replace(run / ".gan.pt.tmp", run / dcgan.FILENAME)
     distances = ", ".join(f"{row['frechet']:.3f}" for row in history)

@@ -33,10 +33,25 @@ def labeled_patients(shard_dir: str | Path, fraction: float, seed: int, dataset:
     ``fraction`` of the training scans of ``dataset``; the rest train unlabeled. Chosen per
     patient, so all scans of a patient (augmented copies included) are labeled or none is.
     """
+    return _choose_labeled(_training_rows(shard_dir, dataset), fraction, seed)
+
+
+def labeled_scans(shard_dir: str | Path, fraction: float, seed: int, dataset: str = "all") -> tuple[int, int]:
+    """(labeled, all) training scans of ``dataset`` under ``labeled_patients``: a run's L_label."""
+    rows = _training_rows(shard_dir, dataset)
+    chosen = set(_choose_labeled(rows, fraction, seed))
+    return sum(valid and key in chosen for key, valid in rows), len(rows)
+
+
+def _training_rows(shard_dir: str | Path, dataset: str) -> list[tuple[str, bool]]:
+    """(patient_key, has a mask) of every training row of ``dataset``."""
     table = pq.read_table(shards.shard_paths(shard_dir, "train"), columns=["patient_key", "mask", "source"])
-    rows = [(key, valid) for key, valid, source in zip(
+    return [(key, valid) for key, valid, source in zip(
         table.column("patient_key").to_pylist(), pc.is_valid(table.column("mask")).to_pylist(),
         table.column("source").to_pylist()) if in_dataset(source, dataset)]
+
+
+def _choose_labeled(rows: list[tuple[str, bool]], fraction: float, seed: int) -> list[str]:
     scans_of: dict[str, int] = {}
     for key, valid in rows:
         if valid:

@@ -196,15 +196,13 @@ def trainer_for(run: Path, cfg: TrainConfig, data: Path, workers: int, gpus: boo
     `bonescan tune` passes its share when several trials train at once. None: this run's
     workers share the cluster's CPUs, one left to Ray Data."""
     import ray
-    from ray.data import DataContext, ExecutionOptions, ExecutionResources
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.data import DataContext
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     cpus = ray.cluster_resources().get("CPU", 1)
-    # Leave a CPU to Ray Data: training workers holding every CPU starve the reader (RAY_NOTES).
     if cpu_per_worker is None:
-        cpu_per_worker = 1.0 if gpus else max(0.25, min(1.0, (cpus - 1) / workers))
-        torch_threads = max(1, int(os.cpu_count() // max(1, min(workers, cpus))))
+        cpu_per_worker, torch_threads = worker_cpus(cpus, workers, gpus)
     else:
         torch_threads = max(1, int(cpu_per_worker))
     DataContext.get_current().enable_progress_bars = False
@@ -222,9 +220,26 @@ def trainer_for(run: Path, cfg: TrainConfig, data: Path, workers: int, gpus: boo
                                                checkpoint_score_attribute="val_dsc",
                                                checkpoint_score_order="max")),
         datasets={"train": stream.training_dataset(data, labeled, cfg.dataset), "val": stream.evaluation_dataset(data)},
-        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ExecutionOptions(
-            preserve_order=True, resource_limits=ExecutionResources(cpu=max(1.0, cpus - workers * cpu_per_worker)))),
+        dataset_config=split_train(cpus - workers * cpu_per_worker),
     )
+
+
+def worker_cpus(cpus: float, workers: int, gpus: bool) -> tuple[float, int]:
+    """(CPUs each worker reserves, torch threads it runs) for a run whose workers share the
+    cluster's ``cpus``. A CPU is left to Ray Data: training workers holding every CPU starve
+    the reader (RAY_NOTES)."""
+    cpu_per_worker = 1.0 if gpus else max(0.25, min(1.0, (cpus - 1) / workers))
+    return cpu_per_worker, max(1, int(os.cpu_count() // max(1, min(workers, cpus))))
+
+
+def split_train(data_cpus: float):
+    """The DataConfig of a trainer: "train" split across the workers, in order, Ray Data held
+    to the ``data_cpus`` the workers leave (one at least)."""
+    from ray.data import ExecutionOptions, ExecutionResources
+    from ray.train import DataConfig
+
+    return DataConfig(datasets_to_split=["train"], execution_options=ExecutionOptions(
+        preserve_order=True, resource_limits=ExecutionResources(cpu=max(1.0, data_cpus))))
 
 
 def _fit(run: Path, cfg: TrainConfig, data: Path, workers: int, gpus: bool) -> int:
@@ -242,13 +257,18 @@ def finish_run(run: Path, result) -> int:
         shutil.copy(Path(folder) / FILENAME, run / FILENAME)
     with result.checkpoint.as_directory() as folder:
         history = torch.load(Path(folder) / STATE, map_location="cpu", weights_only=True)["history"]
-    keys = sorted({k for row in history for k in row}, key=lambda k: (k != "epoch", k))
-    with open(run / "history.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(history)
+    write_history(run / "history.csv", history)
     last = history[-1]
     print(f"trained {last['epoch']} epochs: val DSC {last.get('val_dsc', float('nan')):.3f} "
           f"(best {max(r.get('val_dsc', 0.0) for r in history):.3f}); "
           f"model: {run / FILENAME}, history: {run / 'history.csv'}")
     return 0
+
+
+def write_history(path: Path, history: list[dict], first: tuple[str, ...] = ("epoch",)) -> None:
+    """One CSV row per epoch; columns ``first`` in that order, then the rest by name."""
+    keys = sorted({k for row in history for k in row}, key=lambda k: (*(k != f for f in first), k))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(history)

@@ -28,11 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv
 import pyarrow.parquet as pq
 import torch
-import yaml
 
 from bonescan_model import engine
 from bonescan_model.checkpoint import FILENAME, load_checkpoint
@@ -40,7 +38,7 @@ from bonescan_model.errors import InputError
 from bonescan_model.network import count_parameters
 from bonescan_platform import shards, stream
 from bonescan_platform.cluster import ray_session
-from bonescan_platform.config import TrainConfig, load_train_config, save_train_config
+from bonescan_platform.config import TrainConfig, load_train_config, read_yaml, save_train_config
 from bonescan_platform.evaluate import BATCH, HEADLINE, score_runs
 from bonescan_platform.search_space import AUTO, SearchSpace, case_name, load_space, parse_space
 from bonescan_platform.train import STATE, finish_run, trainer_for
@@ -122,7 +120,7 @@ class Experiment:
             record = json.loads((root / "experiment.json").read_text())
         except FileNotFoundError:
             raise InputError(root, "not an experiment folder (no experiment.json; see `bonescan tune`)") from None
-        space = parse_space(yaml.safe_load((root / "space.yaml").read_text()), root / "space.yaml",
+        space = parse_space(read_yaml(root / "space.yaml", "space"), root / "space.yaml",
                             load_train_config(root / "base.yaml"))
         return cls(root=root, data=Path(record["data"]), space=space, record=record)
 
@@ -280,7 +278,7 @@ def _row(exp: Experiment, run: Path) -> dict:
     params = trial["params"]
     epochs = int(history[-1]["epoch"]) if history else 0
     best = max(history, key=lambda r: r.get("val_dsc", -1.0)) if history else {}
-    labeled, train_scans = _labeled_scans(exp.data, cfg)
+    labeled, train_scans = stream.labeled_scans(exp.data, cfg.label_fraction, cfg.seed, cfg.dataset)
     nan = float("nan")
     row = {
         "trial_id": trial["trial_id"],
@@ -334,16 +332,6 @@ def _trial_seconds(trial_dir: Path) -> float:
         return float("nan")
     ends = [t for t, after in zip(times, times[1:] + [0.0]) if after < t]  # each session's last
     return float(sum(ends)) if times else float("nan")
-
-
-def _labeled_scans(data: Path, cfg) -> tuple[int, int]:
-    """(labeled, all) training scans of the config's dataset: the paper's L_label."""
-    table = pq.read_table(shards.shard_paths(data, "train"), columns=["patient_key", "mask", "source"])
-    labeled = set(stream.labeled_patients(data, cfg.label_fraction, cfg.seed))
-    keep = [stream.in_dataset(s, cfg.dataset) for s in table.column("source").to_pylist()]
-    has_mask = pc.is_valid(table.column("mask")).to_pylist()
-    keys = table.column("patient_key").to_pylist()
-    return (sum(k and m and p in labeled for k, m, p in zip(keep, has_mask, keys)), sum(keep))
 
 
 # ---------------------------------------------------------------- trials ASHA stopped
