@@ -19,11 +19,7 @@ def ray_session(num_cpus: int | None = None):
     if ray.is_initialized():
         yield
         return
-    # A stale /tmp/ray/ray_current_cluster makes address="auto" look for a dead cluster, so
-    # only an explicit address or a live cluster file means "connect".
-    address = os.environ.get("RAY_ADDRESS")
-    if address is None and _local_cluster_is_running():
-        address = "auto"
+    address = os.environ.get("RAY_ADDRESS") or _started_cluster()
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
@@ -41,9 +37,15 @@ def ray_session(num_cpus: int | None = None):
         ray.shutdown()
 
 
-def _local_cluster_is_running() -> bool:
-    """A live GCS process on this machine (found from the process table, not from the
-    possibly stale /tmp/ray/ray_current_cluster file)."""
-    from ray._private.services import find_gcs_addresses
+def _started_cluster() -> str | None:
+    """The GCS address of a cluster started with `ray start` on this machine, if it is alive.
 
-    return bool(find_gcs_addresses())
+    `ray start` (and nothing else) writes /tmp/ray/ray_current_cluster; another command's
+    private Ray (a `ray.init` of its own) is never joined: it would be shut down under us when
+    that command ends, and its resources were sized for it alone. The file outlives its
+    cluster, so the address counts only while a live GCS process serves it."""
+    from ray._private.services import find_gcs_addresses
+    from ray._private.utils import read_ray_address
+
+    address = read_ray_address()
+    return address if address and address in find_gcs_addresses() else None
