@@ -77,7 +77,7 @@ def _stages(model, files: list[str], truth: np.ndarray, secret: bytes, out: Path
     write_s, _ = _fastest(lambda: write_prediction(out, prediction, reference_view(scan)))
     overlay_s, _ = _fastest(lambda: render_overlay(out / "o.png", prediction, reference_view(scan)))
     task = {"files": files, "out_dir": str(out / "whole"), "name": scan.name}
-    whole_s, _ = _fastest(lambda: predict_batch(model, [task], secret))
+    whole_s, _ = _fastest(lambda: predict_batch(model, [task], secret, 0.5))
     return {"read": read_s, "forward": forward_s, "contours": contours_s, "write": write_s,
             "overlay": overlay_s, "whole": whole_s}
 
@@ -120,12 +120,12 @@ def main() -> None:
                 mean[f"forward_{b}"] = batch_s / b
             tasks = [{"files": scans[i % len(scans)][0], "out_dir": str(out / "call"), "name": f"scan{i}"}
                      for i in range(BATCH)]
-            call_s, _ = _fastest(lambda: predict_batch(model, tasks, secret))
+            call_s, _ = _fastest(lambda: predict_batch(model, tasks, secret, 0.5))
             mean["whole_call"] = call_s / BATCH
             # The same call with all its crops in one forward pass, as a GPU runs it.
             default = engine.CPU_FORWARD_BATCH
             engine.CPU_FORWARD_BATCH = BATCH
-            call_s, _ = _fastest(lambda: predict_batch(model, tasks, secret))
+            call_s, _ = _fastest(lambda: predict_batch(model, tasks, secret, 0.5))
             engine.CPU_FORWARD_BATCH = default
             mean["whole_call_one_pass"] = call_s / BATCH
             rows[label] = (count_parameters(model), mean)

@@ -44,12 +44,12 @@ def bare_loop(data: Path, cfg, epochs: int, decode_as_it_goes: bool = False) -> 
     decoded when it is needed, in the training process, as a loop without Ray Data would."""
     from bonescan_model import engine
     from bonescan_model.network import build_model
-    from bonescan_platform import shards, stream
+    from bonescan_platform import shards, splits, stream
     from bonescan_platform.train import augmenting, loss_for
 
     table = pq.read_table(shards.shard_paths(data, "train"), columns=stream.COLUMNS).to_pydict()
     rows = {k: np.array(v, dtype=object) for k, v in table.items()}
-    labeled = frozenset(stream.labeled_patients(data, cfg.label_fraction, cfg.seed))
+    labeled = frozenset(splits.for_config(data, cfg).labeled)
     n = len(rows["source"])
     if decode_as_it_goes:
         def batch(index):
@@ -78,9 +78,9 @@ def bare_loop(data: Path, cfg, epochs: int, decode_as_it_goes: bool = False) -> 
 
 def stream_rate(data: Path, cfg) -> float:
     """images/s the Ray Data training stream delivers to a consumer that does nothing."""
-    from bonescan_platform import stream
+    from bonescan_platform import splits, stream
 
-    ds = stream.training_dataset(data, stream.labeled_patients(data, cfg.label_fraction, cfg.seed))
+    ds = stream.training_dataset(data, list(splits.for_config(data, cfg).labeled))
     rates = []
     for _ in range(3):
         start, n = time.perf_counter(), 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,6 +41,24 @@ def resolve(path: str | os.PathLike) -> Path:
     if not path.is_file():
         raise InputError(path, "no checkpoint here (expected a model.pt or a run folder holding one)")
     return path
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A checkpoint loaded for use: the model (eval mode), its config, the sigmoid threshold it
+    was trained and validated with, and the rest of its meta."""
+
+    model: nn.Module
+    config: ModelConfig
+    threshold: float
+    meta: dict
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Trained:
+    """A checkpoint with everything needed to use it: predictions threshold at its own value."""
+    model, config, meta = load_checkpoint(path, map_location)
+    threshold = meta.get("threshold", meta.get("train_config", {}).get("threshold", 0.5))
+    return Trained(model=model, config=config, threshold=float(threshold), meta=meta)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu"

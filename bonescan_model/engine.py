@@ -120,7 +120,7 @@ def evaluate(
     """Per-image metrics on labeled images (unlabeled ones carry no truth and are skipped).
 
     Returns (N,) arrays ``dsc``, ``cpa``, ``recall`` and the lesion-wise counts ``lesions``,
-    ``detected``, ``false_positives``; averaging is the caller's (see ``summarize``).
+    ``detected``, ``false_positives``; averaging is the caller's (see ``metrics.summarize``).
     """
     device = torch.device(device)
     parts: dict[str, list[np.ndarray]] = {}
@@ -136,21 +136,3 @@ def evaluate(
             parts.setdefault(key, []).append(value)
     keys = ("dsc", "cpa", "recall", "lesions", "detected", "false_positives", "tp", "fp", "fn")
     return {k: np.concatenate(parts[k]) if k in parts else np.zeros(0) for k in keys}
-
-
-def summarize(per_image: dict[str, np.ndarray]) -> dict[str, float]:
-    """Means of per-image DSC / CPA / Recall, pooled pixel metrics and lesion-wise detection."""
-    n = len(per_image["dsc"])
-    if n == 0:
-        return {"images": 0}
-    pooled = metrics.scores_from_counts(*(per_image[k].sum() for k in ("tp", "fp", "fn")))
-    detection = metrics.detection_summary(per_image)
-    return {
-        "images": n,
-        "dsc": float(per_image["dsc"].mean()),
-        "cpa": float(per_image["cpa"].mean()),
-        "recall": float(per_image["recall"].mean()),
-        **{f"pooled_{k}": float(v) for k, v in pooled.items()},
-        "lesion_sensitivity": detection["sensitivity"],
-        "fp_per_image": detection["fp_per_image"],
-    }

@@ -8,7 +8,16 @@ silently decides the threshold.
 Per-image functions return (B,) arrays and leave averaging to the caller; the ``pooled_*``
 functions sum the counts over a whole set first, then apply the formula.
 
-Empty masks, one rule for every ratio:
+Headline rules (``summarize``; the one place that decides what a reported number means):
+- DSC / CPA / Recall are per-image means over the lesion-bearing scans only. A lesion-free
+  scan has no lesion to outline: a model that predicts nothing would otherwise collect a free
+  1.0 on it (on the synthetic cohort, predicting nothing scored a DSC of 0.125 that way).
+- Lesion-free scans are scored by their false positives: ``lesion_free_fp_per_image`` (lesion
+  components predicted per lesion-free scan) beside ``fp_per_image`` over every scan.
+- Beside the means: pooled DSC / CPA / Recall (pixel counts summed over every scan first) and
+  lesion-wise sensitivity (detected lesions / true lesions, over every scan).
+
+Empty masks, one rule for every ratio of a per-image value:
 - truth and prediction both empty: DSC = CPA = Recall = 1 (nothing to find, nothing falsely
   found: the image is segmented perfectly).
 - any other 0/0 is 0. Prediction empty, truth not: CPA = 0 (as DSC = Recall = 0); truth
@@ -134,4 +143,35 @@ def detection_summary(counts: dict[str, np.ndarray]) -> dict[str, float]:
     return {
         "sensitivity": detected / lesions if lesions else 1.0,
         "fp_per_image": int(np.sum(counts["false_positives"])) / n_images,
+    }
+
+
+def summarize(per_image: dict[str, np.ndarray]) -> dict[str, float]:
+    """The headline of a scored set, by the rules in this module's docstring.
+
+    per_image: (N,) arrays ``dsc``, ``cpa``, ``recall``, ``lesions``, ``detected``,
+    ``false_positives``, ``tp``, ``fp``, ``fn`` (what ``engine.evaluate`` returns).
+    Returns {"images", "lesion_images", "lesions" (true lesions in the set), "dsc", "cpa", "recall", "pooled_dsc", "pooled_cpa",
+    "pooled_recall", "lesion_sensitivity", "fp_per_image", "lesion_free_fp_per_image"};
+    {"images": 0} for an empty set. A mean over no lesion-bearing scan is NaN, never 1."""
+    n = len(per_image["dsc"])
+    if n == 0:
+        return {"images": 0}
+    bearing = per_image["lesions"] > 0
+    pooled = scores_from_counts(*(per_image[k].sum() for k in ("tp", "fp", "fn")))
+    detection = detection_summary(per_image)
+    free_fp = per_image["false_positives"][~bearing]
+
+    def mean(values: np.ndarray) -> float:
+        return float(values.mean()) if len(values) else float("nan")
+
+    return {
+        "images": n,
+        "lesion_images": int(bearing.sum()),
+        "lesions": int(per_image["lesions"].sum()),
+        **{k: mean(per_image[k][bearing]) for k in ("dsc", "cpa", "recall")},
+        **{f"pooled_{k}": float(v) for k, v in pooled.items()},
+        "lesion_sensitivity": detection["sensitivity"],
+        "fp_per_image": detection["fp_per_image"],
+        "lesion_free_fp_per_image": mean(free_fp),
     }

@@ -22,8 +22,16 @@ def ray_local():
         ray.shutdown()
     ray.init(address="local", num_cpus=2, object_store_memory=300 * 1024**2,
              include_dashboard=True, log_to_driver=True)
+    # Ray's State API (Train's placement-group cleaner asks it) cannot choose among several Ray
+    # instances on one machine: name ours, as bonescan_platform.cluster does for its own.
+    previous = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     yield ray
     ray.shutdown()
+    if previous is None:
+        os.environ.pop("RAY_ADDRESS", None)
+    else:
+        os.environ["RAY_ADDRESS"] = previous
 
 
 @pytest.fixture(scope="session")

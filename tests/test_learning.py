@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from bonescan_model import engine
+from bonescan_model import engine, metrics
 from bonescan_model.loss import SemiSupervisedLoss
 from bonescan_model.network import ModelConfig, build_model
 from bonescan_model.preprocess import normalize_counts
@@ -42,7 +42,7 @@ def test_model_learns_lesions_on_cpu_within_bounded_steps():
     for step in range(120):
         engine.train_epoch(model, [data], loss_fn, optimizer)
         if step % 10 == 9:
-            best = max(best, engine.summarize(engine.evaluate(model, [data]))["dsc"])
+            best = max(best, metrics.summarize(engine.evaluate(model, [data]))["dsc"])
             if best > 0.9:
                 break
     assert best > 0.9, f"DSC {best:.3f} after {step + 1} steps"

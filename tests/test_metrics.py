@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from bonescan_model import metrics
 from bonescan_model.metrics import (
     confusion_counts,
     cpa,
@@ -132,3 +133,25 @@ def test_detection_summary_over_a_set():
     assert summary == pytest.approx({"sensitivity": 2 / 3, "fp_per_image": 3 / 3})
     nothing = detection_summary(lesion_detection(np.zeros_like(truth), np.zeros_like(truth)))
     assert nothing == {"sensitivity": 1.0, "fp_per_image": 0.0}
+
+
+def test_headline_cannot_be_won_by_predicting_nothing():
+    """Two scans with a lesion, two without: predicting nothing scores 0, not a free 1.0 on the
+    lesion-free half; a false positive on a lesion-free scan counts there."""
+    truth = np.zeros((4, 8, 8), bool)
+    truth[0, 1:3, 1:3] = truth[1, 5:7, 5:7] = True
+    empty = np.zeros_like(truth)
+    def per_image(pred):
+        return {**metrics.pixel_metrics(pred, truth), **metrics.lesion_detection(pred, truth),
+                **metrics.confusion_counts(pred, truth)}
+
+    nothing = metrics.summarize(per_image(empty))
+    assert nothing["dsc"] == 0.0 and nothing["lesion_images"] == 2 and nothing["images"] == 4
+    assert nothing["lesion_free_fp_per_image"] == 0.0 and nothing["lesion_sensitivity"] == 0.0
+    perfect_plus_fp = truth.copy()
+    perfect_plus_fp[2, 4, 4] = True
+    scored = metrics.summarize(per_image(perfect_plus_fp))
+    assert scored["dsc"] == 1.0 and scored["lesion_sensitivity"] == 1.0
+    assert scored["lesion_free_fp_per_image"] == 0.5 and scored["fp_per_image"] == 0.25
+    only_free = metrics.summarize({k: v[2:] for k, v in per_image(empty).items()})
+    assert np.isnan(only_free["dsc"])  # no lesion-bearing scan: no headline, never 1

@@ -62,18 +62,7 @@ def test_config_files_load_and_errors_name_the_key(tmp_path):
         assert str(bad) in str(info.value)
 
 
-def test_label_fraction_counts_the_chosen_datasets_rows_only(tmp_path):
-    """10 originals (5 with masks) plus 40 DCGAN rows: 40 % of D1 is 4 scans, not 20."""
-    crop = shards.encode_image(np.zeros((256, 256)), "<u2")
-    mask = shards.encode_image(np.ones((256, 256)), "u1")
-    rows = [{"patient_key": f"p{i}", "scan_key": f"s{i}", "ant": crop, "post": None,
-             "mask": mask if i < 5 else None, "crop_box": [0, 0, 256, 256], "pixel_spacing_mm": 2.26,
-             "readers_agree": None, "source": "dicom", "split": "train", "views": "ANT"} for i in range(10)]
-    rows += [{**rows[9], "patient_key": f"dcgan-{i}", "scan_key": f"g{i}", "source": "dcgan"} for i in range(40)]
-    shards.write_manifest(tmp_path, [shards.write_shard(rows, tmp_path / "train-00000.parquet")], {})
-    assert len(stream.labeled_patients(tmp_path, 0.4, seed=0, dataset="D1")) == 4
-    assert len(stream.labeled_patients(tmp_path, 0.4, seed=0, dataset="D3")) == 5  # all 5 masks, < 20
-    assert len({tuple(stream.labeled_patients(tmp_path, 0.4, seed, "D1")) for seed in range(10)}) > 1
-    # The scans a run of each data set trains labeled, as the sweep's table counts them.
-    assert stream.labeled_scans(tmp_path, 0.4, seed=0, dataset="D1") == (4, 10)
-    assert stream.labeled_scans(tmp_path, 0.4, seed=0, dataset="D3") == (5, 50)
+def test_validation_patients_are_kept_or_dropped_by_key():
+    batch = _rows(["dicom", "dicom", "dicom"], [True, True, True])
+    assert stream.decode_batch(batch, None, only=frozenset({"p2"}))["labeled"].tolist() == [True]
+    assert len(stream.decode_batch(batch, frozenset(), without=frozenset({"p0", "p2"}))["labeled"]) == 1

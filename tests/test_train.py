@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 
-from bonescan_platform import train
+from bonescan_platform import shards, train
 from bonescan_platform.cli import main
 from tiny import ingested_cohort, tiny_config
 
@@ -46,6 +50,13 @@ def test_train_reports_every_epoch_and_keeps_the_best(data, tmp_path):
         assert int(row["train_images"]) > 0 and int(row["val_images"]) > 0
     assert (run / "model.pt").is_file() and (run / "config.yaml").is_file()
     assert yaml.safe_load((run / "config.yaml").read_text())["epochs"] == 2
+    parts = json.loads((run / "splits.json").read_text())
+    assert set(parts) == {"train", "val", "test"} and parts["val"] and parts["test"]
+    assert sum(len(v) for v in parts.values()) == len(set().union(*map(set, parts.values())))  # disjoint
+    budget = json.loads((run / "budget.json").read_text())
+    assert budget["val_patients"] == len(parts["val"]) and budget["labeled_scans"] <= budget["train_scans"]
+    tested = json.loads((run / "test.json").read_text())  # the kept model, scored once at the end
+    assert tested["split"] == "test" and tested["epoch"] in (1, 2) and tested["images"] > 0
 
     report = tmp_path / "eval.json"
     assert main(["evaluate", "--checkpoint", str(run), "--data", str(data), "--runs", "3",
@@ -55,14 +66,37 @@ def test_train_reports_every_epoch_and_keeps_the_best(data, tmp_path):
     assert all(0 <= r["dsc"] <= 1 for r in body["runs"])
 
 
-def test_same_seed_and_config_give_the_same_metrics(data, tmp_path):
+def _other_test_split(data: Path, out: Path) -> Path:
+    """A copy of the shards whose test scans are other images with other masks."""
+    shutil.copytree(data, out)
+    manifest = shards.read_manifest(out)
+    infos = []
+    for entry in manifest["shards"]:
+        path = out / entry["file"]
+        rows = pq.read_table(path).to_pylist()
+        if entry["split"] == "test":
+            rng = np.random.default_rng(0)
+            rows = [{**r, "ant": shards.encode_image(rng.integers(0, 400, (256, 256)), "<u2"),
+                     "mask": shards.encode_image(rng.random((256, 256)) < 0.01, "u1")} for r in rows]
+        infos.append(shards.write_shard(rows, path))
+    shards.write_manifest(out, infos, manifest["report"])
+    return out
+
+
+def test_same_seed_same_metrics_and_the_test_split_chooses_nothing(data, tmp_path):
     # Two epochs: the second one's stream is started early, on a thread (train.started_early).
+    # Run b trains on the same shards but for the test split: it must keep the same checkpoint.
     config = _config(tmp_path, epochs=2, seed=3)
-    for name in ("a", "b"):
-        assert train.train(str(data), str(config), str(tmp_path / name)) == 0
+    assert train.train(str(data), str(config), str(tmp_path / "a")) == 0
+    assert train.train(str(_other_test_split(data, tmp_path / "other")), str(config), str(tmp_path / "b")) == 0
     keys = ("train_loss", "train_supervised", "val_dsc", "val_cpa", "val_recall")
     first, second = _history(tmp_path / "a"), _history(tmp_path / "b")
     assert [[r[k] for k in keys] for r in first] == [[r[k] for k in keys] for r in second]
+    kept = [torch.load(tmp_path / name / "model.pt", weights_only=True) for name in ("a", "b")]
+    assert kept[0]["meta"]["epoch"] == kept[1]["meta"]["epoch"]
+    assert all(torch.equal(kept[0]["state_dict"][k], kept[1]["state_dict"][k]) for k in kept[0]["state_dict"])
+    tested = [json.loads((tmp_path / name / "test.json").read_text()) for name in ("a", "b")]
+    assert tested[0]["runs"][0]["lesions"] != tested[1]["runs"][0]["lesions"]  # the test split did change
 
 
 def test_started_early_hands_over_every_item_in_order():
@@ -158,3 +192,24 @@ def test_resume_continues_a_run_whose_driver_was_killed(data, tmp_path, ray_loca
     history = _history(run)
     assert [int(r["epoch"]) for r in history] == [1, 2, 3]
     assert any(r.get("resumed") == "True" for r in history)
+
+
+def test_each_epoch_is_one_seeded_shuffle_that_mixes_patients(ray_local):
+    """Rows come in patient order, four copies each (as augmented copies follow their original in
+    the shards): every batch mixes patients, an epoch's order repeats for its seed, epochs differ."""
+    import ray
+
+    from bonescan_platform.config import TrainConfig
+
+    rows = [{"image": np.zeros((2, 4, 4), np.float32), "mask": np.zeros((1, 4, 4), np.float32),
+             "labeled": p % 2 == 0, "patient": p} for p in range(10) for _ in range(4)]
+    shard = ray.data.from_items(rows).iterator()
+    cfg = TrainConfig.from_dict({"batch_size": 4, "augment": False, "seed": 5, "epochs": 2})
+
+    def epoch(n: int) -> list[list[int]]:
+        return [b["patient"].tolist() for b in train.epoch_batches(shard, cfg, n, rank=0, shuffle_rows=40)]
+
+    first = epoch(0)
+    assert sorted(sum(first, [])) == sorted(r["patient"] for r in rows)
+    assert all(len(set(batch)) > 1 for batch in first)
+    assert epoch(0) == first and epoch(1) != first

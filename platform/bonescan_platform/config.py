@@ -37,8 +37,18 @@ class TrainConfig:
     nu: float = 0.004  # area weight of l_U, Eq. 7
     supervised: str = "active_contour"  # or "dice_ce"
     length_weight: float = 0.1
-    # L_label: the share of training scans that keep their masks (patient-level, seeded).
+    # The label budget, counted on original training scans (never augmented or generated rows,
+    # which cannot carry a label of their own): label_fraction is the share of them that keep
+    # their masks, chosen per patient, seeded; labeled_scans, when set, is a count instead.
+    # The paper's L_label is a share of *all* scans, train and test together (its 37 % is 53 %
+    # of its training scans): tune_spaces/ converts, and every run records both (budget.json).
     label_fraction: float = 0.37
+    labeled_scans: int | None = None
+    # Validation patients: drawn from the training side of the shards (seeded by val_seed, not
+    # by seed, so training seeds vary the training alone and share one validation set).
+    # Validation chooses the kept checkpoint, early stopping and ASHA; the test split nothing.
+    val_fraction: float = 0.15
+    val_seed: int = 0
     augment: bool = True  # random label-preserving geometric augmentation per batch
     # Which rows of the shards train (Table 1): D1 originals, D2 + geometric copies
     # (`bonescan augment`), D3 + DCGAN samples, D4 all of them; "all": every row present.
@@ -46,6 +56,9 @@ class TrainConfig:
     seed: int = 0
     amp: bool = False  # mixed precision (float16 on GPUs, bfloat16 on CPUs)
     threshold: float = 0.5  # sigmoid threshold of a lesion pixel
+    # The paper's test protocol (Section 3.3): the kept model scored on the test split this many
+    # times (run 0 as is, run k a seeded flip/rotation/shift); test.json's headline is run 0.
+    test_runs: int = 10
     checkpoints_to_keep: int = 2
 
     def __post_init__(self):
@@ -62,6 +75,9 @@ class TrainConfig:
             "supervised": self.supervised in ("active_contour", "dice_ce"),
             "length_weight": self.length_weight >= 0,
             "label_fraction": 0 <= self.label_fraction <= 1,
+            "labeled_scans": self.labeled_scans is None or self.labeled_scans >= 0,
+            "val_fraction": 0 < self.val_fraction < 1,
+            "test_runs": self.test_runs >= 1,
             "dataset": self.dataset in DATASETS,
             "threshold": 0 < self.threshold < 1,
             "checkpoints_to_keep": self.checkpoints_to_keep >= 1,
@@ -107,7 +123,13 @@ def _model_config(value, source) -> ModelConfig:
 
 
 def _typed(key: str, value, hint, source):
-    """Check ``value`` against a scalar field's type; ints are accepted where floats are."""
+    """Check ``value`` against a scalar field's type; ints are accepted where floats are, and
+    null where the field is optional (``int | None``)."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
     ok = {
         bool: isinstance(value, bool),
         int: _is_int(value),

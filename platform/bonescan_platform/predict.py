@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from bonescan_model.checkpoint import load_checkpoint, resolve
+from bonescan_model.checkpoint import load_model, resolve
 from bonescan_model.errors import InputError
 from bonescan_model.io.deid import default_secret_path, load_or_create_secret
 from bonescan_model.io.dicom import group_series, read_scan, scan_name
@@ -62,9 +62,9 @@ def plan_scans(dicom: Path, out_dir: Path, secret: bytes) -> tuple[list[dict], l
     return tasks, unreadable
 
 
-def predict_batch(model: nn.Module, tasks: list[dict], secret: bytes) -> list[dict]:
+def predict_batch(model: nn.Module, tasks: list[dict], secret: bytes, threshold: float) -> list[dict]:
     """Read and crop the scans of ``tasks``, predict them (``predict_scans``), write their
-    outputs. One status row per task: file, output (out_dir/name, the outputs' common stem),
+    outputs; a lesion pixel is sigmoid > ``threshold``, the checkpoint's own. One status row per task: file, output (out_dir/name, the outputs' common stem),
     ok, reason, lesions, area_mm2.
     Plain Python: each Ray actor runs it on its batches, a single scan runs it in process."""
     rows, ready = [], []
@@ -85,7 +85,7 @@ def predict_batch(model: nn.Module, tasks: list[dict], secret: bytes) -> list[di
             row["reason"] = f"could not be read or cropped ({type(err).__name__})"
             continue
         ready.append((task, row, scan, box))
-    predictions = predict_scans(model, [r[2] for r in ready], boxes=[r[3] for r in ready])
+    predictions = predict_scans(model, [r[2] for r in ready], boxes=[r[3] for r in ready], threshold=threshold)
     for (task, row, scan, _), prediction in zip(ready, predictions):
         prediction = dataclasses.replace(prediction, name=task["name"])
         write_prediction(task["out_dir"], prediction, reference_view(scan))
@@ -99,11 +99,12 @@ class _BatchPredictor:
     multi-node training needs anyway)."""
 
     def __init__(self, checkpoint: str, secret: bytes):
-        self.model, _, _ = load_checkpoint(checkpoint)
+        self.trained = load_model(checkpoint)
         self.secret = secret
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = predict_batch(self.model, [json.loads(t) for t in batch["task"]], self.secret)
+        rows = predict_batch(self.trained.model, [json.loads(t) for t in batch["task"]], self.secret,
+                             self.trained.threshold)
         return {"row": np.array([json.dumps(r) for r in rows], dtype=object)}
 
 
@@ -129,14 +130,14 @@ def predict(checkpoint: str, dicom: str, out: str) -> int:
     """Exit code 0 when at least one scan was predicted, 2 when none was.
     Raises InputError for a bad --checkpoint or a --dicom that does not exist."""
     checkpoint_path = resolve(checkpoint)
-    model, _, _ = load_checkpoint(checkpoint_path)  # here, so a bad checkpoint fails at once
+    trained = load_model(checkpoint_path)  # here, so a bad checkpoint fails at once
     secret = load_or_create_secret(default_secret_path())
     out_dir = Path(out)
     tasks, unreadable = plan_scans(Path(dicom), out_dir, secret)
     if len(tasks) > 1:
         rows = _run_on_ray(checkpoint_path, tasks, secret)
     else:
-        rows = predict_batch(model, tasks, secret)
+        rows = predict_batch(trained.model, tasks, secret, trained.threshold)
     rejected = [{"file": e.path, "reason": e.reason} for e in unreadable]
     rejected += [{"file": r["file"], "reason": r["reason"]} for r in rows if not r["ok"]]
     predicted = [r for r in rows if r["ok"]]

@@ -27,14 +27,16 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-from bonescan_model.checkpoint import FILENAME, load_checkpoint
+from bonescan_model.checkpoint import FILENAME, load_model
 from bonescan_model.engine import predict_masks
 from bonescan_model.errors import InputError
 from bonescan_model.metrics import dsc as dice
 from bonescan_model.predict import display_norm
 from bonescan_platform.config import load_train_config
 from bonescan_platform.search_space import RESULT_COLUMNS, SearchSpace, case_name
-from bonescan_platform.tune import Experiment, read_history, test_crops
+from bonescan_platform.splits import load_budget
+from bonescan_platform.stream import crops as split_crops
+from bonescan_platform.tune import Experiment, read_history
 
 METRICS = ("dsc", "cpa", "recall")
 METRIC_NAMES = {"dsc": "DSC", "cpa": "CPA", "recall": "Recall"}  # as the paper writes them
@@ -88,8 +90,12 @@ def experiment_page(root: Path) -> str:
         _facts([("experiment", str(root)), ("space", exp.record["space"]), ("data", str(exp.data)),
                 ("started", exp.record.get("created", "")), ("trials", f"{len(rows)} ({statuses})"),
                 ("metric", f"{space.metric} ({space.mode})"),
-                ("test protocol", f"kept model (best validation DSC) on the test split, {space.evaluate_runs} "
-                                  "runs averaged: run 0 as is, run k a seeded flip/rotation/shift")]),
+                ("splits", "train / val / test by patient; validation (val_*) chose each trial's kept model "
+                           "and drove ASHA; the test split was scored once per trial, on its kept model"),
+                ("test scores", "per-image means over the lesion-bearing test scans (lesion-free scans count "
+                                "by their false positives); 'protocol': the paper's runs averaged, run 0 as is, "
+                                "run k a seeded flip/rotation/shift"),
+                ("seeds", ", ".join(str(s) for s in sorted({r['seed'] for r in rows})))]),
         "<h2>Table</h2>", paper_table(groups, space),
         f"<p class='note'>{_e(PAPER_NOTE)} {_e(spec['paper_source'])}</p>" if spec["paper"] or spec["paper_source"]
         else "",
@@ -211,8 +217,9 @@ def _same(a, b) -> bool:
 
 
 def trials_table(rows: list[dict], space: SearchSpace) -> str:
-    columns = ["trial_id", "label", "seed", "status", "epochs", "labeled_scans", "dsc", "cpa", "recall",
-               "best_val_dsc", "parameters", "test_seconds", "train_seconds", "trial_seconds"]
+    columns = ["trial_id", "label", "seed", "status", "epochs", "labeled_scans", "labeled_share_of_all",
+               "best_val_dsc", "dsc", "cpa", "recall", "lesion_sensitivity", "fp_per_image", "protocol_dsc",
+               "parameters", "test_seconds", "train_seconds", "trial_seconds"]
     head = "".join(f"<th>{_e(RESULT_COLUMNS.get(c, c.replace('_', ' ')))}</th>" for c in columns)
     body = []
     for row in rows:
@@ -308,7 +315,7 @@ def prediction_panel(data: Path, models: Sequence[tuple[str, Path]]) -> str:
     """Figure 10 of the paper: rows of test scans; columns: the scan, its manual label and each
     model's prediction (lesion outlines; DSC of that scan in the title)."""
     try:
-        crops = test_crops(data)
+        crops = split_crops(data, "test")
     except (InputError, OSError) as err:
         return f"<p class='note'>No test scans to show: {_e(str(err))}</p>"
     picks = _pick_scans(crops["mask"][:, 0])
@@ -318,9 +325,8 @@ def prediction_panel(data: Path, models: Sequence[tuple[str, Path]]) -> str:
     predictions = []
     for label, run in models:
         if (run / FILENAME).is_file():
-            model, _config, meta = load_checkpoint(run)
-            threshold = meta.get("train_config", {}).get("threshold", 0.5)
-            masks = predict_masks(model, torch.from_numpy(images), threshold).numpy()  # (B, H, W) bool
+            trained = load_model(run / FILENAME)
+            masks = predict_masks(trained.model, torch.from_numpy(images), trained.threshold).numpy()  # (B, H, W) bool
             predictions.append((label, masks, dice(masks, truths)))
     cols = 2 + len(predictions)
     fig = _figure(2.8 * cols, 3.0 * len(picks) + 0.3)
@@ -380,10 +386,16 @@ def run_page(run: Path) -> str:
         f"<tr><td>{name}</td><td>{h['epoch']}</td>" + "".join(
             f"<td>{_format(k, h.get('val_' + k, float('nan')))}</td>" for k in METRICS) +
         f"<td>{h.get('train_loss', float('nan')):.4f}</td></tr>"
-        for name, h in (("kept model (best validation DSC)", best), ("last epoch", last)))
+        for name, h in (("kept model (best validation DSC), validation split", best),
+                        ("last epoch, validation split", last)))
     if tested and tested.get("images"):
-        rows += (f"<tr><td>kept model, {len(tested['runs'])} seeded runs on the test split</td><td>{best['epoch']}</td>"
-                 + "".join(f"<td>{tested[k]:.3f} ± {tested['std'][k]:.3f}</td>" for k in METRICS) + "<td></td></tr>")
+        rows += (f"<tr><td>kept model on the test split ({tested['lesion_images']} lesion-bearing of "
+                 f"{tested['images']} scans), scored once</td><td>{best['epoch']}</td>"
+                 + "".join(f"<td>{tested[k]:.3f}</td>" for k in METRICS) + "<td></td></tr>")
+        rows += (f"<tr><td>kept model on the test split, the paper's {len(tested['runs'])} runs "
+                 f"(mean ± std over runs)</td><td>{best['epoch']}</td>"
+                 + "".join(f"<td>{tested['runs_mean'][k]:.3f} ± {tested['runs_std'][k]:.3f}</td>" for k in METRICS)
+                 + "<td></td></tr>")
     fig = _figure(12, 3.6)
     axes = fig.subplots(1, 3)
     epochs = [h["epoch"] for h in history]
@@ -404,13 +416,26 @@ def run_page(run: Path) -> str:
     axes[1].set_ylim(0, 1.05)
     fig.tight_layout()
     body = [f"<h1>Training run {_e(run.name)}</h1>", _facts(facts),
-            "<h2>Scores on the test split</h2>",
+            "<h2>Scores: validation split (chooses the kept model) and test split (scored once)</h2>",
+            _budget_line(run),
             f"<table id='run-table'><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>",
             "<h2>Training curves</h2>", _img(fig, "training curves"),
             "<h2>Test scans: manual label and prediction</h2>",
             prediction_panel(Path(info["data"]), [("prediction", run)]) if info.get("data") else
             "<p class='note'>run.json names no data: no test scans to show.</p>"]
     return _page(f"Run {run.name}", body)
+
+
+def _budget_line(run: Path) -> str:
+    budget = load_budget(run)
+    if not budget:
+        return ""
+    return (f"<p class='note' id='budget'>Label budget: {budget['labeled_scans']} labeled original scans of "
+            f"{budget['labeled_patients']} patients, of {budget['train_scans']} training scans "
+            f"({budget['labeled_share_of_train']:.0%}); {budget['labeled_share_of_all']:.0%} of all "
+            f"{budget['all_scans']} scans (the paper's L_label counts this way). Validation: "
+            f"{budget['val_scans']} scans of {budget['val_patients']} patients; test: {budget['test_scans']} "
+            f"scans of {budget['test_patients']} patients.</p>")
 
 
 # ---------------------------------------------------------------- HTML and formatting
@@ -485,9 +510,12 @@ def _format(column: str, value: float, paper: bool = False) -> str:
         return "n/a"
     if column == "parameters":
         return f"{value:.3f}" if paper else f"{value / 1e6:.3f}"
-    if column in ("dsc", "cpa", "recall", "lesion_sensitivity", "best_val_dsc", "final_val_dsc"):
+    if column in ("dsc", "cpa", "recall", "pooled_dsc", "lesion_sensitivity", "best_val_dsc", "final_val_dsc") \
+            or column.startswith("protocol_"):
         return f"{value:.3f}"
-    if column.endswith("seconds") or column == "fp_per_image":
+    if column.startswith("labeled_share"):
+        return f"{value:.0%}"
+    if column.endswith("seconds") or column.endswith("fp_per_image"):
         return f"{value:.2f}"
     if float(value).is_integer():
         return str(int(value))

@@ -20,7 +20,8 @@ A space file (every key but ``base`` and ``parameters`` is optional)::
     search: {type: random, random_state: 0}   # Ray's variant generator: grid expanded, the rest drawn
     resources: {workers: 1, cpus_per_worker: auto, gpus: auto}     # per trial
     max_concurrent_trials: auto
-    evaluate_runs: 10       # the paper's 10-run test protocol, on each trial's kept model
+    evaluate_runs: 10       # the paper's test protocol on each trial's kept model: sets every trial's
+                            # test_runs (default: the base config's test_runs)
     report:                 # how `bonescan report` lays the experiment out
       title: "Fig. 7: labeled fraction"
       x: label_fraction     # the figures' x axis (default: the first parameter)
@@ -66,12 +67,23 @@ AUTO = "auto"
 # with the header the report gives them.
 RESULT_COLUMNS = {
     "labeled_scans": "L_label (scans)",
+    "labeled_patients": "labeled patients",
+    # The paper's L_label: labeled scans over all scans, train and test together.
+    "labeled_share_of_all": "L_label (share of all scans)",
+    "labeled_share_of_train": "labeled share of training scans",
     "train_scans": "training scans",
-    "dsc": "DSC",
-    "cpa": "CPA",
-    "recall": "Recall",
-    "lesion_sensitivity": "lesion sensitivity",
-    "fp_per_image": "FP / image",
+    "val_scans": "validation scans",
+    "training_rows": "training samples",
+    "dsc": "test DSC",
+    "cpa": "test CPA",
+    "recall": "test Recall",
+    "pooled_dsc": "test pooled DSC",
+    "lesion_sensitivity": "test lesion sensitivity",
+    "fp_per_image": "test FP / scan",
+    "lesion_free_fp_per_image": "test FP / lesion-free scan",
+    "protocol_dsc": "test DSC, paper's runs",
+    "protocol_cpa": "test CPA, paper's runs",
+    "protocol_recall": "test Recall, paper's runs",
     "parameters": "parameters (M)",
     "test_seconds": "test time (s)",
     "test_images": "test images",
@@ -125,7 +137,7 @@ class SearchSpace:
     search: dict = field(default_factory=lambda: {"type": "random"})
     resources: dict = field(default_factory=lambda: {"workers": 1, "cpus_per_worker": AUTO, "gpus": AUTO})
     max_concurrent_trials: int | str = AUTO
-    evaluate_runs: int = 10
+    evaluate_runs: int | None = None
     report: dict = field(default_factory=dict)
 
     @property
@@ -146,7 +158,8 @@ class SearchSpace:
 
     def trial_config(self, params: dict, source: str = "<trial>") -> TrainConfig:
         """base + fixed + a trial's parameter values -> its TrainConfig."""
-        return _build(self.base, {**self.fixed, **overrides(params)}, source)
+        runs = {} if self.evaluate_runs is None else {"test_runs": self.evaluate_runs}
+        return _build(self.base, {**runs, **self.fixed, **overrides(params)}, source)
 
     def max_epochs(self) -> int:
         """The most epochs any trial trains: ASHA's max_t."""
@@ -230,8 +243,8 @@ def parse_space(raw: dict, source: str | os.PathLike, base: TrainConfig) -> Sear
         scheduler=_scheduler(raw.get("scheduler"), fail), search=_search(raw.get("search"), fail),
         resources=_resources(raw.get("resources"), fail),
         max_concurrent_trials=_auto_int(raw.get("max_concurrent_trials", AUTO), "max_concurrent_trials", fail),
-        evaluate_runs=raw.get("evaluate_runs", 10), report={})
-    if not _is_int(space.evaluate_runs) or space.evaluate_runs < 1:
+        evaluate_runs=raw.get("evaluate_runs"), report={})
+    if space.evaluate_runs is not None and (not _is_int(space.evaluate_runs) or space.evaluate_runs < 1):
         fail("evaluate_runs", f"must be an int >= 1, got {space.evaluate_runs!r}")
 
     # Every combination of the values a trial can get must make a valid TrainConfig: a

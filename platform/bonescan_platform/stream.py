@@ -9,88 +9,41 @@ Data schedules its tasks.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bonescan_model.preprocess import model_input
 from bonescan_platform import shards
+from bonescan_platform.splits import ORIGINAL_SOURCES, in_dataset
 
 COLUMNS = ["patient_key", "ant", "post", "mask", "source"]
-ORIGINAL_SOURCES = ("dicom", "synthetic")
 # Small decode batches keep the stream flowing: a whole shard decoded at once would hold the
 # first training batch back until every row of the shard is done.
 DECODE_BATCH = 8
 
 
-def labeled_patients(shard_dir: str | Path, fraction: float, seed: int, dataset: str = "all") -> list[str]:
-    """The training patients whose masks the run may use (the paper's L_label).
-
-    Patients with a ground-truth mask are taken in a seeded order until their scans reach
-    ``fraction`` of the training scans of ``dataset``; the rest train unlabeled. Chosen per
-    patient, so all scans of a patient (augmented copies included) are labeled or none is.
-    """
-    return _choose_labeled(_training_rows(shard_dir, dataset), fraction, seed)
-
-
-def labeled_scans(shard_dir: str | Path, fraction: float, seed: int, dataset: str = "all") -> tuple[int, int]:
-    """(labeled, all) training scans of ``dataset`` under ``labeled_patients``: a run's L_label."""
-    rows = _training_rows(shard_dir, dataset)
-    chosen = set(_choose_labeled(rows, fraction, seed))
-    return sum(valid and key in chosen for key, valid in rows), len(rows)
-
-
-def _training_rows(shard_dir: str | Path, dataset: str) -> list[tuple[str, bool]]:
-    """(patient_key, has a mask) of every training row of ``dataset``."""
-    table = pq.read_table(shards.shard_paths(shard_dir, "train"), columns=["patient_key", "mask", "source"])
-    return [(key, valid) for key, valid, source in zip(
-        table.column("patient_key").to_pylist(), pc.is_valid(table.column("mask")).to_pylist(),
-        table.column("source").to_pylist()) if in_dataset(source, dataset)]
-
-
-def _choose_labeled(rows: list[tuple[str, bool]], fraction: float, seed: int) -> list[str]:
-    scans_of: dict[str, int] = {}
-    for key, valid in rows:
-        if valid:
-            scans_of[key] = scans_of.get(key, 0) + 1
-    target = round(fraction * len(rows))
-    chosen, count = [], 0
-    # A seeded shuffle independent of file order: patient keys are already keyed hashes.
-    for key in sorted(scans_of, key=lambda k: hashlib.sha256(f"{seed}:{k}".encode()).hexdigest()):
-        if count >= target:
-            break
-        chosen.append(key)
-        count += scans_of[key]
-    return sorted(chosen)
-
-
-def in_dataset(source: str, dataset: str) -> bool:
-    """Whether a row of this ``source`` belongs to ``dataset`` (the paper's Table 1)."""
-    kind = source.split(":", 1)[0]
-    if dataset == "all":
-        return True
-    if kind in ORIGINAL_SOURCES:
-        return True
-    return {"D2": kind == "augmented", "D3": kind == "dcgan",
-            "D4": kind in ("augmented", "dcgan")}.get(dataset, False)
-
-
 def decode_batch(batch: dict[str, np.ndarray], labeled: frozenset[str] | None,
-                 dataset: str = "all") -> dict[str, np.ndarray]:
+                 dataset: str = "all", only: frozenset[str] | None = None,
+                 without: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
     """Shard rows -> {"image": (B, 2, 256, 256) float32, "mask": (B, 1, 256, 256) float32,
     "labeled": (B,) bool}.
 
     labeled: the patients whose masks training may use; None means evaluation: only original
     scans with a mask are kept (augmented copies are for training, not for scoring).
-    dataset: training keeps only the rows of this dataset (``in_dataset``)."""
+    dataset: training keeps only the rows of this dataset (``in_dataset``).
+    only / without: keep only the rows of these patients / drop the rows of these (the
+    validation patients live on the training side of the shards)."""
+    def wanted(i: int) -> bool:
+        key = batch["patient_key"][i]
+        return (only is None or key in only) and key not in without
+
     if labeled is None:
         keep = [i for i, source in enumerate(batch["source"])
-                if batch["mask"][i] is not None and str(source) in ORIGINAL_SOURCES]
+                if batch["mask"][i] is not None and str(source) in ORIGINAL_SOURCES and wanted(i)]
     else:
-        keep = [i for i, source in enumerate(batch["source"]) if in_dataset(str(source), dataset)]
+        keep = [i for i, source in enumerate(batch["source"]) if in_dataset(str(source), dataset) and wanted(i)]
     size = shards.CROP
     images = np.zeros((len(keep), 2, size, size), np.float32)
     masks = np.zeros((len(keep), 1, size, size), np.float32)
@@ -106,22 +59,44 @@ def decode_batch(batch: dict[str, np.ndarray], labeled: frozenset[str] | None,
     return {"image": images, "mask": masks, "labeled": is_labeled}
 
 
-def training_dataset(shard_dir: str | Path, labeled: list[str], dataset: str = "all"):
+def training_dataset(shard_dir: str | Path, labeled: list[str], dataset: str = "all",
+                     without: list[str] = ()):
+    """The training rows of ``dataset``, the validation patients (``without``) left out."""
     return _read(shard_dir, "train").map_batches(
         decode_batch, batch_format="numpy", batch_size=DECODE_BATCH,
-        fn_kwargs={"labeled": frozenset(labeled), "dataset": dataset})
+        fn_kwargs={"labeled": frozenset(labeled), "dataset": dataset, "without": frozenset(without)})
 
 
-def evaluation_dataset(shard_dir: str | Path, split: str = "test"):
-    """Labeled original scans of ``split``, every mask used, decoded once and materialized.
+def evaluation_dataset(shard_dir: str | Path, split: str = "test", only: list[str] | None = None):
+    """Labeled original scans of ``split`` (of the patients ``only``, when given: the validation
+    patients sit in the shards' training split), every mask used, decoded once, materialized.
 
     Unlike the training stream this one is read again and again (validation after every
-    epoch, 10 evaluation runs), and each streamed pass would start Ray Data afresh: 1-3.5 s
-    before its first batch, against 0.02 s for a pass over the materialized blocks (9 test
-    scans, 2 CPUs). It holds original scans only, never augmented copies, so it does not grow
-    with `bonescan augment`; Ray's object store spills it to disk if it must."""
+    epoch), and each streamed pass would start Ray Data afresh: 1-3.5 s before its first
+    batch, against 0.02 s for a pass over the materialized blocks (9 scans, 2 CPUs). It holds
+    original scans only, never augmented copies, so it does not grow with `bonescan augment`;
+    Ray's object store spills it to disk if it must."""
     return _read(shard_dir, split).map_batches(
-        decode_batch, batch_format="numpy", batch_size=DECODE_BATCH, fn_kwargs={"labeled": None}).materialize()
+        decode_batch, batch_format="numpy", batch_size=DECODE_BATCH,
+        fn_kwargs={"labeled": None, "only": None if only is None else frozenset(only)}).materialize()
+
+
+def crops(shard_dir: str | Path, split: str = "test", only: list[str] | None = None) -> dict[str, np.ndarray]:
+    """The labeled original scans of ``split`` (of the patients ``only``), decoded in this
+    process without Ray: {"image": (N, 2, 256, 256) float32, "mask": (N, 1, 256, 256),
+    "labeled": (N,)}, in scan_key order. For scoring a kept model once and for the report."""
+    table = pq.read_table(shards.shard_paths(shard_dir, split), columns=COLUMNS + ["scan_key"])
+    table = table.sort_by("scan_key")
+    return decode_batch({k: np.array(v, dtype=object) for k, v in table.to_pydict().items()}, None,
+                        only=None if only is None else frozenset(only))
+
+
+def batches(crops: dict[str, np.ndarray], batch_size: int):
+    """In-memory crops as the batches of tensors ``engine.evaluate`` iterates."""
+    import torch
+
+    for i in range(0, len(crops["labeled"]), batch_size):
+        yield {k: torch.from_numpy(v[i:i + batch_size]) for k, v in crops.items()}
 
 
 def _read(shard_dir: str | Path, split: str):

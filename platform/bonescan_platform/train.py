@@ -5,8 +5,10 @@ engine.train_epoch -> ray.train.report (with a checkpoint). Everything about the
 loss and the metrics lives in bonescan_model; this file only wires it to Ray.
 
 A run folder holds: config.yaml (the resolved config), run.json (data, workers, devices),
-train/ (Ray Train's checkpoints), model.pt (the best checkpoint by validation DSC) and
-history.csv (one row per epoch).
+splits.json and budget.json (the patients of each split, the label budget: ``splits``),
+train/ (Ray Train's checkpoints), model.pt (the best checkpoint by validation DSC, with its
+threshold), history.csv (one row per epoch, ``val_*`` on the validation patients) and test.json
+(the kept model scored once on the test split, at the end: ``evaluate.score_test``).
 """
 
 from __future__ import annotations
@@ -28,14 +30,22 @@ from bonescan_model.augment import augment_batch
 from bonescan_model.checkpoint import FILENAME, save_checkpoint
 from bonescan_model.errors import InputError
 from bonescan_model.loss import SemiSupervisedLoss
+from bonescan_model.metrics import summarize
 from bonescan_model.network import build_model
 from bonescan_platform import metrics as training_metrics
-from bonescan_platform import shards, stream
+from bonescan_platform import shards, splits, stream
+from bonescan_platform.evaluate import score_test
 from bonescan_platform.cluster import ray_session
 from bonescan_platform.config import TrainConfig, load_train_config, save_train_config
 
 RUN_NAME = "train"  # fixed, so a rerun with the same folder resumes instead of starting over
 STATE = "train_state.pt"
+# Rows a worker's shuffle buffer holds at most (a decoded row is 768 KiB: 512 rows ~ 0.4 GB).
+# Up to that the buffer holds the worker's whole epoch, so each epoch is one seeded global
+# shuffle: a batch mixes patients, and labeled with unlabeled scans at the run's share. (The
+# shards keep augmented copies beside their original; a small window made most batches one
+# patient.) Past it, mixing is within a window of this many rows.
+SHUFFLE_ROWS = 512
 
 
 # ---------------------------------------------------------------- the worker: a thin adapter
@@ -55,20 +65,21 @@ def train_loop(loop_config: dict) -> None:
     loss_fn = loss_for(cfg)
     start, history = _restore(ray.train.get_checkpoint(), model, optimizer)
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
-    upcoming = epoch_batches(train_shard, cfg, start, rank)
+    shuffle_rows = loop_config["shuffle_rows"]
+    upcoming = epoch_batches(train_shard, cfg, start, rank, shuffle_rows)
     for epoch in range(start, cfg.epochs):
         stats = engine.train_epoch(model, upcoming, loss_fn, optimizer, device=device, amp=cfg.amp, scaler=scaler)
         if epoch + 1 < cfg.epochs:
             # Ray Data re-executes the dataset every epoch and its first batch takes 2-3 s to
             # arrive whatever the data's size (bench/RESULTS.md): start it now, behind validation
             # and the checkpoint, not in front of the next epoch's first step.
-            upcoming = started_early(epoch_batches(train_shard, cfg, epoch + 1, rank))
+            upcoming = started_early(epoch_batches(train_shard, cfg, epoch + 1, rank, shuffle_rows))
         metrics = {"epoch": epoch + 1, "train_workers": ray.train.get_context().get_world_size(),
                    **{f"train_{k}": v for k, v in stats.items()}}
-        if rank == 0:  # validation on one rank: the test split is small, and DDP needs no sync for it
+        if rank == 0:  # validation on one rank: the split is small, and DDP needs no sync for it
             per_image = engine.evaluate(getattr(model, "module", model), val_shard.iter_torch_batches(
                 batch_size=cfg.batch_size), device=device, threshold=cfg.threshold)
-            metrics.update({f"val_{k}": v for k, v in engine.summarize(per_image).items()})
+            metrics.update({f"val_{k}": v for k, v in summarize(per_image).items()})
         training_metrics.record(metrics, run=loop_config["run"], rank=rank)
         history.append(metrics)
         _report(metrics, history, model, optimizer, cfg, rank)
@@ -79,11 +90,12 @@ def loss_for(cfg: TrainConfig) -> SemiSupervisedLoss:
                               length_weight=cfg.length_weight, unsupervised_weight=cfg.unsupervised_weight)
 
 
-def epoch_batches(train_shard, cfg: TrainConfig, epoch: int, rank: int) -> Iterator[dict]:
-    """One epoch of this worker's training batches, shuffled and augmented by (seed, epoch, rank)."""
+def epoch_batches(train_shard, cfg: TrainConfig, epoch: int, rank: int, shuffle_rows: int) -> Iterator[dict]:
+    """One epoch of this worker's training batches, shuffled (over ``shuffle_rows``: the whole
+    epoch up to SHUFFLE_ROWS) and augmented, seeded by (seed, epoch, rank)."""
     batches = train_shard.iter_torch_batches(
         batch_size=cfg.batch_size, prefetch_batches=2,
-        local_shuffle_buffer_size=4 * cfg.batch_size, local_shuffle_seed=cfg.seed + epoch)
+        local_shuffle_buffer_size=shuffle_rows, local_shuffle_seed=cfg.seed * 100_003 + epoch * 101 + rank)
     if cfg.augment:
         batches = augmenting(batches, np.random.default_rng([cfg.seed, epoch, rank]))
     return iter(batches)
@@ -135,7 +147,7 @@ def _report(metrics: dict, history: list[dict], model, optimizer, cfg: TrainConf
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:  # every rank reports (a barrier); rank 0 alone carries the checkpoint
-            save_checkpoint(Path(tmp) / FILENAME, model, cfg.model, epoch=metrics["epoch"],
+            save_checkpoint(Path(tmp) / FILENAME, model, cfg.model, epoch=metrics["epoch"], threshold=cfg.threshold,
                             metrics=metrics, train_config=_plain(cfg.to_dict()))
             torch.save({"optimizer": optimizer.state_dict(), "epoch": metrics["epoch"], "history": history},
                        Path(tmp) / STATE)
@@ -206,11 +218,18 @@ def trainer_for(run: Path, cfg: TrainConfig, data: Path, workers: int, gpus: boo
     else:
         torch_threads = max(1, int(cpu_per_worker))
     DataContext.get_current().enable_progress_bars = False
-    labeled = stream.labeled_patients(data, cfg.label_fraction, cfg.seed, cfg.dataset)
+    selection = splits.for_config(data, cfg)
+    selection.save(run)
+    chosen = selection.splits
+    if not chosen.val:
+        raise InputError(data, "no training patient with a mask to validate on: the run could not choose "
+                               "its checkpoint (label some scans, or ingest more patients)")
+    rows_per_worker = -(-selection.budget["training_rows"] // workers)
     return TorchTrainer(
         train_loop,
         train_loop_config={"train": _plain(cfg.to_dict()), "run": run.name,  # the dashboards' run tag
-                           "torch_threads": torch_threads},
+                           "torch_threads": torch_threads,
+                           "shuffle_rows": max(cfg.batch_size, min(rows_per_worker, SHUFFLE_ROWS))},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus,
                                      resources_per_worker={"CPU": cpu_per_worker}),
         run_config=RunConfig(
@@ -219,7 +238,8 @@ def trainer_for(run: Path, cfg: TrainConfig, data: Path, workers: int, gpus: boo
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep,
                                                checkpoint_score_attribute="val_dsc",
                                                checkpoint_score_order="max")),
-        datasets={"train": stream.training_dataset(data, labeled, cfg.dataset), "val": stream.evaluation_dataset(data)},
+        datasets={"train": stream.training_dataset(data, list(selection.labeled), cfg.dataset, without=chosen.val),
+                  "val": stream.evaluation_dataset(data, "train", only=list(chosen.val))},
         dataset_config=split_train(cpus - workers * cpu_per_worker),
     )
 
@@ -249,7 +269,8 @@ def _fit(run: Path, cfg: TrainConfig, data: Path, workers: int, gpus: bool) -> i
 
 
 def finish_run(run: Path, result) -> int:
-    """Keep the best checkpoint as run/model.pt and the epoch history as run/history.csv."""
+    """Keep the best checkpoint by validation DSC as run/model.pt and the epoch history as
+    run/history.csv; then, once, score the kept model on the test split (run/test.json)."""
     best = result.get_best_checkpoint("val_dsc", "max") or result.checkpoint
     if best is None:
         raise InputError(run, "training reported no checkpoint")
@@ -259,9 +280,12 @@ def finish_run(run: Path, result) -> int:
         history = torch.load(Path(folder) / STATE, map_location="cpu", weights_only=True)["history"]
     write_history(run / "history.csv", history)
     last = history[-1]
-    print(f"trained {last['epoch']} epochs: val DSC {last.get('val_dsc', float('nan')):.3f} "
-          f"(best {max(r.get('val_dsc', 0.0) for r in history):.3f}); "
-          f"model: {run / FILENAME}, history: {run / 'history.csv'}")
+    cfg = load_train_config(run / "config.yaml")
+    tested = score_test(run, Path(json.loads((run / "run.json").read_text())["data"]), cfg.test_runs)
+    print(f"trained {last['epoch']} epochs: validation DSC {last.get('val_dsc', float('nan')):.3f} "
+          f"(best {max(r.get('val_dsc', 0.0) for r in history):.3f}, chooses the kept model); "
+          f"kept model on the test split: DSC {tested.get('dsc', float('nan')):.3f}; "
+          f"model: {run / FILENAME}, history: {run / 'history.csv'}, test: {run / 'test.json'}")
     return 0
 
 

@@ -11,8 +11,9 @@ An experiment folder holds:
     experiment.json   data path, space path, resources plan (the report reads the data path)
     space.yaml        the space file as given;  base.yaml: its resolved base training config
     tune/             Ray Tune's experiment: state for --resume, per-trial results, TensorBoard events
-    runs/<trial id>/  one training run per trial (config.yaml, run.json, trial.json, history.csv,
-                      model.pt, test.json: the kept model scored on the test split)
+    runs/<trial id>/  one training run per trial (config.yaml, run.json, trial.json, splits.json,
+                      budget.json, history.csv, model.pt: kept by validation DSC, test.json: the
+                      kept model scored once on the test split when the trial ends)
     results.parquet, results.csv   one row per trial: parameters, config, metrics, size, timings
 """
 
@@ -32,14 +33,12 @@ import pyarrow.csv
 import pyarrow.parquet as pq
 import torch
 
-from bonescan_model import engine
-from bonescan_model.checkpoint import FILENAME, load_checkpoint
+from bonescan_model.checkpoint import FILENAME
 from bonescan_model.errors import InputError
-from bonescan_model.network import count_parameters
-from bonescan_platform import shards, stream
+from bonescan_platform import shards, splits, stream
 from bonescan_platform.cluster import ray_session
 from bonescan_platform.config import TrainConfig, load_train_config, read_yaml, save_train_config
-from bonescan_platform.evaluate import BATCH, HEADLINE, score_runs
+from bonescan_platform.evaluate import HEADLINE, TEST_FILE, score_test
 from bonescan_platform.search_space import AUTO, SearchSpace, case_name, load_space, parse_space
 from bonescan_platform.train import STATE, finish_run, trainer_for
 
@@ -249,9 +248,9 @@ def _new_tuner(exp: Experiment, plan: Plan, trainable):
 def collect(experiment: str | Path) -> list[dict]:
     """One row per trial from the run folders -> results.parquet and results.csv.
 
-    Trials that ASHA stopped get their model.pt and history.csv here, from their checkpoints;
-    every kept model is scored on the test split (the paper's protocol, ``evaluate_runs``
-    runs) once, cached in its run's test.json."""
+    Trials that ASHA stopped get their model.pt, history.csv and test.json here, from their
+    checkpoints (``finish_from_checkpoints``); a kept model without a test score (a folder of an
+    older version) is scored here, once. Nothing reads the test split before a model is kept."""
     exp = Experiment.open(experiment)
     runs = sorted(p for p in exp.runs.glob("*") if (p / "trial.json").is_file()) if exp.runs.is_dir() else []
     crops = None
@@ -259,9 +258,9 @@ def collect(experiment: str | Path) -> list[dict]:
     for run in runs:
         if not (run / "history.csv").exists():
             finish_from_checkpoints(run)
-        if (run / FILENAME).exists() and not _fresh(run / "test.json", run / FILENAME):
-            crops = crops if crops is not None else test_crops(exp.data)
-            _score(run, crops, exp.space.evaluate_runs)
+        if (run / FILENAME).exists() and not _fresh(run / TEST_FILE, run / FILENAME):
+            crops = crops if crops is not None else stream.crops(exp.data, "test")
+            score_test(run, exp.data, load_train_config(run / "config.yaml").test_runs, crops)
         rows.append(_row(exp, run))
     if rows:
         table = pa.Table.from_pylist(rows)
@@ -274,11 +273,11 @@ def _row(exp: Experiment, run: Path) -> dict:
     trial = json.loads((run / "trial.json").read_text())
     cfg = load_train_config(run / "config.yaml")
     history = read_history(run) if (run / "history.csv").exists() else []
-    tested = json.loads((run / "test.json").read_text()) if (run / "test.json").exists() else {}
+    tested = json.loads((run / TEST_FILE).read_text()) if (run / TEST_FILE).exists() else {}
+    budget = splits.load_budget(run)
     params = trial["params"]
     epochs = int(history[-1]["epoch"]) if history else 0
     best = max(history, key=lambda r: r.get("val_dsc", -1.0)) if history else {}
-    labeled, train_scans = stream.labeled_scans(exp.data, cfg.label_fraction, cfg.seed, cfg.dataset)
     nan = float("nan")
     row = {
         "trial_id": trial["trial_id"],
@@ -287,10 +286,15 @@ def _row(exp: Experiment, run: Path) -> dict:
         **{name: (case_name(params[name]) if isinstance(params.get(name), dict) else params.get(name))
            for name in exp.space.names},
         "seed": cfg.seed,
-        "labeled_scans": labeled, "train_scans": train_scans,
+        **{k: budget.get(k, -1) for k in ("labeled_scans", "labeled_patients", "train_scans", "train_patients",
+                                          "val_scans", "val_patients", "test_scans", "all_scans", "training_rows")},
+        **{k: budget.get(k, nan) for k in ("labeled_share_of_train", "labeled_share_of_all")},
         "epochs": epochs, "max_epochs": cfg.epochs,
+        # Test split, kept model, scored once: run 0 is the headline; protocol_*: the paper's runs.
         **{k: tested.get(k, nan) for k in HEADLINE},
-        **{f"{k}_std": tested.get("std", {}).get(k, nan) for k in ("dsc", "cpa", "recall")},
+        "lesion_images": tested.get("lesion_images", 0),
+        **{f"protocol_{k}": tested.get("runs_mean", {}).get(k, nan) for k in ("dsc", "cpa", "recall")},
+        **{f"protocol_{k}_std": tested.get("runs_std", {}).get(k, nan) for k in ("dsc", "cpa", "recall")},
         "evaluate_runs": len(tested.get("runs", [])),
         "best_epoch": int(best.get("epoch", 0)),
         "best_val_dsc": best.get("val_dsc", nan),
@@ -373,63 +377,19 @@ def finish_from_checkpoints(run: Path, epochs: int = 1) -> bool:
     return True
 
 
-# ---------------------------------------------------------------- scoring kept models
-def test_crops(data: Path) -> dict[str, np.ndarray]:
-    """The labeled original test scans, decoded once: {"image": (N, 2, 256, 256) float32,
-    "mask": (N, 1, 256, 256), "labeled": (N,)}, in scan_key order."""
-    table = pq.read_table(shards.shard_paths(data, "test"), columns=stream.COLUMNS + ["scan_key"])
-    table = table.sort_by("scan_key")
-    return stream.decode_batch({k: np.array(v, dtype=object) for k, v in table.to_pydict().items()}, None)
-
-
-class _Crops:
-    """Decoded crops in memory, in the shape score_runs iterates: it makes ``runs`` passes, and
-    a Ray dataset would read and decode the shards again for each."""
-
-    def __init__(self, crops: dict[str, np.ndarray]):
-        self._tensors = {k: torch.from_numpy(v) for k, v in crops.items()}
-
-    def iter_torch_batches(self, batch_size: int):
-        n = len(self._tensors["labeled"])
-        for i in range(0, n, batch_size):
-            yield {k: v[i:i + batch_size] for k, v in self._tensors.items()}
-
-
-def _score(run: Path, crops: dict[str, np.ndarray], runs: int) -> dict:
-    model, _config, meta = load_checkpoint(run)
-    threshold = meta.get("train_config", {}).get("threshold", 0.5)
-    body = score_runs(model, _Crops(crops), runs, threshold)
-    body["parameters"] = count_parameters(model)
-    body["test_seconds"] = test_seconds(model, crops["image"], threshold)
-    (run / "test.json").write_text(json.dumps(body, indent=2))
-    return body
-
-
-def test_seconds(model: torch.nn.Module, images: np.ndarray, threshold: float = 0.5) -> float:
-    """Seconds to segment ``images`` (N, 2, H, W) in batches of 8 (Table 4's test time; a CPU
-    runs each batch image by image, ``engine.predict_masks``), after a one-image warm-up that
-    pays the allocations of the first call."""
-    tensor = torch.from_numpy(images)
-    if not len(tensor):
-        return float("nan")
-    engine.predict_masks(model, tensor[:1], threshold)
-    start = time.perf_counter()
-    for i in range(0, len(tensor), BATCH):
-        engine.predict_masks(model, tensor[i:i + BATCH], threshold)
-    return time.perf_counter() - start
-
-
 def _fresh(product: Path, source: Path) -> bool:
     return product.exists() and product.stat().st_mtime >= source.stat().st_mtime
 
 
 def print_summary(rows: list[dict], space: SearchSpace) -> None:
-    print(f"{len(rows)} trials ({space.metric} {space.mode}); test split, {space.evaluate_runs} runs each:")
+    print(f"{len(rows)} trials, kept by {space.metric} ({space.mode}) on the validation split; "
+          f"each kept model scored once on the test split:")
     for row in rows:
         print(f"  {row['trial_id']}  {row['label'] or '(base)'}  seed {row['seed']}: {row['status']} after "
-              f"{row['epochs']} epochs; DSC {_fmt(row['dsc'])}, CPA {_fmt(row['cpa'])}, "
-              f"Recall {_fmt(row['recall'])}; {row['parameters'] / 1e6:.3f}M parameters, "
-              f"test {_fmt(row['test_seconds'], 2)} s")
+              f"{row['epochs']} epochs, {row['labeled_scans']} labeled scans; best val DSC "
+              f"{_fmt(row['best_val_dsc'])}; test DSC {_fmt(row['dsc'])}, CPA {_fmt(row['cpa'])}, "
+              f"Recall {_fmt(row['recall'])}, lesion sensitivity {_fmt(row['lesion_sensitivity'], 2)}; "
+              f"{row['parameters'] / 1e6:.3f}M parameters, test {_fmt(row['test_seconds'], 2)} s")
 
 
 def _fmt(value: float, digits: int = 3) -> str:

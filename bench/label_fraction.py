@@ -1,0 +1,96 @@
+"""What semi-supervision buys: the label-fraction experiment with its same-label control.
+
+A synthetic cohort (default 120 patients) is ingested once; `bonescan tune` then trains the
+demo-size model at each label share twice -- with l_U (the paper's loss) and without it
+(unsupervised_weight 0: the same model, labeled scans, augmentation and epochs, the unlabeled
+scans unused) -- for several training seeds. Each trial keeps its checkpoint by validation DSC;
+the test split is scored once per trial, on that kept model, and nothing is tuned on it.
+
+Prints one row per label share: test DSC (per-image mean over lesion-bearing test scans) and
+lesion sensitivity, mean ± std over seeds, for both arms, and the ratio with l_U / without
+(the baseline: the supervised-only arm on the same labels, measured in the same run).
+
+    python bench/label_fraction.py [--patients 120] [--epochs 16] [--seeds 3]
+                                   [--fractions 0.15,0.62] [--out DIR]
+
+label_fraction is the share of original training scans; the paper counts its L_label over
+all scans (train and test): the table prints both (budget.json of each run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+
+import numpy as np  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import yaml  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import describe  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--patients", type=int, default=120)
+    parser.add_argument("--epochs", type=int, default=16)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--fractions", default="0.15,0.62")
+    parser.add_argument("--test-runs", type=int, default=1)
+    parser.add_argument("--out", default="/tmp/bonescan-bench-label-fraction")
+    args = parser.parse_args()
+    print(describe())
+    from bonescan_model.synth import write_cohort
+    from bonescan_platform import ingest, tune
+    from bonescan_platform.cluster import ray_session
+
+    out = Path(args.out)
+    data = out / "shards"
+    started = time.perf_counter()
+    with ray_session():
+        if not (data / "_manifest.json").is_file():
+            write_cohort(out / "cohort", args.patients, seed=0)
+            ingest.ingest(str(out / "cohort" / "dicom"), str(data), str(out / "cohort" / "labels"))
+        base = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+        (out / "base.yaml").write_text(yaml.safe_dump({**base, "epochs": args.epochs, "test_runs": args.test_runs}))
+        space = {"base": "base.yaml", "fixed": {"dataset": "D1"},
+                 "parameters": {"label_fraction": {"grid": [float(f) for f in args.fractions.split(",")]},
+                                "unsupervised_weight": {"grid": [0.0, 1.0]}},
+                 "num_samples": args.seeds, "metric": "val_dsc", "mode": "max"}
+        (out / "space.yaml").write_text(yaml.safe_dump(space))
+        exp = out / "experiment"
+        resume = (exp / "experiment.json").is_file()
+        tune.sweep(str(data), str(out / "space.yaml"), str(exp), resume=resume)
+    rows = pq.read_table(exp / "results.parquet").to_pylist()
+    print(f"\n{args.patients} patients, demo model, {args.epochs} epochs, D1 + on-the-fly augmentation, "
+          f"{args.seeds} seeds; kept by val DSC; test split scored once per trial "
+          f"({time.perf_counter() - started:.0f} s)")
+    print("label share of training scans (of all scans) | labeled scans | test DSC with l_U | without l_U "
+          "| ratio | lesion sensitivity with | without")
+    for fraction in sorted({r["label_fraction"] for r in rows}):
+        arms = {w: [r for r in rows if r["label_fraction"] == fraction and r["unsupervised_weight"] == w]
+                for w in (1.0, 0.0)}
+
+        def stat(w: float, key: str) -> tuple[float, float]:
+            values = [r[key] for r in arms[w] if np.isfinite(r[key])]
+            return (float(np.mean(values)), float(np.std(values))) if values else (float("nan"), float("nan"))
+
+        (d1, s1), (d0, s0) = stat(1.0, "dsc"), stat(0.0, "dsc")
+        (l1, _), (l0, _) = stat(1.0, "lesion_sensitivity"), stat(0.0, "lesion_sensitivity")
+        share_all = np.mean([r["labeled_share_of_all"] for r in arms[1.0]])
+        labeled = np.mean([r["labeled_scans"] for r in arms[1.0]])
+        print(f"{fraction:.2f} ({share_all:.0%}) | {labeled:.0f} | {d1:.3f} ± {s1:.3f} | {d0:.3f} ± {s0:.3f} | "
+              f"{d1 / d0 if d0 else float('nan'):.2f}x | {l1:.2f} | {l0:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,168 @@
+"""Which rows a run may use: three patient-level splits and the label budget.
+
+``test`` is assigned at ingest (a keyed hash of the patient, in the shards' ``split`` column);
+``val`` is drawn here, seeded, from the training side; the rest is ``train``. No patient is in
+two splits. Validation chooses everything that is chosen (the kept checkpoint, early stopping,
+ASHA, a baseline's threshold); the test split is scored once, at the end, on the kept model.
+
+The label budget is counted on original training scans only: augmented copies and generated
+(DCGAN) rows can never carry a label of their own, so they are neither in the numerator nor in
+the denominator. Masks are kept per patient (a labeled patient's augmented copies keep theirs).
+
+A run writes ``splits.json`` ({"train": [...], "val": [...], "test": [...]}, keyed hashes only)
+and ``budget.json`` (how many scans and patients were labeled, beside the totals).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from bonescan_model.errors import InputError
+from bonescan_platform import shards
+
+ORIGINAL_SOURCES = ("dicom", "synthetic")
+SPLITS_FILE = "splits.json"
+BUDGET_FILE = "budget.json"
+
+
+@dataclass(frozen=True)
+class Row:
+    patient_key: str
+    has_mask: bool
+    source: str
+    split: str  # the shards' split: "train" or "test"
+
+    @property
+    def original(self) -> bool:
+        return self.source in ORIGINAL_SOURCES
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: tuple[str, ...]
+    val: tuple[str, ...]
+    test: tuple[str, ...]
+
+    def to_json(self) -> dict[str, list[str]]:
+        return {"train": list(self.train), "val": list(self.val), "test": list(self.test)}
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A run's splits, the patients whose masks it trains on, and the counts it records."""
+
+    splits: Splits
+    labeled: tuple[str, ...]
+    budget: dict
+
+    def save(self, run: Path) -> None:
+        (run / SPLITS_FILE).write_text(json.dumps(self.splits.to_json(), indent=1))
+        (run / BUDGET_FILE).write_text(json.dumps({**self.budget, "labeled_patient_keys": list(self.labeled)},
+                                                  indent=1))
+
+
+def read_rows(shard_dir: str | Path) -> list[Row]:
+    """Every row of the shards, without its pixels: one read of four small columns."""
+    table = pq.read_table(shards.shard_paths(shard_dir), columns=["patient_key", "mask", "source", "split"])
+    return [Row(*values) for values in zip(
+        table.column("patient_key").to_pylist(), pc.is_valid(table.column("mask")).to_pylist(),
+        table.column("source").to_pylist(), table.column("split").to_pylist())]
+
+
+def in_dataset(source: str, dataset: str) -> bool:
+    """Whether a row of this ``source`` belongs to ``dataset`` (the paper's Table 1)."""
+    kind = source.split(":", 1)[0]
+    if dataset == "all":
+        return True
+    if kind in ORIGINAL_SOURCES:
+        return True
+    return {"D2": kind == "augmented", "D3": kind == "dcgan",
+            "D4": kind in ("augmented", "dcgan")}.get(dataset, False)
+
+
+def _order(keys, salt: str) -> list[str]:
+    """A seeded shuffle independent of file order (patient keys are already keyed hashes)."""
+    return sorted(keys, key=lambda k: hashlib.sha256(f"{salt}:{k}".encode()).hexdigest())
+
+
+def draw_splits(rows: list[Row], val_fraction: float, val_seed: int) -> Splits:
+    """Val patients: ``val_fraction`` of the original training patients (one at least, one
+    training patient left at least), drawn seeded from those with a mask: a validation patient
+    without one could not score anything."""
+    train = sorted({r.patient_key for r in rows if r.original and r.split == "train"})
+    test = sorted({r.patient_key for r in rows if r.original and r.split == "test"})
+    with_mask = sorted({r.patient_key for r in rows if r.original and r.split == "train" and r.has_mask})
+    n_val = min(max(1, round(val_fraction * len(train))), len(with_mask), len(train) - 1)
+    val = set(_order(with_mask, f"val:{val_seed}")[:max(0, n_val)])
+    return Splits(train=tuple(k for k in train if k not in val), val=tuple(sorted(val)), test=tuple(test))
+
+
+def select(shard_dir: str | Path, *, val_fraction: float, val_seed: int, seed: int,
+           label_fraction: float, labeled_scans: int | None = None, dataset: str = "all") -> Selection:
+    """The splits and the labeled patients of one run (the paper's L_label, stated both ways).
+
+    Patients with a mask are taken in an order seeded by ``seed`` until their original scans
+    reach ``labeled_scans`` (when given) or ``label_fraction`` of the original training scans."""
+    rows = read_rows(shard_dir)
+    splits = draw_splits(rows, val_fraction, val_seed)
+    train, val, test = set(splits.train), set(splits.val), set(splits.test)
+    originals = [r for r in rows if r.original]
+    scans_of: dict[str, int] = {}
+    for r in originals:
+        if r.patient_key in train and r.has_mask:
+            scans_of[r.patient_key] = scans_of.get(r.patient_key, 0) + 1
+    train_scans = sum(r.patient_key in train for r in originals)
+    available = sum(scans_of.values())
+    if labeled_scans is not None:
+        if labeled_scans > available:
+            raise InputError(shard_dir, f"labeled_scans: {labeled_scans} asked, the training split has "
+                                        f"{available} original scans with a mask")
+        target = labeled_scans
+    else:
+        target = round(label_fraction * train_scans)
+    labeled, count = [], 0
+    for key in _order(scans_of, str(seed)):
+        if count >= target:
+            break
+        labeled.append(key)
+        count += scans_of[key]
+    chosen = set(labeled)
+    all_scans = len(originals)
+    training_rows = sum(r.split == "train" and r.patient_key not in val and in_dataset(r.source, dataset)
+                        for r in rows)
+    budget = {
+        "label_fraction": label_fraction, "labeled_scans_asked": labeled_scans,
+        "labeled_scans": count, "labeled_patients": len(chosen),
+        "train_scans": train_scans, "train_patients": len(train),
+        "val_scans": sum(r.patient_key in val for r in originals), "val_patients": len(val),
+        "test_scans": sum(r.patient_key in test for r in originals), "test_patients": len(test),
+        "all_scans": all_scans,
+        "labeled_share_of_train": count / train_scans if train_scans else 0.0,
+        # The paper's L_label: labeled scans over every scan, train and test together.
+        "labeled_share_of_all": count / all_scans if all_scans else 0.0,
+        "dataset": dataset, "training_rows": training_rows,
+    }
+    return Selection(splits=splits, labeled=tuple(sorted(chosen)), budget=budget)
+
+
+def for_config(shard_dir: str | Path, cfg) -> Selection:
+    """``select`` with a TrainConfig's keys."""
+    return select(shard_dir, val_fraction=cfg.val_fraction, val_seed=cfg.val_seed, seed=cfg.seed,
+                  label_fraction=cfg.label_fraction, labeled_scans=cfg.labeled_scans, dataset=cfg.dataset)
+
+
+def load(run: Path) -> Splits:
+    data = json.loads((run / SPLITS_FILE).read_text())
+    return Splits(**{k: tuple(v) for k, v in data.items()})
+
+
+def load_budget(run: Path) -> dict:
+    path = run / BUDGET_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
