@@ -29,7 +29,6 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
 
 import numpy as np  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
 import yaml  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -46,7 +45,11 @@ def main() -> int:
     parser.add_argument("--fractions", default="0.15,0.62")
     parser.add_argument("--test-runs", type=int, default=1)
     parser.add_argument("--out", default="/tmp/bonescan-bench-label-fraction")
+    parser.add_argument("--summarize", action="store_true",
+                        help="print the table of the trials finished so far, train nothing")
     args = parser.parse_args()
+    if args.summarize:
+        return summarize(Path(args.out) / "experiment", args)
     print(describe())
     from bonescan_model.synth import write_cohort
     from bonescan_platform import ingest, tune
@@ -69,10 +72,28 @@ def main() -> int:
         exp = out / "experiment"
         resume = (exp / "experiment.json").is_file()
         tune.sweep(str(data), str(out / "space.yaml"), str(exp), resume=resume)
-    rows = pq.read_table(exp / "results.parquet").to_pylist()
+    print(f"({time.perf_counter() - started:.0f} s)")
+    return summarize(exp, args)
+
+
+def summarize(exp: Path, args) -> int:
+    """The table, from the run folders of the trials that have their test score (test.json):
+    a sweep cut short still shows what it measured."""
+    import json
+
+    rows = []
+    for run in sorted((exp / "runs").glob("*/test.json")):
+        tested, trial = json.loads(run.read_text()), json.loads((run.parent / "trial.json").read_text())
+        budget = json.loads((run.parent / "budget.json").read_text())
+        cfg = yaml.safe_load((run.parent / "config.yaml").read_text())
+        rows.append({"label_fraction": cfg["label_fraction"], "unsupervised_weight": cfg["unsupervised_weight"],
+                     "seed": cfg["seed"], "dsc": tested.get("dsc", float("nan")),
+                     "lesion_sensitivity": tested.get("lesion_sensitivity", float("nan")),
+                     "labeled_scans": budget["labeled_scans"], "labeled_share_of_all": budget["labeled_share_of_all"],
+                     "trial": trial["trial_id"]})
     print(f"\n{args.patients} patients, demo model, {args.epochs} epochs, D1 + on-the-fly augmentation, "
-          f"{args.seeds} seeds; kept by val DSC; test split scored once per trial "
-          f"({time.perf_counter() - started:.0f} s)")
+          f"up to {args.seeds} seeds; kept by val DSC; test split scored once per trial; "
+          f"{len(rows)} trials with a test score")
     print("label share of training scans (of all scans) | labeled scans | test DSC with l_U | without l_U "
           "| ratio | lesion sensitivity with | without")
     for fraction in sorted({r["label_fraction"] for r in rows}):
@@ -85,10 +106,12 @@ def main() -> int:
 
         (d1, s1), (d0, s0) = stat(1.0, "dsc"), stat(0.0, "dsc")
         (l1, _), (l0, _) = stat(1.0, "lesion_sensitivity"), stat(0.0, "lesion_sensitivity")
-        share_all = np.mean([r["labeled_share_of_all"] for r in arms[1.0]])
-        labeled = np.mean([r["labeled_scans"] for r in arms[1.0]])
-        print(f"{fraction:.2f} ({share_all:.0%}) | {labeled:.0f} | {d1:.3f} ± {s1:.3f} | {d0:.3f} ± {s0:.3f} | "
-              f"{d1 / d0 if d0 else float('nan'):.2f}x | {l1:.2f} | {l0:.2f}")
+        both = arms[1.0] + arms[0.0]
+        share_all = np.mean([r["labeled_share_of_all"] for r in both])
+        labeled = np.mean([r["labeled_scans"] for r in both])
+        print(f"{fraction:.2f} ({share_all:.0%}) | {labeled:.0f} | {d1:.3f} ± {s1:.3f} (n={len(arms[1.0])}) | "
+              f"{d0:.3f} ± {s0:.3f} (n={len(arms[0.0])}) | {d1 / d0 if d0 else float('nan'):.2f}x | "
+              f"{l1:.2f} | {l0:.2f}")
     return 0
 
 

@@ -22,16 +22,8 @@ def ray_local():
         ray.shutdown()
     ray.init(address="local", num_cpus=2, object_store_memory=300 * 1024**2,
              include_dashboard=True, log_to_driver=True)
-    # Ray's State API (Train's placement-group cleaner asks it) cannot choose among several Ray
-    # instances on one machine: name ours, as bonescan_platform.cluster does for its own.
-    previous = os.environ.get("RAY_ADDRESS")
-    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     yield ray
     ray.shutdown()
-    if previous is None:
-        os.environ.pop("RAY_ADDRESS", None)
-    else:
-        os.environ["RAY_ADDRESS"] = previous
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +32,27 @@ def deid_secret(tmp_path_factory):
     path = tmp_path_factory.mktemp("secret") / "deid_secret"
     os.environ["BONESCAN_SECRET_FILE"] = str(path)
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that uses the shared Ray (directly or through a fixture) is a `ray` test, so
+    `-m "not ray"` leaves the fast layer. Tests that start Ray another way carry the mark
+    themselves; ``_no_ray_outside_the_ray_layer`` catches one that forgets."""
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture(autouse=True)
+def _no_ray_outside_the_ray_layer(request):
+    """Fails an unmarked test that starts Ray in this process (fully effective in the
+    `-m "not ray"` layer, where no shared Ray is up before it)."""
+    import sys
+
+    def ray_up() -> bool:
+        return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+    before = ray_up()
+    yield
+    if request.node.get_closest_marker("ray") is None and not before and ray_up():
+        pytest.fail("this test started Ray in-process: mark it @pytest.mark.ray (or use the ray_local fixture)")

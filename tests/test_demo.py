@@ -31,10 +31,13 @@ def test_demo_runs_every_step_and_says_where_each_output_is(ray_local, tmp_path,
         assert path.exists() and str(path) in printed
 
     metrics = json.loads((out / "demo_metrics.json").read_text())
+    assert metrics["split"] == "test"
     for result in (metrics["model"], metrics["count_threshold_baseline"]):
-        assert result["images"] > 0 and len(result["runs"]) == 10
-        assert all(0 <= result[k] <= 1 for k in ("dsc", "cpa", "recall"))
-    assert metrics["count_threshold_baseline"]["tau"] > 0
+        assert result["split"] == "test" and result["images"] > 0 and len(result["runs"]) == 10
+        assert all(0 <= result[k] <= 1 for k in ("dsc", "cpa", "recall")) or result["lesion_images"] == 0
+    baseline = metrics["count_threshold_baseline"]
+    assert baseline["tau"] > 0 and baseline["tuned_on"] == "val"  # chosen on validation, like the model
+    assert metrics["model"] == json.loads((out / "run" / "test.json").read_text())  # the run's one test score
     assert len((out / "run" / "history.csv").read_text().splitlines()) == 1 + TINY["epochs"]
 
     predicted = sorted(p.name for p in (out / "predictions").rglob("*") if p.is_file())
@@ -43,7 +46,7 @@ def test_demo_runs_every_step_and_says_where_each_output_is(ray_local, tmp_path,
     assert any(n.endswith(".json") for n in predicted)
 
     page = (out / "report.html").read_text()
-    assert "Training run" in page and "10 seeded runs on the test split" in page
+    assert "Training run" in page and "scored once" in page and "the paper's 10 runs" in page
 
 
 def test_demo_refuses_a_cohort_too_small_to_split(tmp_path, capsys):

@@ -10,6 +10,8 @@ import sysconfig
 import textwrap
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -69,6 +71,7 @@ TWO_NODES = textwrap.dedent("""
 """)
 
 
+@pytest.mark.ray
 def test_two_workers_on_a_two_node_cluster_train_and_report(tmp_path, deid_secret):
     # Its own cluster in its own process: the session's shared Ray instance stays untouched.
     done = subprocess.run([sys.executable, "-c", TWO_NODES, str(tmp_path)], capture_output=True,

@@ -8,6 +8,8 @@ and `tune.collect` scores the models and writes the results table, as after a sw
 from __future__ import annotations
 
 import csv
+import dataclasses
+import itertools
 import json
 import re
 import shutil
@@ -20,11 +22,13 @@ from skimage import io as skio
 
 from bonescan_model.checkpoint import save_checkpoint
 from bonescan_model.network import build_model
-from bonescan_platform import tune
+from bonescan_platform import splits, tune
 from bonescan_platform.cli import main
 from bonescan_platform.config import save_train_config
 from bonescan_platform.tune import Experiment, Plan
 from tiny import ingested_cohort
+
+pytestmark = pytest.mark.ray  # experiments are laid out on shards that Ray ingests
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUT = Path(__file__).parent / "_output"
@@ -39,23 +43,26 @@ def data(tmp_path_factory, ray_local, deid_secret):
     return ingested_cohort(root, 8, seed=3)
 
 
-def laid_out_experiment(root: Path, data: Path, space_file: str) -> Path:
-    """An experiment folder of the space `tune_spaces/<space_file>`, one trial per grid value."""
+def laid_out_experiment(root: Path, data: Path, space_file: str, seeds: int = 2) -> Path:
+    """An experiment folder of the space `tune_spaces/<space_file>`: one trial per grid point and
+    seed (``seeds`` of them), each with its splits, label budget, checkpoint and history."""
     exp = Experiment.create(root, data, REPO / "tune_spaces" / space_file)
     exp = exp.save_plan(Plan(trials=1, workers=1, cpu_per_worker=1.0, gpus=False))
-    (parameter,) = exp.space.parameters
-    for i, value in enumerate(parameter.values):
-        params = {parameter.name: value}
-        cfg = exp.space.trial_config(params)
+    names = [p.name for p in exp.space.parameters]
+    grid = list(itertools.product(*(p.values for p in exp.space.parameters)))
+    for i, (values, seed) in enumerate(itertools.product(grid, range(seeds))):
+        params = {**dict(zip(names, values)), "seed": seed}
+        cfg = dataclasses.replace(exp.space.trial_config(params), test_runs=2)
         run = exp.runs / f"laidout_{i:05d}"
         run.mkdir(parents=True)
         save_train_config(cfg, run / "config.yaml")
         (run / "run.json").write_text(json.dumps({"data": str(data), "workers": 1, "gpus": False}))
         (run / "trial.json").write_text(json.dumps(
             {"trial_id": run.name, "params": params, "label": tune.trial_label(params)}))
+        splits.for_config(data, cfg).save(run)
         torch.manual_seed(i)
         save_checkpoint(run / "model.pt", build_model(cfg.model), cfg.model, epoch=cfg.epochs,
-                        train_config={"threshold": cfg.threshold})
+                        threshold=cfg.threshold)
         with open(run / "history.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=["epoch", "train_loss", "train_seconds", "val_dsc", "val_cpa",
                                                    "val_recall"])
@@ -64,7 +71,8 @@ def laid_out_experiment(root: Path, data: Path, space_file: str) -> Path:
                 writer.writerow({"epoch": epoch, "train_loss": 1.0 / (epoch + i), "train_seconds": 3.0,
                                  "val_dsc": epoch / (cfg.epochs + i), "val_cpa": 0.2, "val_recall": 0.3})
     rows = tune.collect(root)
-    assert len(rows) == len(parameter.values) and all(r["status"] == "finished" for r in rows)
+    assert len(rows) == len(grid) * seeds and all(r["status"] == "finished" for r in rows)
+    assert sorted({r["seed"] for r in rows}) == list(range(seeds))
     return root
 
 
@@ -111,8 +119,9 @@ def label_fraction(data, tmp_path_factory):  # Fig. 7: a numeric x, the paper's 
 
 @needs_chromium
 @pytest.mark.parametrize("experiment, expected", [
-    ("baselines", ["U-Net", "Proposed", "nnU-Net", "0.757", "not run", "Model"]),
-    ("label_fraction", ["37%", "0.683", "0.715", "0.601", "L_label (share)"]),
+    ("baselines", ["U-Net", "Proposed", "Proposed, supervised only", "nnU-Net", "0.757", "not run", "Model"]),
+    ("label_fraction", ["37%", "0.683", "0.715", "0.601", "labeled share of training scans",
+                        "L_label (share of all scans)"]),
 ])
 def test_experiment_report_opens_in_a_browser_with_its_tables_and_pictures(request, tmp_path, experiment, expected):
     exp = request.getfixturevalue(experiment)
@@ -133,7 +142,8 @@ def test_run_report_shows_its_curves_and_predictions(baselines, tmp_path):
     assert main(["report", "--experiment", str(run), "--out", str(page)]) == 0
     dom = check_in_browser(page, tmp_path, "report_run.png")
     assert re.search(r"<table id=\"run-table\">", dom)
-    assert "seeded runs" in dom  # the test protocol's scores that tune.collect kept
+    assert "scored once" in dom and "the paper's 2 runs" in dom  # test.json, as the run's end wrote it
+    assert "validation split" in dom and "id=\"budget\"" in dom
 
 
 def test_report_shows_the_paper_beside_the_measured_numbers(baselines, tmp_path):
@@ -141,11 +151,12 @@ def test_report_shows_the_paper_beside_the_measured_numbers(baselines, tmp_path)
     assert main(["report", "--experiment", str(baselines), "--out", str(page)]) == 0
     table = re.search(r"<table id='paper-table'>.*?</table>", page.read_text(), re.S).group(0)
     rows = re.findall(r"<tr[^>]*>(.*?)</tr>", table, re.S)[2:]  # past the two header rows
-    assert len(rows) == 3
+    assert len(rows) == 4
     for model, published in (("U-Net", ("0.695", "0.722", "0.608")), ("Proposed", ("0.692", "0.721", "0.624"))):
         row = next(r for r in rows if f"<td>{model}</td>" in r)
-        for value in published:  # each published score right after the measured one
-            assert re.search(rf"<td>(<b>)?[01]\.\d{{3}}(</b>)?</td><td class='paper'>{value}</td>", row), row
+        for value in published:  # each published score right after the measured one (± over the 2 seeds)
+            assert re.search(rf"<td[^>]*>(<b>)?([01]\.\d{{3}} ± \d\.\d{{3}}|n/a)(</b>)?</td><td class='paper'>{value}</td>",
+                             row), row
     (nnunet,) = [r for r in rows if "nnU-Net" in r]
     assert nnunet.count("not run") >= 3 and "<td class='paper'>0.757</td>" in nnunet
 

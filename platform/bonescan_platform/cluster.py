@@ -31,18 +31,10 @@ def ray_session(num_cpus: int | None = None):
             include_dashboard=True,
             log_to_driver=True,
         )
-    # Ray's own helpers that find "the" cluster (the State API that Train's placement-group
-    # cleaner asks) cannot choose among several Ray instances on one machine: name ours.
-    previous = os.environ.get("RAY_ADDRESS")
-    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     try:
         yield
     finally:
         ray.shutdown()
-        if previous is None:
-            os.environ.pop("RAY_ADDRESS", None)
-        else:
-            os.environ["RAY_ADDRESS"] = previous
 
 
 def _started_cluster() -> str | None:
