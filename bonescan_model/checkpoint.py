@@ -18,6 +18,8 @@ from bonescan_model.errors import InputError
 from bonescan_model.network import ModelConfig, build_model
 
 FILENAME = "model.pt"
+# What a checkpoint without a training config (saved outside `bonescan train`) is scored with.
+DEFAULT_THRESHOLD = 0.5
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, config: ModelConfig, **meta) -> Path:
@@ -54,3 +56,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     model = build_model(config)
     model.load_state_dict(blob["state_dict"])
     return model.eval(), config, blob.get("meta", {})
+
+
+def run_threshold(meta: dict) -> float:
+    """The sigmoid threshold of a lesion pixel that the checkpoint's run trained and validated with."""
+    return float(meta.get("train_config", {}).get("threshold", DEFAULT_THRESHOLD))

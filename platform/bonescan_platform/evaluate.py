@@ -19,7 +19,7 @@ import torch
 
 from bonescan_model import engine
 from bonescan_model.augment import augment_batch
-from bonescan_model.checkpoint import load_checkpoint
+from bonescan_model.checkpoint import load_checkpoint, run_threshold
 from bonescan_model.errors import InputError
 from bonescan_platform import shards, stream
 from bonescan_platform.cluster import ray_session
@@ -56,7 +56,7 @@ def evaluate(checkpoint: str, data: str, runs: int = 10, json_path: str | None =
         raise InputError(checkpoint, "--runs must be at least 1")
     model, _config, meta = load_checkpoint(checkpoint)
     shards.read_manifest(data)
-    threshold = meta.get("train_config", {}).get("threshold", 0.5)
+    threshold = run_threshold(meta)
     with ray_session():
         result = score_runs(model, stream.evaluation_dataset(data), runs, threshold)
     if not result["images"]:

@@ -7,7 +7,7 @@ checkpoint and the Fréchet distance between real and generated crops). The GAN 
 the original crops of the train split only: a test image must not leak into training data
 through its synthetic look-alikes.
 
-A GAN run folder (``<augment --out>/dcgan/`` unless ``--gan`` names a trained one) holds:
+A GAN run folder (``<augment --out>/_dcgan/`` unless ``--gan`` names a trained one) holds:
 gan.yaml (the resolved GanConfig), run.json (data, workers, devices), train/ (Ray Train's
 checkpoints; a rerun resumes from them), gan.pt (the checkpoint with the lowest Fréchet
 distance) and history.csv (one row per checkpoint).
@@ -39,11 +39,14 @@ from bonescan_platform import shards, stream
 from bonescan_platform.config import read_yaml
 from bonescan_platform.train import split_train, worker_cpus, write_history
 
-RUN_DIR = "dcgan"  # the GAN run's folder inside the augment output folder
+# The GAN run's folder and the sample sheet inside the augment output folder: "_" names, which
+# Parquet readers of the shard folder skip (shards.py).
+RUN_DIR = "_dcgan"
+LEGACY_RUN_DIR = "dcgan"  # where an earlier bonescan put it
 RUN_NAME = "train"  # fixed, so a rerun with the same folder resumes instead of starting over
 STATE = "gan_state.pt"
 CONFIG = "gan.yaml"
-SHEET = "samples.png"
+SHEET = "_samples.png"
 # The Fréchet distance compares the first REFERENCE_CROPS original training crops with the
 # same number of samples drawn with FRECHET_SEED, the same ones at every checkpoint.
 REFERENCE_CROPS = 64
@@ -342,7 +345,7 @@ def original_crops(data: Path, count: int) -> list[np.ndarray]:
 
 
 def write_sheet(data: Path, out: Path, gan_path: Path, seed: int) -> Path:
-    """out/samples.png: the first original training crops of ``data`` beside the first
+    """out/_samples.png: the first original training crops of ``data`` beside the first
     generated crops written to ``out`` (the counts in the shards, normalized as training sees them)."""
     generator, _, cfg, levels, _ = dcgan.load_gan_checkpoint(gan_path)
     real = original_crops(data, SHEET_CROPS)

@@ -23,7 +23,7 @@ from bonescan_platform.cluster import ray_session
 
 TEST_FRACTION = 0.3
 ROWS_PER_SHARD = 32
-REPORT = "ingest_report.json"
+REPORT = "_ingest_report.json"  # "_": Parquet readers of the folder skip it (shards.py)
 
 
 def assign_splits(patient_keys: set[str], secret: bytes, test_fraction: float = TEST_FRACTION) -> dict[str, str]:
@@ -92,6 +92,7 @@ def ingest(dicom: str, out: str, labels: str | None = None, *, rows_per_shard: i
     results = _run_tasks(plan.tasks, out_dir, secret) if plan.tasks else []
     written = [shards.ShardInfo(**r["shard"]) for r in results if r["shard"]]
     _remove_stale_shards(out_dir, {s.file for s in written})
+    shards.remove_legacy_files(out_dir)
     report = _report(results, plan)
     (out_dir / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True))
     shards.write_manifest(out_dir, written, report)
