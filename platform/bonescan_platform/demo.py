@@ -74,12 +74,12 @@ def _evaluate_model(run: Path, test) -> dict:
     from bonescan_model.checkpoint import load_checkpoint
 
     model, _config, _meta = load_checkpoint(run)
-    return evaluate.score_runs(model, test, runs=10)
+    return evaluate.score_runs(model, test, runs=10, label="evaluate model")
 
 
 def _evaluate_baseline(data: Path, test) -> dict:
     tau = fit_threshold(stream.evaluation_dataset(data, split="train").iter_torch_batches(batch_size=8))
-    result = evaluate.score_runs(ThresholdModel(tau), test, runs=10)
+    result = evaluate.score_runs(ThresholdModel(tau), test, runs=10, label="evaluate threshold")
     return {**result, "tau": tau}
 
 

@@ -21,6 +21,7 @@ from bonescan_model import engine
 from bonescan_model.augment import augment_batch
 from bonescan_model.checkpoint import load_checkpoint, run_threshold
 from bonescan_model.errors import InputError
+from bonescan_model.progress import progress
 from bonescan_platform import shards, stream
 from bonescan_platform.cluster import ray_session
 
@@ -38,10 +39,11 @@ def transformed(batches: Iterable[dict], run: int) -> Iterator[dict]:
         yield {**batch, "image": torch.from_numpy(images), "mask": torch.from_numpy(masks)}
 
 
-def score_runs(model: torch.nn.Module, dataset, runs: int, threshold: float = 0.5) -> dict:
-    """Score ``model`` on a Ray dataset (evaluation_dataset) ``runs`` times -> the --json body."""
+def score_runs(model: torch.nn.Module, dataset, runs: int, threshold: float = 0.5, label: str = "evaluate") -> dict:
+    """Score ``model`` on a Ray dataset (evaluation_dataset) ``runs`` times -> the --json body.
+    ``label`` names the progress bar (on a terminal only)."""
     per_run = []
-    for run in range(runs):
+    for run in progress(range(runs), desc=label, unit="run"):
         batches = transformed(dataset.iter_torch_batches(batch_size=BATCH), run)
         per_run.append({"run": run, **engine.summarize(engine.evaluate(model, batches, threshold=threshold))})
     if not per_run[0]["images"]:

@@ -35,6 +35,7 @@ import yaml
 from bonescan_model import gan as dcgan
 from bonescan_model.errors import InputError
 from bonescan_model.preprocess import model_input, normalize_counts
+from bonescan_model.progress import progress
 from bonescan_platform import shards, stream
 from bonescan_platform.config import read_yaml
 from bonescan_platform.train import split_train, worker_cpus, write_history
@@ -301,25 +302,32 @@ def generated_tables(gan_path: Path, samples: int, seed: int, pixel_spacing_mm: 
     generator, _, cfg, levels, _ = dcgan.load_gan_checkpoint(gan_path)
     generator.to("cuda" if torch.cuda.is_available() else "cpu")
     digest = dcgan.generator_digest(generator)
-    for start in range(0, samples, GENERATE_BATCH):
-        indices = range(start, min(start + GENERATE_BATCH, samples))
-        counts = dcgan.sample_counts(generator, levels, indices, seed)  # (n, C, 256, 256) uint16
-        rows = [{
-            "patient_key": sample_key(digest, seed, i, "patient"),
-            "scan_key": sample_key(digest, seed, i, "scan"),
-            "ant": shards.encode_image(crop[0], "<u2"),
-            # An aggregated sample is one image: stored as a one-view crop, which the stream
-            # repeats into both input channels.
-            "post": shards.encode_image(crop[1], "<u2") if cfg.views == "both" else None,
-            "mask": None,
-            "crop_box": [0, 0, shards.CROP, shards.CROP],
-            "pixel_spacing_mm": pixel_spacing_mm,
-            "readers_agree": None,
-            "source": SOURCE,
-            "split": "train",
-            "views": "ANT+POST" if cfg.views == "both" else "ANT",
-        } for i, crop in zip(indices, counts)]
-        yield pa.Table.from_pylist(rows, schema=shards.SCHEMA)
+    with progress(total=samples, desc="dcgan samples", unit="crop") as bar:
+        for start in range(0, samples, GENERATE_BATCH):
+            indices = range(start, min(start + GENERATE_BATCH, samples))
+            counts = dcgan.sample_counts(generator, levels, indices, seed)  # (n, C, 256, 256) uint16
+            bar.update(len(indices))
+            yield _generated_table(digest, seed, indices, counts, cfg.views, pixel_spacing_mm)
+
+
+def _generated_table(digest: str, seed: int, indices: range, counts: np.ndarray, views: str,
+                     pixel_spacing_mm: float) -> pa.Table:
+    rows = [{
+        "patient_key": sample_key(digest, seed, i, "patient"),
+        "scan_key": sample_key(digest, seed, i, "scan"),
+        "ant": shards.encode_image(crop[0], "<u2"),
+        # An aggregated sample is one image: stored as a one-view crop, which the stream
+        # repeats into both input channels.
+        "post": shards.encode_image(crop[1], "<u2") if views == "both" else None,
+        "mask": None,
+        "crop_box": [0, 0, shards.CROP, shards.CROP],
+        "pixel_spacing_mm": pixel_spacing_mm,
+        "readers_agree": None,
+        "source": SOURCE,
+        "split": "train",
+        "views": "ANT+POST" if views == "both" else "ANT",
+    } for i, crop in zip(indices, counts)]
+    return pa.Table.from_pylist(rows, schema=shards.SCHEMA)
 
 
 def median_spacing(data: Path) -> float:

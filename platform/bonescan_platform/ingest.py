@@ -20,6 +20,7 @@ from bonescan_model.io.deid import default_secret_path, keyed_hash, load_or_crea
 from bonescan_model.io.dicom import group_series, scan_name
 from bonescan_platform import shards
 from bonescan_platform.cluster import ray_session
+from bonescan_platform.progress import collect_rows
 
 TEST_FRACTION = 0.3
 ROWS_PER_SHARD = 32
@@ -108,7 +109,10 @@ def _run_tasks(tasks: list[dict], out_dir: Path, secret: bytes) -> list[dict]:
             _write_shards, batch_size=1, batch_format="numpy", num_cpus=1,
             fn_kwargs={"out_dir": str(out_dir), "secret": secret},
         )
-        return [json.loads(r["result"]) for r in ds.take_all()]
+        scans = sum(len(json.loads(t["scans"])) for t in tasks)
+        rows = collect_rows(ds, total=scans, desc="ingest", unit="scan",
+                            weight=lambda row: len(json.loads(row["result"])["scans"]))
+        return [json.loads(r["result"]) for r in rows]
 
 
 def _write_shards(batch: dict[str, np.ndarray], out_dir: str, secret: bytes) -> dict[str, np.ndarray]:
