@@ -8,7 +8,7 @@ thoracic crops of synthetic patients (bonescan_model.synth + preprocess.model_in
 batches of 1 (a service answering one scan) and 8. Both runtimes get the same threads
 (torch.get_num_threads()). Each number is the fastest of REPEATS passes over the crops (others'
 work on a shared machine only ever adds time). The ratio printed is torch eager / runtime:
-above 1 the exported file is faster. About a minute on a 2-core CPU.
+above 1 the exported file is faster. About two minutes on a 2-core CPU.
 
     python bench/export.py
 """
