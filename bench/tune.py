@@ -7,7 +7,7 @@ Prints two comparisons, each against a baseline measured in the same run on the 
    in full (baseline), and whether ASHA's best validation DSC is within 0.01 of the grid's.
 
 Ray is started here with 4 logical CPUs on this machine: 4 trials take 4 x (0.25 + 0.5) CPU
-and Ray Data keeps its one (RAY_NOTES "2-CPU deadlock"); both runs of each comparison use it.
+and Ray Data keeps its one (docs/ray.md, "2-CPU deadlock"); both runs of each comparison use it.
 
     python bench/tune.py [--patients 40] [--epochs 12] [--data SHARDS] [--parts 1,2]
 """

@@ -19,6 +19,8 @@ from bonescan_model.errors import InputError
 from bonescan_model.network import ModelConfig, build_model
 
 FILENAME = "model.pt"
+# What a checkpoint without a training config (saved outside `bonescan train`) is scored with.
+DEFAULT_THRESHOLD = 0.5
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, config: ModelConfig, **meta) -> Path:
@@ -57,8 +59,7 @@ class Trained:
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Trained:
     """A checkpoint with everything needed to use it: predictions threshold at its own value."""
     model, config, meta = load_checkpoint(path, map_location)
-    threshold = meta.get("threshold", meta.get("train_config", {}).get("threshold", 0.5))
-    return Trained(model=model, config=config, threshold=float(threshold), meta=meta)
+    return Trained(model=model, config=config, threshold=run_threshold(meta), meta=meta)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu"
@@ -73,3 +74,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     model = build_model(config)
     model.load_state_dict(blob["state_dict"])
     return model.eval(), config, blob.get("meta", {})
+
+
+def run_threshold(meta: dict) -> float:
+    """The sigmoid threshold of a lesion pixel that the checkpoint's run trained and validated with."""
+    return float(meta.get("threshold", meta.get("train_config", {}).get("threshold", DEFAULT_THRESHOLD)))

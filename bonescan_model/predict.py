@@ -5,7 +5,7 @@ pasted back at the crop box so every output is in whole-body ANT coordinates (10
 standard scan), the frame a physician reads and LabelMe labels are drawn in. Outside the crop
 nothing was looked at, so nothing is reported there.
 
-Per scan ``write_prediction`` writes the DESIGN.md contract: ``<name>.mask.png`` (uint8 0/255),
+Per scan ``write_prediction`` writes the docs/design.md contract: ``<name>.mask.png`` (uint8 0/255),
 ``<name>.json`` (LabelMe, one closed polygon per lesion) and ``<name>.overlay.png``.
 """
 

@@ -30,6 +30,7 @@ from bonescan_model.contours import mask_to_polygons, polygons_to_mask
 from bonescan_model.io.dicom import LAYOUTS, VIEW_CODINGS, PatientIdentity, write_whole_body
 from bonescan_model.io.labelme import AGREEMENT_THRESHOLD, delta_a, write_labelme
 from bonescan_model.preprocess import thoracic_crop_box
+from bonescan_model.progress import progress
 
 ROWS, COLS = 1024, 256
 PIXEL_SPACING_MM = 2.26
@@ -741,7 +742,7 @@ def write_cohort(out_dir: str | os.PathLike, patients: int, seed: int = 0) -> Co
     dicom_files = lesions = with_lesions = 0
     disagreeing: list[str] = []
     on_crop: list[str] = []
-    for index in range(patients):
+    for index in progress(range(patients), desc="synth", unit="patient"):
         patient = synth_patient(seed, index)
         options = _dicom_options(index)
         files = write_whole_body(dicom_dir, patient.name, patient.ant, patient.post,

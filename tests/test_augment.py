@@ -291,6 +291,14 @@ def test_bad_input_is_refused_before_ray_starts(tmp_path):
     with pytest.raises(InputError, match="not a shard folder"):
         augment(data, foreign)
     assert (foreign / "keep.parquet").exists()
+    # A D3 an earlier bonescan wrote: its GAN run sat in dcgan/, which Parquet readers take for data.
+    old = tmp_path / "old_d3"
+    (old / "dcgan").mkdir(parents=True)
+    (old / "dcgan" / "gan.yaml").write_text("epochs: 1\n")
+    shards.write_manifest(old, [], {"job": "augment"})
+    with pytest.raises(InputError, match="rename it to _dcgan"):
+        augment(data, old, dcgan=True, samples=2)
+    assert (old / "dcgan" / "gan.yaml").exists()
     (data / "train-00000.parquet").write_bytes(b"garbage")
     with pytest.raises(InputError, match="train-00000.parquet: not a readable shard"):
         augment(data, tmp_path / "out")

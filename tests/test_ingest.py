@@ -18,7 +18,7 @@ from bonescan_model.io.labelme import delta_a
 from bonescan_model.preprocess import crop, mirror, thoracic_crop_box
 from bonescan_model.synth import synth_patient, write_cohort
 from bonescan_platform import shards
-from bonescan_platform.ingest import ingest
+from bonescan_platform.ingest import REPORT, ingest
 
 SEED, PATIENTS = 5, 10
 
@@ -34,7 +34,7 @@ def ingested(tmp_path_factory, ray_local, deid_secret):
     out = root / "shards"
     code = ingest(str(root / "cohort" / "dicom"), str(out), str(root / "cohort" / "labels"))
     return {"root": root, "out": out, "code": code, "summary": summary, "secret": deid_secret.read_bytes(),
-            "report": json.loads((out / "ingest_report.json").read_text())}
+            "report": json.loads((out / REPORT).read_text())}
 
 
 def _rows(out: Path) -> list[dict]:
@@ -128,5 +128,5 @@ def test_nothing_ingested_exits_2(ray_local, deid_secret, tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "notes.txt").write_text("no scans here")
     assert ingest(str(tmp_path / "in"), str(tmp_path / "out")) == 2
-    report = json.loads((tmp_path / "out" / "ingest_report.json").read_text())
+    report = json.loads((tmp_path / "out" / REPORT).read_text())
     assert report["scans_ingested"] == 0 and "not a DICOM file" in report["rejected"][0]["reason"]

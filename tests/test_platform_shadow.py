@@ -1,4 +1,4 @@
-"""`import platform` must stay the standard library's (DESIGN.md: the platform/ rule)."""
+"""`import platform` must stay the standard library's (docs/design.md: the platform/ rule)."""
 
 import subprocess
 import sys

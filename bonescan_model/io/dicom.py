@@ -3,7 +3,7 @@
 A clinic stores a whole-body scan (1024 rows x 256 cols, head at row 0, 16-bit counts) as
 either one file with two frames (ANT, POST) or two single-frame files of one series; the view
 of each frame is coded in DetectorInformationSequence/ViewCodeSequence, in ImageID, or only in
-free text. See DESIGN.md, "Inputs as a clinic has them".
+free text. See docs/design.md, "Inputs as a clinic has them".
 """
 
 from __future__ import annotations

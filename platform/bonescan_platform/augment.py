@@ -58,8 +58,8 @@ def augment(
     D3, D2 gives D4).
 
     The GAN is the trained one in ``gan`` (a GAN run folder or gan.pt), else one trained here
-    on Ray Train (``gan_config`` YAML, ``workers``, ``gpus``) in ``out/dcgan/``, resumed or
-    reused by a rerun; ``out/samples.png`` shows real crops beside generated ones.
+    on Ray Train (``gan_config`` YAML, ``workers``, ``gpus``) in ``out/_dcgan/``, resumed or
+    reused by a rerun; ``out/_samples.png`` shows real crops beside generated ones.
 
     Returns 0. Raises InputError for bad input: no manifest, a listed shard missing,
     copies or seed < 0, ``out`` equal to ``data``, or ``out`` a non-empty folder that is not
@@ -95,6 +95,10 @@ def augment(
         raise InputError(data / shards.MANIFEST, "the manifest lists no shards")
     for path in paths:
         _check_shard(path)
+    legacy = out / dcgan_job.LEGACY_RUN_DIR
+    if (legacy / dcgan_job.CONFIG).is_file():
+        raise InputError(legacy, f"a GAN run of an earlier bonescan, inside the shard folder where Parquet readers "
+                                 f"take it for data: rename it to {dcgan_job.RUN_DIR} (or move it and pass --gan)")
     # A GAN run folder alone is ours too: a first --dcgan run stopped before its manifest.
     if (out.is_dir() and any(p.name != dcgan_job.RUN_DIR for p in out.iterdir())
             and not (out / shards.MANIFEST).is_file()):
@@ -134,6 +138,7 @@ def augment(
                            **dcgan_job.gan_summary(gan_path)}
         dcgan_job.write_sheet(data, out, gan_path, seed)
     shards.write_manifest(out, written, report)
+    shards.remove_legacy_files(out)
     # After the manifest: a rerun with fewer rows or copies must not leave old shards behind.
     listed = {s.file for s in written}
     for stale in out.glob("*.parquet"):

@@ -76,6 +76,16 @@ def _predict(checkpoint: str, dicom: str, out: str) -> int:
     return predict(checkpoint, dicom, out)
 
 
+def _export(checkpoint: str, fmt: str, out: str) -> int:
+    from bonescan_model.export import export
+
+    terms = export(checkpoint, fmt, out)
+    print(f"exported {checkpoint} as {fmt} to {out}: input {terms['input_name']} ({terms['input_shape']}, "
+          f"per-image normalized counts), output {terms['output_name']} ({terms['output_shape']}), "
+          f"threshold {terms['threshold']}; the contract is in the file's metadata")
+    return 0
+
+
 def _demo(out: str, patients: int | None, config: str | None) -> int:
     from bonescan_platform.demo import demo
 
@@ -156,6 +166,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", required=True, help="an experiment folder (bonescan tune) or a run folder")
     p.add_argument("--out", required=True)
     p.set_defaults(run=_report)
+
+    p = sub.add_parser("export", help="a checkpoint as ONNX or TorchScript, its input contract in the file")
+    p.add_argument("--checkpoint", required=True, help="a run folder or a model.pt")
+    p.add_argument("--format", dest="fmt", required=True, choices=["onnx", "torchscript"])
+    p.add_argument("--out", required=True, help="the file to write")
+    p.set_defaults(run=_export)
 
     p = sub.add_parser("demo", help="synth -> ingest -> train -> evaluate -> predict -> report")
     p.add_argument("--out", default="bonescan-demo")

@@ -76,7 +76,8 @@ def _evaluate_baseline(data: Path, run: Path) -> dict:
     val = stream.crops(data, "train", only=list(splits.load(run).val))
     tau = fit_threshold(stream.batches(val, evaluate.BATCH))
     test_runs = load_train_config(run / "config.yaml").test_runs
-    result = evaluate.score_runs(ThresholdModel(tau), stream.crops(data, "test"), runs=test_runs)
+    result = evaluate.score_runs(ThresholdModel(tau), stream.crops(data, "test"), runs=test_runs,
+                                 label="evaluate threshold")
     return {"split": "test", **result, "tau": tau, "tuned_on": "val"}
 
 

@@ -30,6 +30,7 @@ from bonescan_model.augment import augment_batch
 from bonescan_model.checkpoint import FILENAME, load_model
 from bonescan_model.errors import InputError
 from bonescan_model.network import count_parameters
+from bonescan_model.progress import progress
 from bonescan_platform import shards, stream
 
 HEADLINE = ("dsc", "cpa", "recall", "pooled_dsc", "lesion_sensitivity", "fp_per_image", "lesion_free_fp_per_image")
@@ -49,10 +50,12 @@ def transformed(batches: Iterable[dict], run: int) -> Iterator[dict]:
         yield {**batch, "image": torch.from_numpy(images), "mask": torch.from_numpy(masks)}
 
 
-def score_runs(model: torch.nn.Module, crops: dict[str, np.ndarray], runs: int, threshold: float = 0.5) -> dict:
-    """Score ``model`` on decoded crops (``stream.crops``) ``runs`` times -> the --json body."""
+def score_runs(model: torch.nn.Module, crops: dict[str, np.ndarray], runs: int, threshold: float = 0.5,
+               label: str = "evaluate") -> dict:
+    """Score ``model`` on decoded crops (``stream.crops``) ``runs`` times -> the --json body.
+    ``label`` names the progress bar (on a terminal only)."""
     per_run = []
-    for run in range(runs):
+    for run in progress(range(runs), desc=label, unit="run"):
         batches = transformed(stream.batches(crops, BATCH), run)
         per_run.append({"run": run, **metrics.summarize(engine.evaluate(model, batches, threshold=threshold))})
     first = per_run[0]

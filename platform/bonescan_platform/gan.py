@@ -7,7 +7,7 @@ checkpoint and the Fréchet distance between real and generated crops). The GAN 
 the original crops of the train split only: a test image must not leak into training data
 through its synthetic look-alikes.
 
-A GAN run folder (``<augment --out>/dcgan/`` unless ``--gan`` names a trained one) holds:
+A GAN run folder (``<augment --out>/_dcgan/`` unless ``--gan`` names a trained one) holds:
 gan.yaml (the resolved GanConfig), run.json (data, workers, devices), train/ (Ray Train's
 checkpoints; a rerun resumes from them), gan.pt (the checkpoint with the lowest Fréchet
 distance) and history.csv (one row per checkpoint).
@@ -35,15 +35,19 @@ import yaml
 from bonescan_model import gan as dcgan
 from bonescan_model.errors import InputError
 from bonescan_model.preprocess import model_input, normalize_counts
+from bonescan_model.progress import progress
 from bonescan_platform import shards, stream
 from bonescan_platform.config import read_yaml
 from bonescan_platform.train import split_train, worker_cpus, write_history
 
-RUN_DIR = "dcgan"  # the GAN run's folder inside the augment output folder
+# The GAN run's folder and the sample sheet inside the augment output folder: "_" names, which
+# Parquet readers of the shard folder skip (shards.py).
+RUN_DIR = "_dcgan"
+LEGACY_RUN_DIR = "dcgan"  # where an earlier bonescan put it
 RUN_NAME = "train"  # fixed, so a rerun with the same folder resumes instead of starting over
 STATE = "gan_state.pt"
 CONFIG = "gan.yaml"
-SHEET = "samples.png"
+SHEET = "_samples.png"
 # The Fréchet distance compares the first REFERENCE_CROPS original training crops with the
 # same number of samples drawn with FRECHET_SEED, the same ones at every checkpoint.
 REFERENCE_CROPS = 64
@@ -298,25 +302,32 @@ def generated_tables(gan_path: Path, samples: int, seed: int, pixel_spacing_mm: 
     generator, _, cfg, levels, _ = dcgan.load_gan_checkpoint(gan_path)
     generator.to("cuda" if torch.cuda.is_available() else "cpu")
     digest = dcgan.generator_digest(generator)
-    for start in range(0, samples, GENERATE_BATCH):
-        indices = range(start, min(start + GENERATE_BATCH, samples))
-        counts = dcgan.sample_counts(generator, levels, indices, seed)  # (n, C, 256, 256) uint16
-        rows = [{
-            "patient_key": sample_key(digest, seed, i, "patient"),
-            "scan_key": sample_key(digest, seed, i, "scan"),
-            "ant": shards.encode_image(crop[0], "<u2"),
-            # An aggregated sample is one image: stored as a one-view crop, which the stream
-            # repeats into both input channels.
-            "post": shards.encode_image(crop[1], "<u2") if cfg.views == "both" else None,
-            "mask": None,
-            "crop_box": [0, 0, shards.CROP, shards.CROP],
-            "pixel_spacing_mm": pixel_spacing_mm,
-            "readers_agree": None,
-            "source": SOURCE,
-            "split": "train",
-            "views": "ANT+POST" if cfg.views == "both" else "ANT",
-        } for i, crop in zip(indices, counts)]
-        yield pa.Table.from_pylist(rows, schema=shards.SCHEMA)
+    with progress(total=samples, desc="dcgan samples", unit="crop") as bar:
+        for start in range(0, samples, GENERATE_BATCH):
+            indices = range(start, min(start + GENERATE_BATCH, samples))
+            counts = dcgan.sample_counts(generator, levels, indices, seed)  # (n, C, 256, 256) uint16
+            bar.update(len(indices))
+            yield _generated_table(digest, seed, indices, counts, cfg.views, pixel_spacing_mm)
+
+
+def _generated_table(digest: str, seed: int, indices: range, counts: np.ndarray, views: str,
+                     pixel_spacing_mm: float) -> pa.Table:
+    rows = [{
+        "patient_key": sample_key(digest, seed, i, "patient"),
+        "scan_key": sample_key(digest, seed, i, "scan"),
+        "ant": shards.encode_image(crop[0], "<u2"),
+        # An aggregated sample is one image: stored as a one-view crop, which the stream
+        # repeats into both input channels.
+        "post": shards.encode_image(crop[1], "<u2") if views == "both" else None,
+        "mask": None,
+        "crop_box": [0, 0, shards.CROP, shards.CROP],
+        "pixel_spacing_mm": pixel_spacing_mm,
+        "readers_agree": None,
+        "source": SOURCE,
+        "split": "train",
+        "views": "ANT+POST" if views == "both" else "ANT",
+    } for i, crop in zip(indices, counts)]
+    return pa.Table.from_pylist(rows, schema=shards.SCHEMA)
 
 
 def median_spacing(data: Path) -> float:
@@ -342,7 +353,7 @@ def original_crops(data: Path, count: int) -> list[np.ndarray]:
 
 
 def write_sheet(data: Path, out: Path, gan_path: Path, seed: int) -> Path:
-    """out/samples.png: the first original training crops of ``data`` beside the first
+    """out/_samples.png: the first original training crops of ``data`` beside the first
     generated crops written to ``out`` (the counts in the shards, normalized as training sees them)."""
     generator, _, cfg, levels, _ = dcgan.load_gan_checkpoint(gan_path)
     real = original_crops(data, SHEET_CROPS)

@@ -20,10 +20,11 @@ from bonescan_model.io.deid import default_secret_path, keyed_hash, load_or_crea
 from bonescan_model.io.dicom import group_series, scan_name
 from bonescan_platform import shards
 from bonescan_platform.cluster import ray_session
+from bonescan_platform.progress import collect_rows
 
 TEST_FRACTION = 0.3
 ROWS_PER_SHARD = 32
-REPORT = "ingest_report.json"
+REPORT = "_ingest_report.json"  # "_": Parquet readers of the folder skip it (shards.py)
 
 
 def assign_splits(patient_keys: set[str], secret: bytes, test_fraction: float = TEST_FRACTION) -> dict[str, str]:
@@ -92,6 +93,7 @@ def ingest(dicom: str, out: str, labels: str | None = None, *, rows_per_shard: i
     results = _run_tasks(plan.tasks, out_dir, secret) if plan.tasks else []
     written = [shards.ShardInfo(**r["shard"]) for r in results if r["shard"]]
     _remove_stale_shards(out_dir, {s.file for s in written})
+    shards.remove_legacy_files(out_dir)
     report = _report(results, plan)
     (out_dir / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True))
     shards.write_manifest(out_dir, written, report)
@@ -107,7 +109,10 @@ def _run_tasks(tasks: list[dict], out_dir: Path, secret: bytes) -> list[dict]:
             _write_shards, batch_size=1, batch_format="numpy", num_cpus=1,
             fn_kwargs={"out_dir": str(out_dir), "secret": secret},
         )
-        return [json.loads(r["result"]) for r in ds.take_all()]
+        scans = sum(len(json.loads(t["scans"])) for t in tasks)
+        rows = collect_rows(ds, total=scans, desc="ingest", unit="scan",
+                            weight=lambda row: len(json.loads(row["result"])["scans"]))
+        return [json.loads(r["result"]) for r in rows]
 
 
 def _write_shards(batch: dict[str, np.ndarray], out_dir: str, secret: bytes) -> dict[str, np.ndarray]:

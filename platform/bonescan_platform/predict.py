@@ -23,6 +23,7 @@ from bonescan_model.io.deid import default_secret_path, load_or_create_secret
 from bonescan_model.io.dicom import group_series, read_scan, scan_name
 from bonescan_model.predict import predict_scans, reference_view, scan_crop_box, write_prediction
 from bonescan_platform.cluster import ray_session
+from bonescan_platform.progress import collect_rows
 
 # Scans per actor call: what an actor reads, predicts and writes before it reports back (the
 # network then takes them one crop at a time on a CPU, all at once on a GPU: predict_masks).
@@ -123,7 +124,7 @@ def _run_on_ray(checkpoint: Path, tasks: list[dict], secret: bytes) -> list[dict
             batch_size=batch_size, batch_format="numpy", num_cpus=1,
             compute=ray.data.ActorPoolStrategy(size=actors),
         )
-        return [json.loads(r["row"]) for r in ds.take_all()]
+        return [json.loads(r["row"]) for r in collect_rows(ds, total=len(tasks), desc="predict", unit="scan")]
 
 
 def predict(checkpoint: str, dicom: str, out: str) -> int:

@@ -1,4 +1,8 @@
-"""The shard contract (DESIGN.md): Parquet schema, row encoding, atomic writes, the manifest.
+"""The shard contract (docs/design.md): Parquet schema, row encoding, atomic writes, the manifest.
+
+A shard folder is one Parquet dataset to any standard reader (pyarrow, pandas, DuckDB, Ray
+Data): everything in it that is not a shard starts with ``_`` (the manifest, reports, the
+DCGAN's run folder and sample sheet), which those readers skip like ``.`` names.
 
 Images are stored as raw little-endian bytes in C order, not as Parquet lists: a 256x256
 uint16 crop is one 128 KiB binary value that decodes with ``np.frombuffer`` and no copy.
@@ -18,6 +22,9 @@ import pyarrow.parquet as pq
 
 CROP = 256
 MANIFEST = "_manifest.json"
+# What an earlier bonescan wrote beside the shards under names Parquet readers take for data.
+# A job writing into such a folder again removes them: it writes their successors (``_`` names).
+LEGACY_FILES = ("ingest_report.json", "samples.png")
 
 SCHEMA = pa.schema(
     [
@@ -84,6 +91,14 @@ def write_manifest(out_dir: Path, shards: list[ShardInfo], report: dict) -> Path
     tmp.write_text(json.dumps(body, indent=2, sort_keys=True))
     os.replace(tmp, out_dir / MANIFEST)
     return out_dir / MANIFEST
+
+
+def remove_legacy_files(out_dir: Path) -> None:
+    """Drop LEGACY_FILES from a folder that holds a bonescan manifest (so they are ours)."""
+    out_dir = Path(out_dir)
+    if (out_dir / MANIFEST).is_file():
+        for name in LEGACY_FILES:
+            (out_dir / name).unlink(missing_ok=True)
 
 
 def read_manifest(shard_dir: Path) -> dict:

@@ -247,7 +247,7 @@ def trainer_for(run: Path, cfg: TrainConfig, data: Path, workers: int, gpus: boo
 def worker_cpus(cpus: float, workers: int, gpus: bool) -> tuple[float, int]:
     """(CPUs each worker reserves, torch threads it runs) for a run whose workers share the
     cluster's ``cpus``. A CPU is left to Ray Data: training workers holding every CPU starve
-    the reader (RAY_NOTES)."""
+    the reader (docs/ray.md, "2-CPU deadlock")."""
     cpu_per_worker = 1.0 if gpus else max(0.25, min(1.0, (cpus - 1) / workers))
     return cpu_per_worker, max(1, int(os.cpu_count() // max(1, min(workers, cpus))))
 

@@ -1,6 +1,6 @@
 """`bonescan tune`: a Ray Tune sweep over a space file, one Ray Train run per trial.
 
-The pattern Ray 2.60 recommends for Tune over Train (RAY_NOTES "Tune over Train"): the Tune
+The pattern Ray 2.60 recommends for Tune over Train (docs/ray.md, "Tune over Train"): the Tune
 function trainable ``run_trial`` builds the trial's TorchTrainer with ``train.trainer_for`` and
 calls ``fit()``; ``TuneReportCallback`` forwards every epoch's metrics to Tune, where ASHA reads
 them. A trial's run folder is named after its trial id, so a resumed sweep resumes each
@@ -45,7 +45,7 @@ from bonescan_platform.train import STATE, finish_run, trainer_for
 TUNE_NAME = "tune"  # fixed, so `tune/` is where --resume finds Ray Tune's state
 DRIVER_CPU = 0.25  # each trial's Tune function only waits on its TorchTrainer
 # Ray Data's read-and-decode tasks take 1 CPU each: a CPU left free keeps the streams of all
-# trials flowing (RAY_NOTES "2-CPU deadlock").
+# trials flowing (docs/ray.md, "2-CPU deadlock").
 DATA_CPU = 1.0
 
 

@@ -1,0 +1,71 @@
+"""A shard folder is one Parquet dataset to the standard readers: pyarrow, pandas, DuckDB and
+Ray Data read the folder `bonescan ingest` wrote, as it is, with no file list.
+
+Every test here uses the folder the real ingest wrote, and ingest runs on Ray: the module is
+marked ray."""
+
+from __future__ import annotations
+
+import duckdb
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from bonescan_model.synth import write_cohort
+from bonescan_platform import shards
+from bonescan_platform.cli import main
+from bonescan_platform.ingest import REPORT
+
+pytestmark = pytest.mark.ray
+PATIENTS = 4
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, ray_local, deid_secret):
+    root = tmp_path_factory.mktemp("shard_folder")
+    write_cohort(root / "cohort", PATIENTS, seed=3)
+    out = root / "shards"
+    # A folder an earlier bonescan wrote: its report sat among the shards under a plain name.
+    out.mkdir()
+    shards.write_manifest(out, [], {})
+    (out / "ingest_report.json").write_text("{}")
+    assert main(["ingest", "--dicom", str(root / "cohort" / "dicom"), "--labels", str(root / "cohort" / "labels"),
+                 "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def expected(folder):
+    """The scan keys of the shards the manifest lists, read one file at a time."""
+    keys = [k for path in shards.shard_paths(folder) for k in pq.read_table(path).column("scan_key").to_pylist()]
+    assert len(keys) == PATIENTS
+    return sorted(keys)
+
+
+def test_everything_beside_the_shards_starts_with_an_underscore(folder):
+    names = sorted(p.name for p in folder.iterdir())
+    assert shards.MANIFEST in names and REPORT in names
+    assert "ingest_report.json" not in names  # the earlier version's report, replaced
+    assert [n for n in names if not n.endswith(".parquet") and not n.startswith("_")] == []
+
+
+def test_pyarrow_reads_the_folder(folder, expected):
+    table = pq.read_table(folder)
+    assert table.schema.equals(shards.SCHEMA, check_metadata=False)
+    assert sorted(table.column("scan_key").to_pylist()) == expected
+
+
+def test_pandas_reads_the_folder(folder, expected):
+    frame = pd.read_parquet(folder, columns=["scan_key", "split"])
+    assert sorted(frame["scan_key"]) == expected
+    assert set(frame["split"]) <= {"train", "test"}
+
+
+def test_duckdb_reads_the_folder(folder, expected):
+    rows = duckdb.sql(f"SELECT scan_key FROM read_parquet('{folder}') ORDER BY scan_key").fetchall()
+    assert [r[0] for r in rows] == expected
+
+
+def test_ray_data_reads_the_folder(folder, expected, ray_local):
+    ds = ray_local.data.read_parquet(str(folder)).select_columns(["scan_key"])
+    assert sorted(r["scan_key"] for r in ds.take_all()) == expected
