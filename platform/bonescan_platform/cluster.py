@@ -105,9 +105,8 @@ def placement_retries() -> int:
     """Ray Train's ``controller_failure_limit`` for a bounded wait: Train V2 waits
     RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S for the workers' placement group, then tries again,
     by default for ever. This many retries stop it after about BONESCAN_PLACEMENT_WAIT_S."""
-    wait = float(os.environ.get(PLACEMENT_WAIT_ENV, PLACEMENT_WAIT_S))
     attempt = float(os.environ.get(START_TIMEOUT_ENV, START_TIMEOUT_S))
-    return max(0, math.ceil(wait / attempt) - 1)
+    return max(0, math.ceil(placement_wait_s() / attempt) - 1)
 
 
 def describe(resources: dict) -> str:
@@ -115,18 +114,40 @@ def describe(resources: dict) -> str:
                      if k in ("CPU", "GPU") or not k.startswith(("node:", "memory", "object_store")))
 
 
-def check_fits(what: str, workers: int, per_worker: dict[str, float]) -> None:
-    """On the Ray this process started (it cannot grow) a run that asks for more than it has
-    fails at once; a cluster joined may still add nodes, so there the bounded wait decides."""
+def placement_wait_s() -> float:
+    return float(os.environ.get(PLACEMENT_WAIT_ENV, PLACEMENT_WAIT_S))
+
+
+def wait_for_room(what: str, workers: int, per_worker: dict[str, float], data_cpus: float = 1.0) -> None:
+    """Return once the cluster can hold a run's workers and the CPUs its data reading takes,
+    or fail naming what was asked and what the cluster has: at once on the Ray this process
+    started (it cannot grow), else after BONESCAN_PLACEMENT_WAIT_S. Without this a run on a
+    busy cluster waits for ever: Ray Data's tasks and Train's workers both queue for CPUs
+    another job holds ("Cluster resources are not enough ... may hang forever").
+
+    The wait is a placement group of exactly that, removed once it is placed: pending, it
+    also asks an autoscaler for nodes."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
     from bonescan_model.errors import InputError
 
-    if not _started_here:
-        return
+    asked = f"asks for {workers} worker(s) with {describe(per_worker)} each and CPU {data_cpus:g} to read the data"
     total = ray.cluster_resources()
-    if any(amount * workers > total.get(name, 0) + 1e-9 for name, amount in per_worker.items()):
-        raise InputError(what, f"asks for {workers} worker(s) with {describe(per_worker)} each; this "
-                               f"machine's Ray has {describe({k: total.get(k, 0) for k in per_worker})} "
-                               "in all (fewer --workers, or no --gpus)")
+    needed = {k: v * workers for k, v in per_worker.items()}
+    needed["CPU"] = needed.get("CPU", 0) + data_cpus
+    if _started_here and any(v > total.get(k, 0) + 1e-9 for k, v in needed.items()):
+        raise InputError(what, f"{asked}; this machine's Ray has "
+                               f"{describe({k: total.get(k, 0) for k in needed})} in all (fewer --workers, or no --gpus)")
+    group = placement_group([dict(per_worker)] * workers + [{"CPU": data_cpus}], strategy="PACK")
+    try:
+        placed = group.wait(timeout_seconds=placement_wait_s())
+    finally:
+        remove_placement_group(group)
+    if not placed:
+        free = ray.available_resources()
+        raise InputError(what, f"{asked}; the cluster could not make room within {placement_wait_s():g} s "
+                               f"({PLACEMENT_WAIT_ENV}): it has {describe({k: total.get(k, 0) for k in needed})} "
+                               f"in all, {describe({k: free.get(k, 0) for k in needed})} free now")
 
 
 def placement_failure(what: str, workers: int, per_worker: dict[str, float], error: Exception):
@@ -144,9 +165,8 @@ def placement_failure(what: str, workers: int, per_worker: dict[str, float], err
     cause = getattr(error, "controller_failure", None) if isinstance(error, ControllerError) else None
     if not isinstance(cause, (WorkerGroupStartupTimeoutError, InsufficientClusterResourcesError)):
         return None
-    wait = os.environ.get(PLACEMENT_WAIT_ENV, f"{PLACEMENT_WAIT_S:g}")
     when = "can never place them" if isinstance(cause, InsufficientClusterResourcesError) \
-        else f"could not place them within {wait} s ({PLACEMENT_WAIT_ENV})"
+        else f"could not place them within {placement_wait_s():g} s ({PLACEMENT_WAIT_ENV})"
     keys = {k: 0 for k in per_worker}
     total = {**keys, **{k: v for k, v in ray.cluster_resources().items() if k in per_worker}}
     free = {**keys, **{k: v for k, v in ray.available_resources().items() if k in per_worker}}

@@ -216,7 +216,6 @@ def trainer_for(run: Path, cfg: TrainConfig, data: Path, workers: int, gpus: boo
     else:
         torch_threads = max(1, int(cpu_per_worker))
     DataContext.get_current().enable_progress_bars = False
-    cluster.check_fits(str(run), workers, worker_resources(cpu_per_worker, gpus))
     labeled = stream.labeled_patients(data, cfg.label_fraction, cfg.seed, cfg.dataset)
     return TorchTrainer(
         train_loop,
@@ -263,7 +262,11 @@ def split_train(data_cpus: float):
 def _fit(run: Path, cfg: TrainConfig, data: Path, workers: int, gpus: bool) -> int:
     from ray.train import TrainingFailedError
 
+    import ray
+
     with ray_session():
+        cpu_per_worker, _ = worker_cpus(ray.cluster_resources().get("CPU", 1), workers, gpus)
+        cluster.wait_for_room(str(run), workers, worker_resources(cpu_per_worker, gpus))
         trainer = trainer_for(run, cfg, data, workers, gpus)
         try:
             result = trainer.fit()
