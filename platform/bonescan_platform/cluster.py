@@ -25,7 +25,8 @@ START_TIMEOUT_ENV, START_TIMEOUT_S = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", 6
 # laptop's Ray on loopback); read by ray._private.services.get_node_ip_address.
 _LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
-_started_here = False  # True while this process runs a Ray it started itself
+_started_here = False  # True while this process runs a Ray it started itself (ray_session)
+_loopback = False  # True while this process runs a Ray it started on 127.0.0.1 (start_local)
 
 
 @contextlib.contextmanager
@@ -53,16 +54,30 @@ def ray_session(num_cpus: int | None = None):
     finally:
         _started_here = False
         ray.shutdown()
+        _stopped_local()
 
 
 def start_local(num_cpus: int, object_store_memory: int = LOCAL_OBJECT_STORE_BYTES) -> None:
     """ray.init of a private local Ray, every process of it on 127.0.0.1: GCS, raylet, object
     manager, dashboard and its agents, metrics export, runtime-env agent, workers. The test
     session's shared Ray starts here too."""
+    global _loopback
     with _on_loopback():
         ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory,
                  include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
                  log_to_driver=True)
+    _loopback = True
+
+
+def _stopped_local() -> None:
+    global _loopback
+    _loopback = False
+
+
+def on_loopback_ray() -> bool:
+    """Whether this process runs on a local Ray of start_local's: its driver, or one of its
+    workers (which inherit the setting its raylet started with), e.g. a Tune trial."""
+    return _loopback or os.environ.get(_LOOPBACK_ENV) == "0"
 
 
 @contextlib.contextmanager

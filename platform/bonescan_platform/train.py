@@ -210,6 +210,8 @@ def trainer_for(run: Path, cfg: TrainConfig, data: Path, workers: int, gpus: boo
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from bonescan_platform.loopback_torch import LoopbackTorchConfig
+
     cpus = ray.cluster_resources().get("CPU", 1)
     if cpu_per_worker is None:
         cpu_per_worker, torch_threads = worker_cpus(cpus, workers, gpus)
@@ -219,6 +221,8 @@ def trainer_for(run: Path, cfg: TrainConfig, data: Path, workers: int, gpus: boo
     labeled = stream.labeled_patients(data, cfg.label_fraction, cfg.seed, cfg.dataset)
     return TorchTrainer(
         train_loop,
+        # One machine's own Ray: DDP's rendezvous on 127.0.0.1 too, like every other port.
+        torch_config=LoopbackTorchConfig() if cluster.on_loopback_ray() else None,
         train_loop_config={"train": _plain(cfg.to_dict()), "run": run.name,  # the dashboards' run tag
                            "torch_threads": torch_threads},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus,
