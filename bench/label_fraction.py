@@ -44,12 +44,15 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--fractions", default="0.15,0.62")
     parser.add_argument("--test-runs", type=int, default=1)
+    parser.add_argument("--weights", default="0,1", help="the unsupervised_weight arms to train")
+    parser.add_argument("--name", default="experiment",
+                        help="the experiment folder under --out; --summarize reads every experiment* folder")
     parser.add_argument("--out", default="/tmp/bonescan-bench-label-fraction")
     parser.add_argument("--summarize", action="store_true",
                         help="print the table of the trials finished so far, train nothing")
     args = parser.parse_args()
     if args.summarize:
-        return summarize(Path(args.out) / "experiment", args)
+        return summarize(Path(args.out), args)
     print(describe())
     from bonescan_model.synth import write_cohort
     from bonescan_platform import ingest, tune
@@ -66,23 +69,24 @@ def main() -> int:
         (out / "base.yaml").write_text(yaml.safe_dump({**base, "epochs": args.epochs, "test_runs": args.test_runs}))
         space = {"base": "base.yaml", "fixed": {"dataset": "D1"},
                  "parameters": {"label_fraction": {"grid": [float(f) for f in args.fractions.split(",")]},
-                                "unsupervised_weight": {"grid": [0.0, 1.0]}},
+                                "unsupervised_weight": {"grid": [float(w) for w in args.weights.split(",")]}},
                  "num_samples": args.seeds, "metric": "val_dsc", "mode": "max"}
-        (out / "space.yaml").write_text(yaml.safe_dump(space))
-        exp = out / "experiment"
+        exp = out / args.name
+        space_file = out / f"{args.name}.space.yaml"
+        space_file.write_text(yaml.safe_dump(space))
         resume = (exp / "experiment.json").is_file()
-        tune.sweep(str(data), str(out / "space.yaml"), str(exp), resume=resume)
+        tune.sweep(str(data), str(space_file), str(exp), resume=resume)
     print(f"({time.perf_counter() - started:.0f} s)")
-    return summarize(exp, args)
+    return summarize(out, args)
 
 
-def summarize(exp: Path, args) -> int:
-    """The table, from the run folders of the trials that have their test score (test.json):
-    a sweep cut short still shows what it measured."""
+def summarize(out: Path, args) -> int:
+    """The table, from the run folders of every experiment under ``out`` whose trials have
+    their test score (test.json): a sweep cut short still shows what it measured."""
     import json
 
     rows = []
-    for run in sorted((exp / "runs").glob("*/test.json")):
+    for run in sorted(out.glob("experiment*/runs/*/test.json")):
         tested, trial = json.loads(run.read_text()), json.loads((run.parent / "trial.json").read_text())
         budget = json.loads((run.parent / "budget.json").read_text())
         cfg = yaml.safe_load((run.parent / "config.yaml").read_text())

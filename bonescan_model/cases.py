@@ -62,13 +62,18 @@ def prepare_case(
     """Raises InputError when the scan itself cannot be used; a bad label only drops that
     label (listed in ``label_errors``)."""
     scan = read_scan(dicom_files, secret)
-    box = scan_crop_box(scan)
+    try:
+        box = scan_crop_box(scan)
+    except ValueError as err:  # e.g. "no body found": the scan's own reason, named by its file
+        raise InputError(scan.source_files[0], f"no thoracic crop: {err}") from None
     masks, errors = [], []
     for path in label_files:
         try:
             masks.append(_label_mask(path, box))
         except InputError as err:
             errors.append(err)
+        except Exception as err:  # noqa: BLE001 - a label the reader did not foresee drops only itself
+            errors.append(InputError(path, f"cannot be used as a label ({type(err).__name__})"))
     if masks:
         truth, agree = readers_ground_truth(masks)
     else:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -64,18 +66,37 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu"
                     ) -> tuple[nn.Module, ModelConfig, dict]:
-    """-> (model in eval mode, its config, meta)."""
+    """-> (model in eval mode, its config, meta). Anything but a checkpoint that rebuilds
+    its model is an InputError naming the file."""
     path = resolve(path)
     try:
         blob = torch.load(path, map_location=map_location, weights_only=True)
-        config = ModelConfig.from_dict(blob["model_config"])
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line error
-        raise InputError(path, f"not a bonescan checkpoint ({type(err).__name__}: {err})") from None
+        if isinstance(err, pickle.UnpicklingError) or "weights_only" in str(err):
+            # torch's message goes on to advise a load that may run the file's code: never relayed.
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+            what = f" ({found.group(1)})" if found else ""
+            raise InputError(path, f"not a bonescan checkpoint: it holds Python objects{what} beyond "
+                                   "tensors and plain containers, which bonescan does not load") from None
+        raise InputError(path, f"not a bonescan checkpoint ({type(err).__name__}: {_first_line(err)})") from None
+    if not isinstance(blob, dict) or not {"model_config", "state_dict"} <= set(blob):
+        raise InputError(path, "not a bonescan checkpoint: no model_config and state_dict in it")
+    try:
+        config = ModelConfig.from_dict(blob["model_config"])
+    except Exception as err:  # noqa: BLE001
+        raise InputError(path, f"not a bonescan checkpoint: its model_config is invalid ({_first_line(err)})") from None
     model = build_model(config)
-    model.load_state_dict(blob["state_dict"])
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except Exception as err:  # noqa: BLE001 - RuntimeError: keys or shapes differ
+        raise InputError(path, "its weights do not fit its model_config (missing, unexpected or "
+                               f"differently shaped tensors: {_first_line(err)[:300]})") from None
     return model.eval(), config, blob.get("meta", {})
 
 
 def run_threshold(meta: dict) -> float:
     """The sigmoid threshold of a lesion pixel that the checkpoint's run trained and validated with."""
     return float(meta.get("threshold", meta.get("train_config", {}).get("threshold", DEFAULT_THRESHOLD)))
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__

@@ -97,3 +97,34 @@ def build_bad_labels(reader_folder: Path, scan_names: list[str]) -> None:
     (reader_folder / f"{scan_names[1]}.json").write_text(json.dumps({
         "shapes": [{"label": "lesion", "shape_type": "circle", "points": [[10, 10], [12, 12]]}],
         "imageHeight": 1024, "imageWidth": 256, "imagePath": "x.png"}))
+
+
+# ---------------------------------------------------------------- a new user's probe (issue 15)
+JPEG_XL = "1.2.840.10008.1.2.4.110"  # a standard transfer syntax newer than pydicom 3.0
+
+
+def scan(folder: Path, name: str, seed: int, **header) -> Path:
+    """A good one-file scan of a patient of its own; ``header`` keywords are then set on it."""
+    (path,) = write_whole_body(folder, name, _counts(seed), _counts(seed + 1), identity=_identity(1000 + seed))
+    if header:
+        _edit(path, lambda ds: [setattr(ds, k, v) for k, v in header.items()])
+    return path
+
+
+def set_transfer_syntax(path: Path, uid: str) -> None:
+    """Rewrite the file meta's TransferSyntaxUID in place (pydicom refuses to write a UID it
+    does not know); the data set stays Explicit VR Little Endian."""
+    old = b"\x02\x00\x10\x00UI\x14\x001.2.840.10008.1.2.1\x00"
+    data = path.read_bytes()
+    assert data.count(old) == 1 and data[132:136] == b"\x02\x00\x00\x00"
+    value = uid.encode() + b"\x00" * (len(uid) % 2)
+    data = data.replace(old, b"\x02\x00\x10\x00UI" + len(value).to_bytes(2, "little") + value)
+    group_length = int.from_bytes(data[140:144], "little") + len(value) - 20
+    path.write_bytes(data[:140] + group_length.to_bytes(4, "little") + data[144:])
+
+
+def no_body(folder: Path, name: str) -> Path:
+    """A well-formed scan with no counts at all: nothing to crop."""
+    zeros = np.zeros((1024, 256), np.uint16)
+    (path,) = write_whole_body(folder, name, zeros, zeros, identity=_identity(2000))
+    return path

@@ -18,10 +18,11 @@ def ray_local():
     a small object store; shut down at the end of the session. Jobs under test reuse it."""
     import ray
 
+    from bonescan_platform.cluster import start_local
+
     if ray.is_initialized():  # a test that needs its own cluster shut the shared one down
         ray.shutdown()
-    ray.init(address="local", num_cpus=2, object_store_memory=300 * 1024**2,
-             include_dashboard=True, log_to_driver=True)
+    start_local(num_cpus=2, object_store_memory=300 * 1024**2)  # on 127.0.0.1, as a command's own
     yield ray
     ray.shutdown()
 

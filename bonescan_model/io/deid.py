@@ -13,6 +13,8 @@ import os
 import secrets
 from pathlib import Path
 
+from bonescan_model.errors import InputError
+
 SECRET_BYTES = 32
 MIN_SECRET_BYTES = 16
 
@@ -52,6 +54,8 @@ def load_or_create_secret(path: str | os.PathLike) -> bytes:
     half-written file.
     """
     path = Path(path)
+    if path.is_dir():
+        raise InputError(path, "is a folder; the site secret must be a file (BONESCAN_SECRET_FILE)")
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -67,8 +71,12 @@ def load_or_create_secret(path: str | os.PathLike) -> bytes:
                 pass  # another process created it first: use theirs
         finally:
             tmp.unlink(missing_ok=True)
-    secret = path.read_bytes()
+    try:
+        secret = path.read_bytes()
+    except OSError as err:
+        raise InputError(path, f"cannot read the site secret ({err.strerror})") from None
     if len(secret) < MIN_SECRET_BYTES:
-        raise ValueError(f"{path}: secret file holds {len(secret)} bytes, "
-                         f"need at least {MIN_SECRET_BYTES}")
+        raise InputError(path, f"the site secret holds {len(secret)} bytes, need at least "
+                               f"{MIN_SECRET_BYTES} (keep the file that made your shards' keys, or "
+                               "point BONESCAN_SECRET_FILE at it)")
     return secret

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from pydicom import __version__ as pydicom_version
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -221,6 +222,8 @@ def write_whole_body(
 # The whole-body contract (paper, Section 2.1): 256 (width) x 1024 (height), head at row 0.
 WHOLE_BODY_ROWS = 1024
 WHOLE_BODY_COLS = 256
+# 1024 rows of 10 mm are a 10 m tall image: a larger pixel is a broken header, not a body.
+MAX_PIXEL_SPACING_MM = 10.0
 
 # View words, matched as whole tokens so "POSTERIOR" counts but "POSTOP" or "IRREVERSIBLE" don't.
 _VIEW_WORDS = {"ANT": "ANT", "ANTERIOR": "ANT", "POST": "POST", "POSTERIOR": "POST"}
@@ -284,8 +287,12 @@ def _read(path: Path, *, stop_before_pixels: bool) -> Dataset:
     # only when the cut was inside an undefined-length element (encapsulated pixel data).
     if any("end of file" in str(w.message).lower() for w in caught):
         raise InputError(path, "truncated file: it ends inside the encapsulated pixel data")
+    syntax = ds.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian)
+    if not syntax.is_transfer_syntax:  # a private UID, or a standard one newer than pydicom
+        raise InputError(path, f"transfer syntax {syntax} is not one pydicom {pydicom_version} "
+                               "knows; convert the file (e.g. to Explicit VR Little Endian)")
     # Deflated files hold offsets into the inflated stream, which the file's size can't check.
-    if len(ds) and not ds.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian).is_deflated:
+    if len(ds) and not syntax.is_deflated:
         last = ds.get_item(max(ds.keys()))  # still raw: it knows where its value lay
         if isinstance(last, RawDataElement) and last.length != 0xFFFFFFFF:
             end, size = last.value_tell + last.length, path.stat().st_size
@@ -314,9 +321,12 @@ def group_series(
 
     Returns (groups, rejected): each group lists the files of one series (sorted; groups in
     order of their first file); files that cannot be read as DICOM become InputErrors.
-    A file without a SeriesInstanceUID forms a group of its own.
+    A file without a SeriesInstanceUID forms a group of its own. Files holding the same
+    instance (SOPInstanceUID) are copies of one image, e.g. a backup or a half-finished copy
+    beside the original: one is kept (a complete one, the shortest path first) and each other
+    copy is rejected, saying which file the series uses instead.
     """
-    groups: dict[tuple[str, ...], list[Path]] = {}
+    groups: dict[tuple[str, ...], dict[str, list[Path]]] = {}
     patients: dict[tuple[str, ...], str | None] = {}
     rejected: list[InputError] = []
     for path in sorted(Path(p) for p in paths):
@@ -325,12 +335,47 @@ def group_series(
         except InputError as e:
             rejected.append(e)
             continue
+        except Exception as e:  # noqa: BLE001 - one odd header must not stop the folder
+            rejected.append(InputError(path, f"unreadable DICOM header ({type(e).__name__})"))
+            continue
         series = str(ds.get("SeriesInstanceUID", "") or "")
         key = (str(ds.get("StudyInstanceUID", "") or ""), series) if series else (str(path),)
-        groups.setdefault(key, []).append(path)
+        instance = str(ds.get("SOPInstanceUID", "") or "") or str(path)
+        groups.setdefault(key, {}).setdefault(instance, []).append(path)
         patient_id = str(ds.get("PatientID", "") or "").strip()
         patients.setdefault(key, keyed_hash(secret, patient_id) if patient_id else None)
-    return [SeriesGroup(tuple(files), patients[key]) for key, files in groups.items()], rejected
+    out = []
+    for key, instances in groups.items():
+        kept = []
+        for copies in instances.values():
+            use, left_out = _one_copy(copies)
+            kept.append(use)
+            rejected += left_out
+        out.append(SeriesGroup(tuple(sorted(kept)), patients[key]))
+    return out, rejected
+
+
+def _one_copy(copies: list[Path]) -> tuple[Path, list[InputError]]:
+    """The copy of one instance to use, and a rejection for each other copy. Only files
+    that share an instance are read in full here, to find the complete ones."""
+    if len(copies) == 1:
+        return copies[0], []
+    problems: dict[Path, InputError | None] = {}
+    for path in copies:
+        try:
+            _read(path, stop_before_pixels=False)
+            problems[path] = None
+        except InputError as e:
+            problems[path] = e
+    ordered = sorted(copies, key=lambda p: (problems[p] is not None, len(p.parts), str(p)))
+    use = ordered[0]
+    left_out = []
+    for path in ordered[1:]:
+        problem = problems[path]
+        why = f"{problem.reason}; " if problem else ""
+        left_out.append(InputError(path, f"{why}a copy of the image in {use} (same SOPInstanceUID), "
+                                         "which the series uses instead"))
+    return use, left_out
 
 
 def _view_of_tokens(text: str) -> list[str]:
@@ -419,17 +464,25 @@ def _check_image(path: Path, ds: Dataset) -> int:
     if (rows, cols) != (WHOLE_BODY_ROWS, WHOLE_BODY_COLS):
         raise InputError(path, f"image is {rows}x{cols} (rows x cols), expected a "
                                f"{WHOLE_BODY_ROWS}x{WHOLE_BODY_COLS} whole-body image")
-    try:
-        n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = ds.get("NumberOfFrames")
+    try:  # absent (or empty) means one frame; a 0 is a broken header, not one frame
+        n_frames = 1 if frames is None or str(frames).strip() == "" else int(frames)
     except (TypeError, ValueError):
         raise InputError(path, "NumberOfFrames is not a number") from None
     if n_frames < 1:
         raise InputError(path, f"NumberOfFrames is {n_frames}")
+    try:
+        bits = int(ds.get("BitsAllocated", 16))
+    except (TypeError, ValueError):
+        raise InputError(path, "BitsAllocated is not a number") from None
+    if bits not in (8, 16, 32):
+        raise InputError(path, f"BitsAllocated is {bits}: not an image of counts (expected 8, 16 or 32 "
+                               "bits per pixel)")
     syntax = ds.file_meta.get("TransferSyntaxUID")
     if syntax is None:
         raise InputError(path, "no TransferSyntaxUID in the file meta information")
     if not syntax.is_compressed:
-        expected = rows * cols * n_frames * int(ds.get("BitsAllocated", 16)) // 8
+        expected = rows * cols * n_frames * bits // 8
         if len(ds.PixelData) < expected:
             raise InputError(path, f"truncated file: pixel data holds {len(ds.PixelData)} of "
                                    f"{expected} bytes")
@@ -531,8 +584,9 @@ def read_scan(paths: Sequence[str | os.PathLike], secret: bytes) -> WholeBodySca
         pixel_spacing_mm = float(spacing[0])
     except ValueError:
         raise InputError(paths[0], "PixelSpacing is not a number") from None
-    if not pixel_spacing_mm > 0:
-        raise InputError(paths[0], "PixelSpacing is not positive")
+    if not 0 < pixel_spacing_mm <= MAX_PIXEL_SPACING_MM:  # False for NaN and inf too
+        raise InputError(paths[0], f"PixelSpacing {spacing[0]} mm is not a whole-body pixel size (expected "
+                                   f"above 0 and at most {MAX_PIXEL_SPACING_MM:g} mm)")
 
     post = image["POST"]
     return WholeBodyScan(

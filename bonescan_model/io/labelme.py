@@ -71,7 +71,10 @@ def _polygon(path: Path, index: int, shape: object, image_shape: tuple[int, int]
         for p in points
     ):
         raise InputError(path, f"{where} points must be a list of numeric [x, y] pairs")
-    xy = np.array(points, dtype=np.float64).reshape(-1, 2)
+    try:
+        xy = np.array(points, dtype=np.float64).reshape(-1, 2)
+    except OverflowError:  # an integer beyond any float, e.g. 10**400
+        raise InputError(path, f"{where} has a coordinate too large to be a pixel position") from None
     if not np.isfinite(xy).all():
         raise InputError(path, f"{where} has a NaN or infinite point")
     if len(xy) > 1 and np.array_equal(xy[0], xy[-1]):
@@ -100,6 +103,10 @@ def read_labelme(path: str | os.PathLike) -> LabelMeAnnotation:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise InputError(path, f"invalid JSON: {err}") from err
+    except RecursionError:
+        raise InputError(path, "invalid JSON: nested too deeply to be a LabelMe file") from None
+    except ValueError as err:  # e.g. an integer of more digits than Python converts
+        raise InputError(path, f"invalid JSON: {err}") from None
     if not isinstance(data, dict):
         raise InputError(path, "not a LabelMe object (top level is not a JSON object)")
     image_shape = (_positive_int(path, data, "imageHeight"), _positive_int(path, data, "imageWidth"))

@@ -7,6 +7,7 @@ resolved config (``config.yaml``) beside its outputs, so a run can be repeated o
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from bonescan_model.network import ModelConfig
 
 
 DATASETS = ("all", "D1", "D2", "D3", "D4")
+MAX_INT = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,9 @@ def _model_config(value, source) -> ModelConfig:
 
 def _typed(key: str, value, hint, source):
     """Check ``value`` against a scalar field's type; ints are accepted where floats are, and
-    null where the field is optional (``int | None``)."""
+    null where the field is optional (``int | None``). Numbers must be finite, and ints within
+    MAX_INT: no count, size or seed is larger, and a value beyond it would fail (or run for
+    ever) long after the config was accepted."""
     args = typing.get_args(hint)
     if type(None) in args:
         if value is None:
@@ -138,27 +142,68 @@ def _typed(key: str, value, hint, source):
     }[hint]
     if not ok:
         raise InputError(source, f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
-    return float(value) if hint is float else value
+    if hint is int and abs(value) > MAX_INT:
+        raise InputError(source, f"{key}: {value} is out of range (at most {MAX_INT})")
+    if hint is float:
+        value = float(value) if abs(value) <= 1e300 else math.inf  # a huge int: too large for a float
+        if not math.isfinite(value):
+            raise InputError(source, f"{key}: must be a finite number, got {value!r}")
+    return value
 
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error: YAML's own rule
+    keeps the last, so the first would be ignored without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: construct_mapping below says so
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: Path, kind: str):
-    """A YAML file's content, or an InputError naming the file: missing, or not YAML.
+    """A YAML file's content, or an InputError naming the file: missing, a folder, not
+    UTF-8 text, or not YAML (a key given twice counts as not YAML).
     kind: what the file is, for the message ("config", "space", "GAN config")."""
+    path = Path(path)
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except FileNotFoundError:
         raise InputError(path, f"no such {kind} file") from None
+    except IsADirectoryError:
+        raise InputError(path, f"is a folder, not a {kind} file") from None
+    except UnicodeDecodeError as err:
+        raise InputError(path, f"not UTF-8 text (byte {err.start}); save the {kind} file as UTF-8") from None
+    except OSError as err:
+        raise InputError(path, f"cannot read the {kind} file ({err.strerror})") from None
+    except RecursionError:
+        raise InputError(path, "not valid YAML (nested too deeply)") from None
     except yaml.YAMLError as err:
         raise InputError(path, f"not valid YAML ({err})") from None
 
 
 def load_train_config(path: str | os.PathLike) -> TrainConfig:
+    """A training config file; an empty one is an error, not the paper's full 400-epoch run."""
     path = Path(path)
-    return TrainConfig.from_dict(read_yaml(path, "config") or {}, path)
+    data = read_yaml(path, "config")
+    if data is None or data == {}:
+        raise InputError(path, "the config is empty: set at least one key (configs/demo.yaml and "
+                               "configs/paper.yaml are examples)")
+    return TrainConfig.from_dict(data, path)
 
 
 def save_train_config(config: TrainConfig, path: str | os.PathLike) -> None:

@@ -1,7 +1,7 @@
 """`bonescan ingest`: DICOM + LabelMe -> de-identified Parquet shards, as a Ray Data job.
 
-The driver reads headers only (to group files per series, match labels by scan name and
-assign each patient to train or test); Ray Data then reads, crops and labels the scans in
+The driver reads headers only (to group files per series, match each label to its one scan
+(``label_match``) and assign each patient to train or test); Ray Data then reads, crops and labels the scans in
 parallel, one task per output shard, each writing its shard atomically. The report and the
 manifest come last, so a shard directory with a manifest is always complete.
 """
@@ -18,7 +18,9 @@ from bonescan_model.cases import prepare_case
 from bonescan_model.errors import InputError
 from bonescan_model.io.deid import default_secret_path, keyed_hash, load_or_create_secret
 from bonescan_model.io.dicom import group_series, scan_name
+from bonescan_model.io.files import find_files
 from bonescan_platform import shards
+from bonescan_platform.label_match import Scan, match_labels
 from bonescan_platform.cluster import ray_session
 from bonescan_platform.progress import collect_rows
 
@@ -36,68 +38,64 @@ def assign_splits(patient_keys: set[str], secret: bytes, test_fraction: float = 
     return {k: ("test" if i < n_test else "train") for i, k in enumerate(ordered)}
 
 
-def label_index(labels: Path | None) -> dict[str, list[Path]]:
-    """scan name -> one LabelMe file per reader. A labels folder holds either one folder per
-    reader (reader1/, reader2/, ...) or the JSON files of a single reader."""
-    if labels is None:
-        return {}
-    if not labels.is_dir():
-        raise InputError(labels, "labels folder does not exist")
-    readers = sorted(p for p in labels.iterdir() if p.is_dir() and not p.name.startswith("."))
-    index: dict[str, list[Path]] = {}
-    for folder in readers or [labels]:
-        for path in sorted(folder.glob("*.json")):
-            index.setdefault(path.stem, []).append(path)
-    return index
-
-
 @dataclass(frozen=True)
 class IngestPlan:
     """What the driver decides from headers alone: one task per output shard."""
 
     tasks: list[dict]
-    unreadable: list[InputError]
-    orphan_labels: list[Path]  # label files whose scan name matches no series
+    unreadable: list[InputError]  # files that are not used, and why: not DICOM, hidden, copies, ...
+    label_errors: list[InputError]  # label files that label no scan (no match, or several)
 
 
 def plan_ingest(dicom_dir: Path, labels: Path | None, secret: bytes,
                 rows_per_shard: int = ROWS_PER_SHARD) -> IngestPlan:
-    if not dicom_dir.exists():
-        raise InputError(dicom_dir, "no such file or folder")
-    files = [dicom_dir] if dicom_dir.is_file() else sorted(
-        p for p in dicom_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+    files, skipped = find_files(dicom_dir)
     groups, unreadable = group_series(files, secret)
     splits = assign_splits({g.patient_key for g in groups if g.patient_key}, secret)
-    index = label_index(labels)
+    root = dicom_dir if dicom_dir.is_dir() else dicom_dir.parent
+    named = [Scan((g.files[0].parent.relative_to(root) / scan_name(list(g.files))).as_posix(), g.files)
+             for g in groups]
+    matched, label_errors = match_labels(labels, named)
     specs: dict[str, list[dict]] = {}
-    for group in groups:
-        name = scan_name(list(group.files))
+    for i, group in enumerate(groups):
         split = splits.get(group.patient_key, "train")  # no PatientID: read_scan rejects it
         specs.setdefault(split, []).append(
-            {"files": [str(f) for f in group.files], "labels": [str(p) for p in index.pop(name, [])]})
+            {"files": [str(f) for f in group.files], "labels": [str(p) for p in matched.get(i, [])]})
     tasks = [
         {"shard": f"{split}-{i // rows_per_shard:05d}.parquet", "split": split,
          "scans": json.dumps(scans[i:i + rows_per_shard])}
         for split, scans in sorted(specs.items())
         for i in range(0, len(scans), rows_per_shard)
     ]
-    return IngestPlan(tasks, unreadable, [p for paths in index.values() for p in paths])
+    return IngestPlan(tasks, skipped + unreadable, label_errors)
 
 
 def ingest(dicom: str, out: str, labels: str | None = None, *, rows_per_shard: int = ROWS_PER_SHARD) -> int:
-    """Exit code 0 when at least one scan was ingested, 2 when none was."""
+    """Exit code 0 when at least one scan was ingested, 2 when none was.
+
+    The new shards get names of their own (``shards.write_shard(by_content=True)``), so the
+    set already in ``out`` stays whole while they are written; the new manifest then replaces
+    the old one, and only after that are the old set's shards the new one does not list
+    deleted. No other file in ``out`` is touched, and an ingest that ingested nothing leaves
+    the folder as it was."""
     out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(out_dir, "is a file, not a folder for shards")
     secret = load_or_create_secret(default_secret_path())
     plan = plan_ingest(Path(dicom), Path(labels) if labels else None, secret, rows_per_shard)
+    previous = shards.listed_files(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = _run_tasks(plan.tasks, out_dir, secret) if plan.tasks else []
     written = [shards.ShardInfo(**r["shard"]) for r in results if r["shard"]]
-    _remove_stale_shards(out_dir, {s.file for s in written})
-    shards.remove_legacy_files(out_dir)
     report = _report(results, plan)
+    _print_report(report, out_dir)
+    if not report["scans_ingested"] and previous is not None:
+        print(f"nothing ingested: the shards in {out_dir} are left as they were")
+        return 2
     (out_dir / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True))
     shards.write_manifest(out_dir, written, report)
-    _print_report(report, out_dir)
+    shards.retire(out_dir, previous, written)
+    shards.remove_legacy_files(out_dir)
     return 0 if report["scans_ingested"] else 2
 
 
@@ -145,7 +143,7 @@ def write_shard_task(task: dict, out_dir: Path, secret: bytes) -> dict:
             "patient": case.patient_key, "split": task["split"],
             "label_errors": [{"file": e.path, "reason": e.reason} for e in case.label_errors],
         })
-    info = shards.write_shard(rows, out_dir / task["shard"]).__dict__ if rows else None
+    info = shards.write_shard(rows, out_dir / task["shard"], by_content=True).__dict__ if rows else None
     return {"shard": info, "scans": outcomes}
 
 
@@ -165,13 +163,6 @@ def _row(case, split: str) -> dict:
     }
 
 
-def _remove_stale_shards(out_dir: Path, keep: set[str]) -> None:
-    """A rerun over fewer scans must not leave the previous run's extra shards behind."""
-    for path in out_dir.glob("*.parquet"):
-        if path.name not in keep:
-            path.unlink()
-
-
 def _report(results: list[dict], plan: IngestPlan) -> dict:
     outcomes = [o for r in results for o in r["scans"]]
     ok = [o for o in outcomes if o["ok"]]
@@ -188,8 +179,7 @@ def _report(results: list[dict], plan: IngestPlan) -> dict:
             "one_view": sum("+" not in o["views"] for o in mine),
         }
     label_errors = [e for o in ok for e in o["label_errors"]]
-    label_errors += [{"file": str(p), "reason": "no scan with this name was found"}
-                     for p in plan.orphan_labels]
+    label_errors += [{"file": e.path, "reason": e.reason} for e in plan.label_errors]
     return {
         "scans_ingested": len(ok),
         "scans_rejected": len(rejected),
@@ -210,7 +200,7 @@ def _print_report(report: dict, out_dir: Path) -> None:
     for kind in ("rejected", "label_errors"):
         if report[kind]:
             print(f"{kind.replace('_', ' ')}:")
-            width = max(len(r["file"]) for r in report[kind])
             for r in report[kind]:
-                print(f"  {r['file']:<{width}}  {r['reason']}")
-    print(f"shards: {out_dir}  (manifest {shards.MANIFEST}, report {REPORT})")
+                print(f"  {r['file']}: {r['reason']}")
+    if report["scans_ingested"]:
+        print(f"shards: {out_dir}  (manifest {shards.MANIFEST}, report {REPORT})")

@@ -21,6 +21,7 @@ from bonescan_model.checkpoint import load_model, resolve
 from bonescan_model.errors import InputError
 from bonescan_model.io.deid import default_secret_path, load_or_create_secret
 from bonescan_model.io.dicom import group_series, read_scan, scan_name
+from bonescan_model.io.files import find_files
 from bonescan_model.predict import predict_scans, reference_view, scan_crop_box, write_prediction
 from bonescan_platform.cluster import ray_session
 from bonescan_platform.progress import collect_rows
@@ -42,13 +43,8 @@ def plan_scans(dicom: Path, out_dir: Path, secret: bytes) -> tuple[list[dict], l
     overwrite another's. Files under ``out_dir`` are skipped: a rerun into a folder inside the
     input does not read its own outputs.
     """
-    if not dicom.exists():
-        raise InputError(dicom, "no such file or folder")
+    files, skipped = find_files(dicom, exclude=out_dir)
     root = dicom if dicom.is_dir() else dicom.parent
-    out_resolved = out_dir.resolve()
-    files = [dicom] if dicom.is_file() else sorted(
-        p for p in dicom.rglob("*")
-        if p.is_file() and not p.name.startswith(".") and out_resolved not in p.resolve().parents)
     groups, unreadable = group_series(files, secret)
     tasks, taken = [], set()
     for group in groups:
@@ -60,7 +56,7 @@ def plan_scans(dicom: Path, out_dir: Path, secret: bytes) -> tuple[list[dict], l
             name = f"{base}_{suffix}"
         taken.add((folder, name))
         tasks.append({"files": [str(f) for f in group.files], "out_dir": str(folder), "name": name})
-    return tasks, unreadable
+    return tasks, skipped + unreadable
 
 
 def predict_batch(model: nn.Module, tasks: list[dict], secret: bytes, threshold: float) -> list[dict]:
@@ -159,6 +155,5 @@ def _print_summary(predicted: list[dict], rejected: list[dict], out_dir: Path) -
     print(f"outputs: {out_dir}  (per scan: <name>.mask.png, <name>.json, <name>.overlay.png)")
     if rejected:
         print("rejected:")
-        width = max(len(r["file"]) for r in rejected)
         for r in sorted(rejected, key=lambda r: r["file"]):
-            print(f"  {r['file']:<{width}}  {r['reason']}")
+            print(f"  {r['file']}: {r['reason']}")

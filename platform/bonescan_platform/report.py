@@ -57,6 +57,11 @@ COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c
 
 def report(target: str, out: str) -> int:
     path = Path(target).resolve()
+    out_path = Path(out)
+    if out_path.is_dir():
+        raise InputError(out_path, "is a folder; give the report's file name, e.g. report.html")
+    if out_path.parent.exists() and not out_path.parent.is_dir():
+        raise InputError(out_path.parent, "is a file, not a folder to write the report in")
     if (path / "experiment.json").is_file():
         page = experiment_page(path)
     elif (path / "history.csv").is_file() and (path / "config.yaml").is_file():
@@ -64,11 +69,15 @@ def report(target: str, out: str) -> int:
     else:
         raise InputError(path, "neither an experiment folder (experiment.json, from `bonescan tune`) nor a run "
                                "folder (history.csv and config.yaml, from `bonescan train`)")
-    out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out_path)
+    try:
+        tmp.write_text(page, encoding="utf-8")
+        os.replace(tmp, out_path)
+    except OSError as err:
+        raise InputError(out_path, f"cannot write the report ({err.strerror})") from None
+    finally:
+        tmp.unlink(missing_ok=True)  # nothing half-written is left beside the report
     print(f"report: {out_path} ({out_path.stat().st_size / 1e6:.1f} MB, self-contained)")
     return 0
 

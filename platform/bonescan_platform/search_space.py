@@ -62,6 +62,10 @@ SEARCH_KEYS = {"type": str, "random_state": int}
 RESOURCE_KEYS = ("workers", "cpus_per_worker", "gpus")
 REPORT_KEYS = ("title", "x", "columns", "headers", "paper", "paper_source")
 AUTO = "auto"
+# A sweep of more trials than this is a typo'd grid, not an experiment to run.
+MAX_TRIALS = 1000
+# Combinations of candidate values checked together while loading (~1 ms each).
+MAX_CHECKED = 2048
 
 # The results table's per-trial columns a report can show (besides parameters and config paths),
 # with the header the report gives them.
@@ -247,11 +251,21 @@ def parse_space(raw: dict, source: str | os.PathLike, base: TrainConfig) -> Sear
     if space.evaluate_runs is not None and (not _is_int(space.evaluate_runs) or space.evaluate_runs < 1):
         fail("evaluate_runs", f"must be an int >= 1, got {space.evaluate_runs!r}")
 
+    grid = math.prod(len(p.values) for p in parameters if p.kind == "grid")
+    if grid * num_samples > MAX_TRIALS:
+        sizes = " x ".join(str(len(p.values)) for p in parameters if p.kind == "grid")
+        fail("parameters", f"the grid makes {grid * num_samples} trials ({sizes} values"
+                           f"{f' x {num_samples} samples' if num_samples > 1 else ''}); at most {MAX_TRIALS}")
     # Every combination of the values a trial can get must make a valid TrainConfig: a
-    # typo'd value fails now, not an hour into the sweep.
+    # typo'd value fails now, not an hour into the sweep. Past MAX_CHECKED combinations
+    # (a second or two) each value is checked on its own instead.
     names = [p.name for p in parameters]
-    for combo in itertools.product(*(p.candidates() for p in parameters)):
-        params = dict(zip(names, combo))
+    candidates = [p.candidates() for p in parameters]
+    if math.prod(len(c) for c in candidates) <= MAX_CHECKED:
+        combos = (dict(zip(names, combo)) for combo in itertools.product(*candidates))
+    else:
+        combos = ({name: value} for name, values in zip(names, candidates) for value in values)
+    for params in combos:
         key = "parameters." + ", ".join(f"{n}={case_name(v)}" for n, v in params.items())
         _build(base_dict, {**fixed, **overrides(params)}, source, key)
     if space.scheduler and space.scheduler["grace_period"] > space.max_epochs():
@@ -273,7 +287,9 @@ def _parameter(name, spec, fail) -> Parameter:
         if (not isinstance(values, list) or len(values) != 2
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
             fail(key, f"must be [low, high] numbers, got {values!r}")
-        low, high = float(values[0]), float(values[1])
+        low, high = (float(v) if abs(v) <= 1e300 else math.inf for v in values)
+        if not (math.isfinite(low) and math.isfinite(high)):
+            fail(key, f"both ends must be finite numbers, got [{low}, {high}]")
         if not low < high:
             fail(key, f"low must be below high, got [{low}, {high}]")
         if kind == "loguniform" and low <= 0:

@@ -20,6 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bonescan_model.errors import InputError
+
 CROP = 256
 MANIFEST = "_manifest.json"
 # What an earlier bonescan wrote beside the shards under names Parquet readers take for data.
@@ -63,17 +65,21 @@ class ShardInfo:
     sha256: str
 
 
-def write_shard(rows: list[dict], path: Path) -> ShardInfo:
+def write_shard(rows: list[dict], path: Path, *, by_content: bool = False) -> ShardInfo:
     """Write rows (schema above) to ``path`` atomically: a temporary name, then rename.
 
     A reader never sees a half-written shard, and a crash leaves only a ``.tmp`` file that
-    the next run overwrites.
+    the next run overwrites. by_content: the file is named ``<stem>-<16 hex digits of its
+    SHA-256>.parquet``, so a new set of shards never overwrites a file of the set it is to
+    replace (the same rows give the same name, and the same bytes).
     """
     path = Path(path)
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(table, tmp, compression="zstd")
     digest = _sha256(tmp)
+    if by_content:
+        path = path.with_name(f"{path.stem}-{digest[:16]}{path.suffix}")
     os.replace(tmp, path)
     split = rows[0]["split"] if rows else ""
     return ShardInfo(file=path.name, split=split, rows=len(rows), sha256=digest)
@@ -102,23 +108,59 @@ def remove_legacy_files(out_dir: Path) -> None:
 
 
 def read_manifest(shard_dir: Path) -> dict:
-    path = Path(shard_dir) / MANIFEST
+    """The manifest of a shard folder, checked for the shape written above: an InputError
+    naming the folder or the file for anything else (missing, not JSON, not a manifest)."""
+    shard_dir = Path(shard_dir)
+    if shard_dir.exists() and not shard_dir.is_dir():
+        raise InputError(shard_dir, "is a file, not a shard folder (from `bonescan ingest`)")
+    path = shard_dir / MANIFEST
     try:
-        return json.loads(path.read_text())
+        body = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        from bonescan_model.errors import InputError
-
         raise InputError(path, "no shard manifest here; run `bonescan ingest` first") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise InputError(path, f"not a readable shard manifest ({type(err).__name__}: {err})") from None
+    listed = body.get("shards") if isinstance(body, dict) else None
+    if not isinstance(listed, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("file"), str) and Path(s["file"]).name == s["file"]
+            and not s["file"].startswith(".") and isinstance(s.get("split"), str)
+            and isinstance(s.get("rows"), int) for s in listed):
+        raise InputError(path, "not a shard manifest: expected an object whose \"shards\" list holds "
+                               "{file, split, rows} entries naming files in this folder")
+    return body
 
 
 def shard_paths(shard_dir: Path, split: str | None = None) -> list[str]:
     """The shard files the manifest lists (optionally one split), checked to exist."""
     manifest = read_manifest(shard_dir)
-    return [
-        str(Path(shard_dir) / s["file"])
-        for s in manifest["shards"]
-        if split is None or s["split"] == split
-    ]
+    paths = [Path(shard_dir) / s["file"] for s in manifest["shards"] if split is None or s["split"] == split]
+    for path in paths:
+        if not path.is_file():
+            raise InputError(path, f"listed in the shard manifest ({MANIFEST}) but missing")
+    return [str(p) for p in paths]
+
+
+def split_rows(shard_dir: Path, split: str) -> int:
+    """Rows of ``split`` the manifest lists (its files checked to exist)."""
+    shard_paths(shard_dir, split)
+    return sum(s["rows"] for s in read_manifest(shard_dir)["shards"] if s["split"] == split)
+
+
+def listed_files(shard_dir: Path) -> set[str] | None:
+    """The shard file names a folder's manifest lists; None when it has no readable one
+    (then no file there is known to be a shard)."""
+    try:
+        return {s["file"] for s in read_manifest(shard_dir)["shards"]}
+    except InputError:
+        return None
+
+
+def retire(shard_dir: Path, previous: set[str] | None, current: list[ShardInfo]) -> None:
+    """Delete the shards of the ``previous`` set that the ``current`` one (its manifest
+    already written) does not list. Nothing else in the folder is touched."""
+    keep = {s.file for s in current}
+    for name in sorted((previous or set()) - keep):
+        (Path(shard_dir) / name).unlink(missing_ok=True)
 
 
 def _sha256(path: Path) -> str:

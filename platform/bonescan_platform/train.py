@@ -33,7 +33,7 @@ from bonescan_model.loss import SemiSupervisedLoss
 from bonescan_model.metrics import summarize
 from bonescan_model.network import build_model
 from bonescan_platform import metrics as training_metrics
-from bonescan_platform import shards, splits, stream
+from bonescan_platform import cluster, shards, splits, stream
 from bonescan_platform.evaluate import score_test
 from bonescan_platform.cluster import ray_session
 from bonescan_platform.config import TrainConfig, load_train_config, save_train_config
@@ -179,14 +179,24 @@ def _plain(value):
 def train(data: str, config: str, out: str, workers: int = 1, gpus: bool = False) -> int:
     cfg = load_train_config(config)
     run = Path(out).resolve()
-    shards.read_manifest(data)  # fail early, with the file named, on a folder that is not shards
+    check_data(data)
     if workers < 1:
         raise InputError(out, "--workers must be at least 1")
+    if run.exists() and not run.is_dir():
+        raise InputError(out, "is a file, not a run folder")
     run.mkdir(parents=True, exist_ok=True)
     save_train_config(cfg, run / "config.yaml")
     (run / "run.json").write_text(json.dumps(
         {"data": str(Path(data).resolve()), "workers": workers, "gpus": gpus}, indent=2))
     return _fit(run, cfg, Path(data).resolve(), workers, gpus)
+
+
+def check_data(data: str | Path) -> None:
+    """Fail before Ray starts, naming the folder or file, on shards nothing can train on:
+    not a shard folder, a manifest that is not one, a listed shard missing, no training rows."""
+    if shards.split_rows(Path(data), "train") == 0:
+        raise InputError(data, "no training scans: the shards' train split has 0 rows (see the "
+                               "ingest report for why scans were rejected)")
 
 
 def resume(run_dir: str) -> int:
@@ -212,6 +222,8 @@ def trainer_for(run: Path, cfg: TrainConfig, data: Path, workers: int, gpus: boo
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from bonescan_platform.loopback_torch import LoopbackTorchConfig
+
     cpus = ray.cluster_resources().get("CPU", 1)
     if cpu_per_worker is None:
         cpu_per_worker, torch_threads = worker_cpus(cpus, workers, gpus)
@@ -227,6 +239,8 @@ def trainer_for(run: Path, cfg: TrainConfig, data: Path, workers: int, gpus: boo
     rows_per_worker = -(-selection.budget["training_rows"] // workers)
     return TorchTrainer(
         train_loop,
+        # One machine's own Ray: DDP's rendezvous on 127.0.0.1 too, like every other port.
+        torch_config=LoopbackTorchConfig() if cluster.on_loopback_ray() else None,
         train_loop_config={"train": _plain(cfg.to_dict()), "run": run.name,  # the dashboards' run tag
                            "torch_threads": torch_threads,
                            "shuffle_rows": max(cfg.batch_size, min(rows_per_worker, SHUFFLE_ROWS))},
@@ -234,7 +248,9 @@ def trainer_for(run: Path, cfg: TrainConfig, data: Path, workers: int, gpus: boo
                                      resources_per_worker={"CPU": cpu_per_worker}),
         run_config=RunConfig(
             name=RUN_NAME, storage_path=str(run), callbacks=list(callbacks),
-            failure_config=FailureConfig(max_failures=3),
+            # Worker failures: replaced 3 times. Placing the workers: a bounded wait, not Ray's
+            # endless retries (cluster.placement_retries).
+            failure_config=FailureConfig(max_failures=3, controller_failure_limit=cluster.placement_retries()),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep,
                                                checkpoint_score_attribute="val_dsc",
                                                checkpoint_score_order="max")),
@@ -242,6 +258,11 @@ def trainer_for(run: Path, cfg: TrainConfig, data: Path, workers: int, gpus: boo
                   "val": stream.evaluation_dataset(data, "train", only=list(chosen.val))},
         dataset_config=split_train(cpus - workers * cpu_per_worker),
     )
+
+
+def worker_resources(cpu_per_worker: float, gpus: bool) -> dict[str, float]:
+    """What one Train worker reserves: its CPUs, and a GPU with ``gpus`` (ScalingConfig's use_gpu)."""
+    return {"CPU": cpu_per_worker, **({"GPU": 1.0} if gpus else {})}
 
 
 def worker_cpus(cpus: float, workers: int, gpus: bool) -> tuple[float, int]:
@@ -263,8 +284,22 @@ def split_train(data_cpus: float):
 
 
 def _fit(run: Path, cfg: TrainConfig, data: Path, workers: int, gpus: bool) -> int:
+    from ray.train import TrainingFailedError
+
+    import ray
+
     with ray_session():
-        result = trainer_for(run, cfg, data, workers, gpus).fit()
+        cpu_per_worker, _ = worker_cpus(ray.cluster_resources().get("CPU", 1), workers, gpus)
+        cluster.wait_for_room(str(run), workers, worker_resources(cpu_per_worker, gpus))
+        trainer = trainer_for(run, cfg, data, workers, gpus)
+        try:
+            result = trainer.fit()
+        except TrainingFailedError as err:
+            per_worker = worker_resources(trainer.scaling_config.resources_per_worker["CPU"], gpus)
+            unplaced = cluster.placement_failure(str(run), workers, per_worker, err)
+            if unplaced is None:
+                raise
+            raise unplaced from None
     return finish_run(run, result)
 
 

@@ -40,7 +40,7 @@ from bonescan_platform.cluster import ray_session
 from bonescan_platform.config import TrainConfig, load_train_config, read_yaml, save_train_config
 from bonescan_platform.evaluate import HEADLINE, TEST_FILE, score_test
 from bonescan_platform.search_space import AUTO, SearchSpace, case_name, load_space, parse_space
-from bonescan_platform.train import STATE, finish_run, trainer_for
+from bonescan_platform.train import STATE, check_data, finish_run, trainer_for
 
 TUNE_NAME = "tune"  # fixed, so `tune/` is where --resume finds Ray Tune's state
 DRIVER_CPU = 0.25  # each trial's Tune function only waits on its TorchTrainer
@@ -176,7 +176,7 @@ def sweep(data: str, space: str, out: str, resume: bool = False) -> int:
     from ray import tune as ray_tune
 
     root, data_dir, space_path = Path(out).resolve(), Path(data).resolve(), Path(space).resolve()
-    shards.read_manifest(data_dir)  # a folder that is not shards fails here, named
+    check_data(data_dir)  # shards nothing can train on fail here, named
     if resume:
         exp = Experiment.open(root)
         for flag, given, recorded in (("--data", data_dir, exp.data), ("--space", space_path, exp.record["space"])):

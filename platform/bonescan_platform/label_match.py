@@ -1,0 +1,100 @@
+"""Which LabelMe file labels which scan: each label goes to exactly one scan, or is rejected.
+
+A labels folder holds either the LabelMe files of one reader or one folder per reader
+(``reader1/``, ``reader2/``, ...), never both. Within a reader's files a label finds its scan
+by, in this order:
+
+1. its path relative to the reader's folder: ``a_site/scan0002.json`` labels the scan
+   ``a_site/scan0002`` of the DICOM folder (a scan is named as ``dicom.scan_name`` names it,
+   in the sub-folder of its first file);
+2. its LabelMe ``imagePath``, when that leads (from the label's folder) to a file of a scan;
+3. its name alone, when exactly one scan anywhere has that name.
+
+A label that fits several scans is rejected with the candidates named, never given to the
+first of them: two patients' scans may share a file name in different folders.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from bonescan_model.errors import InputError
+
+
+@dataclass(frozen=True)
+class Scan:
+    """A scan as the matcher knows it: ``name`` is its relative name (``a_site/scan0002``),
+    ``files`` its DICOM files."""
+
+    name: str
+    files: tuple[Path, ...]
+
+
+def reader_folders(labels: Path) -> list[Path]:
+    """The folder of each reader; ``labels`` itself when it holds one reader's files."""
+    if not labels.is_dir():
+        raise InputError(labels, "labels folder does not exist" if not labels.exists() else
+                         "is a file, not a labels folder")
+    entries = [p for p in labels.iterdir() if not p.name.startswith(".")]
+    folders = sorted(p for p in entries if p.is_dir())
+    files = sorted(p for p in entries if p.is_file() and p.suffix.lower() == ".json")
+    if folders and files:
+        raise InputError(labels, f"holds both LabelMe files ({files[0].name}, ...) and folders "
+                                 f"({', '.join(f.name + '/' for f in folders[:3])}): a labels folder is "
+                                 "either one reader's LabelMe files or one folder per reader")
+    return folders or [labels]
+
+
+def match_labels(labels: Path | None, scans: list[Scan]) -> tuple[dict[int, list[Path]], list[InputError]]:
+    """({index of a scan in ``scans``: its label files, one per reader}, rejected labels)."""
+    if labels is None:
+        return {}, []
+    by_name: dict[str, list[int]] = {}
+    by_stem: dict[str, list[int]] = {}
+    by_file: dict[Path, int] = {}
+    for i, scan in enumerate(scans):
+        by_name.setdefault(scan.name, []).append(i)
+        by_stem.setdefault(scan.name.rsplit("/", 1)[-1], []).append(i)
+        for f in scan.files:
+            by_file[f.resolve()] = i
+    assigned: dict[int, list[Path]] = {}
+    rejected: list[InputError] = []
+    for folder in reader_folders(labels):
+        mine: dict[int, Path] = {}  # this reader's label of each scan
+        for path in _label_files(folder, nested=folder != labels):
+            relative = path.relative_to(folder).with_suffix("").as_posix()
+            candidates = by_name.get(relative) or _by_image_path(path, by_file) or by_stem.get(path.stem, [])
+            if not candidates:
+                rejected.append(InputError(path, "no scan with this name was found"))
+            elif len(candidates) > 1:
+                names = ", ".join(scans[i].name for i in candidates)
+                rejected.append(InputError(path, f"fits {len(candidates)} scans ({names}), so it labels none: "
+                                                 "put it at its scan's relative path in the reader's folder "
+                                                 "or set its imagePath to the scan's DICOM file"))
+            elif candidates[0] in mine:
+                rejected.append(InputError(path, f"a second label from this reader for scan "
+                                                 f"{scans[candidates[0]].name} (the first: {mine[candidates[0]]})"))
+            else:
+                mine[candidates[0]] = path
+        for i, path in mine.items():
+            assigned.setdefault(i, []).append(path)
+    return assigned, rejected
+
+
+def _label_files(folder: Path, nested: bool) -> list[Path]:
+    found = folder.rglob("*.json") if nested else folder.glob("*.json")
+    return sorted(p for p in found if p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _by_image_path(path: Path, by_file: dict[Path, int]) -> list[int]:
+    """The scan whose file the label's imagePath leads to, if any. A label that cannot be
+    read is matched by its path or name instead; reading it for the scan reports why."""
+    try:
+        image = json.loads(path.read_text(encoding="utf-8")).get("imagePath")
+        scan = by_file.get((path.parent / image).resolve()) if isinstance(image, str) and image else None
+    except Exception:  # noqa: BLE001 - any unreadable label: no imagePath to go by
+        return []
+    return [] if scan is None else [scan]

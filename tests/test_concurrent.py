@@ -1,0 +1,136 @@
+"""Commands side by side on one machine (issue 15, items 10 and 11): two `bonescan train` started
+at once each run on a private Ray of their own, listening on loopback only, and both finish
+with their own metrics; a run whose workers cannot be placed fails in bounded time, saying
+what it asked for and what the cluster has."""
+
+from __future__ import annotations
+
+import csv
+import ipaddress
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from bonescan_platform import cluster
+from bonescan_platform.cli import main
+from tiny import ingested_cohort, tiny_config
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, ray_local, deid_secret):
+    return ingested_cohort(tmp_path_factory.mktemp("concurrent"), 6, seed=13)
+
+
+def _loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if ip.version == 6 and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def _listening(roots: list[psutil.Process]) -> set[tuple[str, str, int]]:
+    """(process name, address, port) of every listening socket of ``roots`` and their children."""
+    found = set()
+    for root in roots:
+        try:
+            processes = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            continue
+        for process in processes:
+            try:
+                found |= {(process.name(), c.laddr.ip, c.laddr.port) for c in process.net_connections("inet")
+                          if c.status == psutil.CONN_LISTEN}
+            except psutil.Error:  # it ended meanwhile
+                continue
+    return found
+
+
+def _history(run: Path) -> list[dict]:
+    with open(run / "history.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_two_trains_at_once_each_on_its_own_loopback_ray(data, tmp_path):
+    if os.environ.get("RAY_ADDRESS") or cluster._started_cluster():
+        pytest.skip("a cluster is joinable here (RAY_ADDRESS or `ray start`): the commands would join it")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    drivers = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(yaml.safe_dump(tiny_config(epochs=2, seed=seed)))
+        drivers[name] = subprocess.Popen(
+            [sys.executable, "-m", "bonescan_platform.cli", "train", "--data", str(data), "--config", str(config),
+             "--out", str(tmp_path / name)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    sockets = set()
+    deadline = time.time() + 900
+    try:
+        while any(d.poll() is None for d in drivers.values()) and time.time() < deadline:
+            sockets |= _listening([psutil.Process(d.pid) for d in drivers.values() if d.poll() is None])
+            time.sleep(1)
+    finally:
+        for d in drivers.values():
+            if d.poll() is None:
+                d.kill()
+    outputs = {name: d.communicate()[0] for name, d in drivers.items()}
+    for name, d in drivers.items():
+        assert d.returncode == 0, outputs[name][-3000:]
+        assert "Started a local Ray instance" in outputs[name]  # its own, not the other's
+        history = _history(tmp_path / name)
+        assert [int(r["epoch"]) for r in history] == [1, 2]
+        assert all(float(r["train_loss"]) > 0 for r in history)
+        assert yaml.safe_load((tmp_path / name / "config.yaml").read_text())["seed"] == {"a": 1, "b": 2}[name]
+    assert _history(tmp_path / "a") != _history(tmp_path / "b")
+    # Item 11: GCS, raylet, object manager, dashboard, agents, workers: on loopback, all of them.
+    names = {n for n, _, _ in sockets}
+    assert {"gcs_server", "raylet"} <= names, sockets
+    beyond = sorted(s for s in sockets if not _loopback(s[1]))
+    assert not beyond, f"listening beyond loopback: {beyond}"
+
+
+def test_workers_the_cluster_can_never_hold_fail_at_once(data, tmp_path):
+    # A private Ray of the command's own cannot grow: 999 GPU workers are refused as it starts.
+    if os.environ.get("RAY_ADDRESS") or cluster._started_cluster():
+        pytest.skip("a cluster is joinable here (RAY_ADDRESS or `ray start`): the command would join it")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(epochs=1)))
+    done = subprocess.run([sys.executable, "-m", "bonescan_platform.cli", "train", "--data", str(data), "--config",
+                           str(config), "--out", str(tmp_path / "run"), "--workers", "999", "--gpus"],
+                          capture_output=True, text=True, timeout=600,
+                          env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: {tmp_path / 'run'}: asks for 999 worker(s) with CPU 1, GPU 1 each and CPU 1 "
+                           "to read the data; this machine's Ray has CPU "), line
+
+
+def test_workers_a_busy_cluster_cannot_place_fail_in_bounded_time(data, tmp_path, ray_local, monkeypatch, capsys):
+    # The session's Ray stands for a joined cluster; a placement group holds all of its CPUs.
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    cpus = ray_local.cluster_resources()["CPU"]
+    holder = placement_group([{"CPU": cpus}])
+    ray_local.get(holder.ready(), timeout=120)
+    monkeypatch.setenv(cluster.PLACEMENT_WAIT_ENV, "6")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(epochs=1)))
+    start = time.time()
+    try:
+        code = main(["train", "--data", str(data), "--config", str(config), "--out", str(tmp_path / "run")])
+    finally:
+        remove_placement_group(holder)
+    took = time.time() - start
+    err = capsys.readouterr().err
+    assert code == 2 and took < 120, (code, took, err[-2000:])
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"error: {tmp_path / 'run'}: asks for 1 worker(s) with CPU 1 each and CPU 1 to read the "
+                           "data; the cluster could not make room within 6 s"), line
+    assert f"it has CPU {cpus:g} in all, CPU 0 free now" in line
