@@ -229,7 +229,7 @@ def test_nothing_predicted_exits_2(runs, deid_secret, tmp_path, capsys):
     (tmp_path / "in" / "x.dcm").write_text("a note, not a scan")
     assert main(["predict", "--checkpoint", str(runs["all"]), "--dicom", str(tmp_path / "in"),
                  "--out", str(tmp_path / "out")]) == 2
-    assert "x.dcm  not a DICOM file" in capsys.readouterr().out
+    assert "x.dcm: not a DICOM file" in capsys.readouterr().out  # `<file>: <reason>`, as the README promises
 
 
 @pytest.mark.ray
