@@ -77,7 +77,7 @@ def test_ingest_and_evaluate_write_no_bar_into_a_log(ray_local, deid_secret, tmp
     assert main(["evaluate", "--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "shards"),
                  "--runs", "2"]) == 0
     out, err = capfd.readouterr()
-    assert "ingested 3 scan(s)" in out and "2 runs" in out
+    assert "ingested 3 scan(s)" in out and "2-run protocol" in out
     for stream in (out, err):
         assert "\r" not in stream and BAR not in stream, stream
     assert "Progress bars disabled" not in err  # Ray Data's notice about its own bars, switched off for ours

@@ -4,6 +4,7 @@ repository is the standard library's; training runs across a two-node cluster.""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import sysconfig
@@ -31,9 +32,13 @@ PROBE = textwrap.dedent("""
 
 def test_platform_is_stdlib_inside_a_ray_task_with_the_repo_as_working_dir(ray_local, tmp_path):
     address = ray_local.get_runtime_context().gcs_address
-    # Run from elsewhere, so the driver itself cannot pick the repository up from its cwd.
+    # Run from elsewhere, so the driver itself cannot pick the repository up from its cwd. The
+    # shared Ray listens on 127.0.0.1 only (cluster.start_local); a second driver joins it only
+    # if it takes loopback as its own node address too, or Ray rewrites "127.0.0.1" to the
+    # host's address (ray._private.services.resolve_ip_for_localhost) and never connects.
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     done = subprocess.run([sys.executable, "-c", PROBE, address, str(REPO)], capture_output=True,
-                          text=True, timeout=300, cwd=tmp_path)
+                          text=True, timeout=300, cwd=tmp_path, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stderr[-3000:]
     where, system, in_repo = json.loads(lines[-1][len("RESULT "):])

@@ -8,6 +8,7 @@ from bonescan_platform import shards, splits
 
 CROP = shards.encode_image(np.zeros((256, 256)), "<u2")
 MASK = shards.encode_image(np.ones((256, 256)), "u1")
+EMPTY = shards.encode_image(np.zeros((256, 256)), "u1")  # a labeled, lesion-free scan
 
 
 def _row(patient, scan, *, mask=True, source="dicom", split="train"):
@@ -16,7 +17,7 @@ def _row(patient, scan, *, mask=True, source="dicom", split="train"):
             "split": split, "views": "ANT"}
 
 
-def _cohort(tmp_path, *, copies=0, generated=0):
+def _cohort(tmp_path, *, copies=0, generated=0, lesion_free=()):
     """20 training patients (p0..p9 with a mask on each of their 2 scans, p10..p19 unlabeled, 1
     scan), 6 test patients; each original with ``copies`` augmented copies, and ``generated``
     DCGAN rows. Hand counts: 30 original training scans, 20 with a mask."""
@@ -24,6 +25,8 @@ def _cohort(tmp_path, *, copies=0, generated=0):
     for i in range(20):
         for s in range(2 if i < 10 else 1):
             original = _row(f"p{i}", f"p{i}s{s}", mask=i < 10)
+            if i in lesion_free:
+                original["mask"] = EMPTY
             rows.append(original)
             rows += [{**original, "scan_key": f"p{i}s{s}a{c}", "source": "augmented:rot"} for c in range(copies)]
     rows += [_row(f"t{i}", f"t{i}", split="test") for i in range(6)]
@@ -81,3 +84,18 @@ def test_a_run_writes_its_splits_and_budget(tmp_path):
     chosen.save(run)
     assert splits.load(run) == chosen.splits
     assert splits.load_budget(run)["labeled_scans"] == 14  # every masked scan the 7 labeled patients have
+
+
+def test_val_holds_lesion_bearing_patients_in_their_share(tmp_path):
+    # 8 of the 10 labeled patients are lesion-free: a draw blind to lesions often takes none
+    # of the other 2, and a val split without a lesion can score no DSC.
+    data = _cohort(tmp_path, lesion_free=range(2, 10))
+    for val_seed in range(12):
+        val = set(splits.select(data, val_fraction=0.15, val_seed=val_seed, seed=0, label_fraction=0.4).splits.val)
+        assert len(val) == 3 and len(val & {"p0", "p1"}) == 1
+
+
+def test_no_lesion_on_the_training_side_is_refused(tmp_path):
+    data = _cohort(tmp_path, lesion_free=range(10))
+    with pytest.raises(InputError, match="no training patient has a labeled lesion"):
+        splits.select(data, val_fraction=0.15, val_seed=0, seed=0, label_fraction=0.4)

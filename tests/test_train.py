@@ -203,7 +203,9 @@ def test_each_epoch_is_one_seeded_shuffle_that_mixes_patients(ray_local):
 
     rows = [{"image": np.zeros((2, 4, 4), np.float32), "mask": np.zeros((1, 4, 4), np.float32),
              "labeled": p % 2 == 0, "patient": p} for p in range(10) for _ in range(4)]
-    shard = ray.data.from_items(rows).iterator()
+    ds = ray.data.from_items(rows)
+    ds.context.execution_options.preserve_order = True  # as the run's DataConfig sets it (train.split_train)
+    shard = ds.iterator()
     cfg = TrainConfig.from_dict({"batch_size": 4, "augment": False, "seed": 5, "epochs": 2})
 
     def epoch(n: int) -> list[list[int]]:

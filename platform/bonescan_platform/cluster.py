@@ -34,17 +34,26 @@ def ray_session(num_cpus: int | None = None):
     """Use the running cluster (RAY_ADDRESS, or one started with `ray start`); else start a
     local Ray for the duration of the block, dashboard on (Tune's trial cleanup and the job
     server need it), and shut it down afterwards. An already-initialized Ray is reused as is."""
-    global _started_here
+    global _started_here, _loopback
     if ray.is_initialized():
         yield
         return
     address = os.environ.get("RAY_ADDRESS") or _started_cluster()
     if address:
-        ray.init(address=address, log_to_driver=True)
+        if _is_loopback(address):
+            # A cluster on 127.0.0.1 is reached on loopback only: this driver takes 127.0.0.1
+            # as its node address too, or Ray rewrites the address to the host's own
+            # (ray._private.services.resolve_ip_for_localhost) and never connects.
+            with _on_loopback():
+                ray.init(address=address, log_to_driver=True)
+            _loopback = True
+        else:
+            ray.init(address=address, log_to_driver=True)
         try:
             yield
         finally:
             ray.shutdown()
+            _stopped_local()
         return
     os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
     start_local(num_cpus or os.cpu_count())
@@ -67,6 +76,20 @@ def start_local(num_cpus: int, object_store_memory: int = LOCAL_OBJECT_STORE_BYT
                  include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
                  log_to_driver=True)
     _loopback = True
+
+
+def _is_loopback(address: str) -> bool:
+    """Whether a GCS address ("host:port", or a ray:// / http:// URL) names this machine's
+    loopback interface."""
+    import ipaddress
+
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _stopped_local() -> None:

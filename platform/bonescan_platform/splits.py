@@ -20,6 +20,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -37,6 +38,7 @@ class Row:
     has_mask: bool
     source: str
     split: str  # the shards' split: "train" or "test"
+    has_lesion: bool = False  # a mask with at least one lesion pixel
 
     @property
     def original(self) -> bool:
@@ -67,12 +69,22 @@ class Selection:
                                                   indent=1))
 
 
+# A lesion-free mask, as shards.encode_image writes it: compared in Arrow, no pixel decoded.
+_EMPTY_MASK = pa.scalar(bytes(shards.CROP * shards.CROP), pa.binary())
+
+
 def read_rows(shard_dir: str | Path) -> list[Row]:
-    """Every row of the shards, without its pixels: one read of four small columns."""
-    table = pq.read_table(shards.shard_paths(shard_dir), columns=["patient_key", "mask", "source", "split"])
-    return [Row(*values) for values in zip(
-        table.column("patient_key").to_pylist(), pc.is_valid(table.column("mask")).to_pylist(),
-        table.column("source").to_pylist(), table.column("split").to_pylist())]
+    """Every row of the shards, without its pixels: a read of five columns, a shard at a time
+    (masks are only compared with the empty mask)."""
+    rows: list[Row] = []
+    for path in shards.shard_paths(shard_dir):
+        table = pq.read_table(path, columns=["patient_key", "mask", "source", "split"])
+        mask = table.column("mask")
+        lesion = pc.fill_null(pc.not_equal(mask, _EMPTY_MASK), False)
+        rows += [Row(*values) for values in zip(
+            table.column("patient_key").to_pylist(), pc.is_valid(mask).to_pylist(),
+            table.column("source").to_pylist(), table.column("split").to_pylist(), lesion.to_pylist())]
+    return rows
 
 
 def in_dataset(source: str, dataset: str) -> bool:
@@ -93,13 +105,21 @@ def _order(keys, salt: str) -> list[str]:
 
 def draw_splits(rows: list[Row], val_fraction: float, val_seed: int) -> Splits:
     """Val patients: ``val_fraction`` of the original training patients (one at least, one
-    training patient left at least), drawn seeded from those with a mask: a validation patient
-    without one could not score anything."""
+    training patient left at least), drawn seeded from those with a mask (a validation patient
+    without one could not score anything), stratified by whether a patient has a lesion: the
+    headline DSC is taken over lesion-bearing scans (metrics.summarize), so a validation split
+    without one could choose no checkpoint. Lesion-bearing patients get their share, one at
+    least; lesion-free ones theirs (they score the false positives)."""
     train = sorted({r.patient_key for r in rows if r.original and r.split == "train"})
     test = sorted({r.patient_key for r in rows if r.original and r.split == "test"})
-    with_mask = sorted({r.patient_key for r in rows if r.original and r.split == "train" and r.has_mask})
-    n_val = min(max(1, round(val_fraction * len(train))), len(with_mask), len(train) - 1)
-    val = set(_order(with_mask, f"val:{val_seed}")[:max(0, n_val)])
+    with_mask = {r.patient_key for r in rows if r.original and r.split == "train" and r.has_mask}
+    lesions = sorted({r.patient_key for r in rows if r.original and r.split == "train" and r.has_lesion})
+    lesion_free = sorted(with_mask - set(lesions))
+    n_val = max(0, min(max(1, round(val_fraction * len(train))), len(with_mask), len(train) - 1))
+    n_lesions = min(len(lesions), max(1, round(n_val * len(lesions) / len(with_mask)))) if lesions and n_val else 0
+    n_free = min(len(lesion_free), n_val - n_lesions)
+    n_lesions = min(len(lesions), n_val - n_free)  # too few lesion-free patients: lesions fill in
+    val = set(_order(lesions, f"val:{val_seed}")[:n_lesions] + _order(lesion_free, f"val:{val_seed}")[:n_free])
     return Splits(train=tuple(k for k in train if k not in val), val=tuple(sorted(val)), test=tuple(test))
 
 
@@ -111,6 +131,9 @@ def select(shard_dir: str | Path, *, val_fraction: float, val_seed: int, seed: i
     reach ``labeled_scans`` (when given) or ``label_fraction`` of the original training scans."""
     rows = read_rows(shard_dir)
     splits = draw_splits(rows, val_fraction, val_seed)
+    if not any(r.has_lesion and r.patient_key in splits.val for r in rows):
+        raise InputError(shard_dir, "no training patient has a labeled lesion: the validation split "
+                                    "could score no DSC, so it could choose no checkpoint")
     train, val, test = set(splits.train), set(splits.val), set(splits.test)
     originals = [r for r in rows if r.original]
     scans_of: dict[str, int] = {}
