@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 
 import pytest
 
@@ -34,8 +35,9 @@ def deid_secret(tmp_path_factory):
     path = tmp_path_factory.mktemp("secret") / "deid_secret"
     # A fixed secret: the patient keys, and so the train/val/test draws of the tests' small
     # cohorts, are the same on every machine (a random one made a 6-patient cohort's training
-    # side lesion-free on some machines only).
-    path.write_bytes(hashlib.sha256(b"bonescan test session").digest())
+    # side lesion-free, or a 10-patient test split one patient, on some machines only). This
+    # one draws a test share near 30 % and a lesion-bearing validation patient in each cohort.
+    path.write_bytes(hashlib.sha256(b"bonescan test secret").digest())
     os.environ["BONESCAN_SECRET_FILE"] = str(path)
     return path
 
@@ -62,3 +64,47 @@ def _no_ray_outside_the_ray_layer(request):
     yield
     if request.node.get_closest_marker("ray") is None and not before and ray_up():
         pytest.fail("this test started Ray in-process: mark it @pytest.mark.ray (or use the ray_local fixture)")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 (SQLite backend, artifacts proxied to a local
+    folder), started once for the tests that track to it; its URI. Stopped by its pid."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
+    root = tmp_path_factory.mktemp("mlflow")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(root / "server.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True)  # its own process group: the server's uvicorn workers stop with it
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    break
+        except OSError:
+            pass
+        if server.poll() is not None or time.time() > deadline:
+            os.killpg(server.pid, signal.SIGKILL)
+            pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    yield uri
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+    log.close()

@@ -65,7 +65,7 @@ def test_two_trains_at_once_each_on_its_own_loopback_ray(data, tmp_path):
     drivers = {}
     for name, seed in (("a", 1), ("b", 2)):
         config = tmp_path / f"{name}.yaml"
-        config.write_text(yaml.safe_dump(tiny_config(epochs=2, seed=seed)))
+        config.write_text(yaml.safe_dump(tiny_config(epochs=1, seed=seed)))
         drivers[name] = subprocess.Popen(
             [sys.executable, "-m", "bonescan_platform.cli", "train", "--data", str(data), "--config", str(config),
              "--out", str(tmp_path / name)],
@@ -85,7 +85,7 @@ def test_two_trains_at_once_each_on_its_own_loopback_ray(data, tmp_path):
         assert d.returncode == 0, outputs[name][-3000:]
         assert "Started a local Ray instance" in outputs[name]  # its own, not the other's
         history = _history(tmp_path / name)
-        assert [int(r["epoch"]) for r in history] == [1, 2]
+        assert [int(r["epoch"]) for r in history] == [1]
         assert all(float(r["train_loss"]) > 0 for r in history)
         assert yaml.safe_load((tmp_path / name / "config.yaml").read_text())["seed"] == {"a": 1, "b": 2}[name]
     assert _history(tmp_path / "a") != _history(tmp_path / "b")

@@ -39,10 +39,19 @@ def _history(run: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_train_reports_every_epoch_and_keeps_the_best(data, tmp_path):
-    run = tmp_path / "run"
-    assert main(["train", "--data", str(data), "--config", str(_config(tmp_path, epochs=2)),
-                 "--out", str(run)]) == 0
+@pytest.fixture(scope="module")
+def first_run(data, tmp_path_factory, mlflow_server) -> Path:
+    """One `bonescan train --mlflow` of 2 epochs, seed 3; several tests read it (a train is
+    ~40 s of the suite)."""
+    folder = tmp_path_factory.mktemp("first")
+    run = folder / "a"
+    assert main(["train", "--data", str(data), "--config", str(_config(folder, epochs=2, seed=3)),
+                 "--out", str(run), "--mlflow", mlflow_server]) == 0
+    return run
+
+
+def test_train_reports_every_epoch_and_keeps_the_best(data, first_run, tmp_path, mlflow_server):
+    run = first_run
     history = _history(run)
     assert [int(r["epoch"]) for r in history] == [1, 2]
     for row in history:
@@ -57,6 +66,7 @@ def test_train_reports_every_epoch_and_keeps_the_best(data, tmp_path):
     assert budget["val_patients"] == len(parts["val"]) and budget["labeled_scans"] <= budget["train_scans"]
     tested = json.loads((run / "test.json").read_text())  # the kept model, scored once at the end
     assert tested["split"] == "test" and tested["epoch"] in (1, 2) and tested["images"] > 0
+    _check_mlflow(mlflow_server, run, history, tested, parts)
 
     report = tmp_path / "eval.json"
     assert main(["evaluate", "--checkpoint", str(run), "--data", str(data), "--runs", "3",
@@ -64,6 +74,31 @@ def test_train_reports_every_epoch_and_keeps_the_best(data, tmp_path):
     body = json.loads(report.read_text())
     assert {"dsc", "cpa", "recall", "runs"} <= set(body) and len(body["runs"]) == 3
     assert all(0 <= r["dsc"] <= 1 for r in body["runs"])
+
+
+def _check_mlflow(uri: str, run: Path, history: list[dict], tested: dict, parts: dict) -> None:
+    """What `--mlflow` left in the server, read back through MlflowClient: the resolved config,
+    each epoch's metrics (logged by rank 0 in the worker), the test scores, the model, the
+    registered version; no patient key anywhere."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    run_id = json.loads((run / "run.json").read_text())["mlflow"]["run_id"]
+    got = client.get_run(run_id)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert got.data.params["lr"] == str(config["lr"]) and got.data.params["model.width"] == "4"
+    assert got.data.params["epochs"] == "2" and got.info.status == "FINISHED"
+    logged = [(m.step, m.value) for m in client.get_metric_history(run_id, "val_dsc")]
+    assert logged == [(int(r["epoch"]), pytest.approx(float(r["val_dsc"]))) for r in history]
+    assert got.data.metrics["test_dsc"] == pytest.approx(tested["dsc"], nan_ok=True)
+    assert got.data.metrics["test_lesion_sensitivity"] == pytest.approx(tested["lesion_sensitivity"])
+    saved = client.download_artifacts(run_id, "model/model.pt", str(run.parent))
+    assert Path(saved).read_bytes() == (run / "model.pt").read_bytes()
+    (version,) = client.search_model_versions(f"name='bonescan-{run.name}'")
+    assert version.run_id == run_id
+    keys = {k for split in parts.values() for k in split}
+    shown = json.dumps([got.data.params, got.data.tags, got.data.metrics])
+    assert not any(k in shown for k in keys)
 
 
 def _other_test_split(data: Path, out: Path) -> Path:
@@ -83,19 +118,20 @@ def _other_test_split(data: Path, out: Path) -> Path:
     return out
 
 
-def test_same_seed_same_metrics_and_the_test_split_chooses_nothing(data, tmp_path):
+def test_same_seed_same_metrics_and_the_test_split_chooses_nothing(data, first_run, tmp_path):
     # Two epochs: the second one's stream is started early, on a thread (train.started_early).
-    # Run b trains on the same shards but for the test split: it must keep the same checkpoint.
-    config = _config(tmp_path, epochs=2, seed=3)
-    assert train.train(str(data), str(config), str(tmp_path / "a")) == 0
-    assert train.train(str(_other_test_split(data, tmp_path / "other")), str(config), str(tmp_path / "b")) == 0
+    # Run b trains with run a's config (seed 3) on the same shards but for the test split, and
+    # without MLflow: it must keep the same checkpoint.
+    assert train.train(str(_other_test_split(data, tmp_path / "other")), str(first_run / "config.yaml"),
+                       str(tmp_path / "b")) == 0
+    runs = (first_run, tmp_path / "b")
     keys = ("train_loss", "train_supervised", "val_dsc", "val_cpa", "val_recall")
-    first, second = _history(tmp_path / "a"), _history(tmp_path / "b")
+    first, second = (_history(run) for run in runs)
     assert [[r[k] for k in keys] for r in first] == [[r[k] for k in keys] for r in second]
-    kept = [torch.load(tmp_path / name / "model.pt", weights_only=True) for name in ("a", "b")]
+    kept = [torch.load(run / "model.pt", weights_only=True) for run in runs]
     assert kept[0]["meta"]["epoch"] == kept[1]["meta"]["epoch"]
     assert all(torch.equal(kept[0]["state_dict"][k], kept[1]["state_dict"][k]) for k in kept[0]["state_dict"])
-    tested = [json.loads((tmp_path / name / "test.json").read_text()) for name in ("a", "b")]
+    tested = [json.loads((run / "test.json").read_text()) for run in runs]
     assert tested[0]["runs"][0]["lesions"] != tested[1]["runs"][0]["lesions"]  # the test split did change
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import signal
@@ -44,7 +45,9 @@ def _history_epochs(run: Path) -> list[int]:
 
 
 def test_killed_sweep_resumes_without_training_a_finished_trial_again(data, tmp_path, ray_local):
-    space = _space(tmp_path, parameters={"label_fraction": {"grid": [0.2, 0.4, 0.6]}}, max_concurrent_trials=2)
+    # One trial at a time: when the first one has finished, the second is training (or about
+    # to start) as the driver is killed; the resumed sweep trains it and leaves the first alone.
+    space = _space(tmp_path, parameters={"label_fraction": {"grid": [0.2, 0.4]}}, max_concurrent_trials=1)
     exp = tmp_path / "exp"
     args = ["tune", "--data", str(data), "--space", str(space), "--out", str(exp)]
     # The driver joins this session's Ray (not another one running on the machine).
@@ -65,7 +68,8 @@ def test_killed_sweep_resumes_without_training_a_finished_trial_again(data, tmp_
 
     assert main([*args, "--resume"]) == 0
     rows = pq.read_table(exp / "results.parquet").to_pylist()
-    assert sorted(r["label_fraction"] for r in rows) == [0.2, 0.4, 0.6]
+    assert sorted(r["label_fraction"] for r in rows) == [0.2, 0.4]
+    assert len(before) == 1, "both trials finished before the driver was stopped"
     assert all(r["status"] == "finished" for r in rows)
     for row in rows:  # every trial trained each epoch once
         assert _history_epochs(Path(row["run"])) == [1, 2]
@@ -77,7 +81,7 @@ def test_killed_sweep_resumes_without_training_a_finished_trial_again(data, tmp_
 # Last of the sweeps here: a trial ASHA stops leaves its placement group to Ray Train's cleaner,
 # which needs the State API; on a machine running several Ray instances it cannot tell which
 # one to ask, and a group left behind would hold CPUs the next sweep waits for.
-def test_sweep_runs_its_trials_stops_the_weak_one_and_writes_its_table(data, tmp_path):
+def test_sweep_runs_its_trials_stops_the_weak_one_and_writes_its_table(data, tmp_path, mlflow_server):
     # One trial at a time, so ASHA's decision is fixed: the first trial sets the rung, the
     # second (no labeled scan, so no labeled image trained) falls below it after epoch 1.
     # Tune stops a trial while its training goes on (a tiny epoch here takes a second): four
@@ -88,7 +92,8 @@ def test_sweep_runs_its_trials_stops_the_weak_one_and_writes_its_table(data, tmp
                    mode="max", scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
                    max_concurrent_trials=1)
     exp = tmp_path / "exp"
-    assert main(["tune", "--data", str(data), "--space", str(space), "--out", str(exp)]) == 0
+    assert main(["tune", "--data", str(data), "--space", str(space), "--out", str(exp),
+                 "--mlflow", mlflow_server]) == 0
 
     rows = pq.read_table(exp / "results.parquet").to_pylist()
     with open(exp / "results.csv") as f:
@@ -109,8 +114,31 @@ def test_sweep_runs_its_trials_stops_the_weak_one_and_writes_its_table(data, tmp
             assert math.isnan(row["dsc"])
         assert row["evaluate_runs"] == 2
         assert TrainConfig.from_dict(yaml.safe_load(row["config"])).label_fraction == row["label_fraction"]
+    _check_mlflow(mlflow_server, exp, by_fraction)
     # Ray Tune's TensorBoard output, for `tensorboard --logdir EXP`.
     assert list((exp / "tune").glob("*/events.out.tfevents.*"))
+
+
+def _check_mlflow(uri: str, exp: Path, by_fraction: dict) -> None:
+    """The sweep in MLflow: a parent run, a finished child per trial (the one ASHA stopped
+    too) with its epochs and test scores, the trial best on the space's metric registered."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    parent = json.loads((exp / "experiment.json").read_text())["mlflow"]["run_id"]
+    children = client.search_runs([client.get_run(parent).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent}'")
+    ids = {json.loads((Path(r["run"]) / "run.json").read_text())["mlflow"]["run_id"]: r for r in by_fraction.values()}
+    assert {c.info.run_id for c in children} == set(ids)
+    for child in children:
+        row = ids[child.info.run_id]
+        assert child.info.status == "FINISHED" and child.data.params["label_fraction"] == str(row["label_fraction"])
+        assert len(client.get_metric_history(child.info.run_id, "train_labeled_images")) == row["epochs"]
+        assert child.data.metrics["test_images"] == row["test_images"]
+    (version,) = client.search_model_versions(f"name='bonescan-{exp.name}'")
+    best = by_fraction[0.5]  # the metric is train_labeled_images (max): the trial with labels
+    assert ids[version.run_id] is best
+    assert client.get_run(parent).data.tags["bonescan.best_trial"] == best["trial_id"]
 
 
 def test_resume_and_rerun_are_refused_where_they_make_no_sense(data, tmp_path, capsys):

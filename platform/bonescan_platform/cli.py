@@ -41,15 +41,17 @@ def _ingest(dicom: str, labels: str | None, out: str) -> int:
     return ingest(dicom, out, labels)
 
 
-def _train(data, config, out, workers: int, gpus: bool, resume: str | None) -> int:
+def _train(data, config, out, workers: int, gpus: bool, resume: str | None, mlflow: str | None) -> int:
     from bonescan_platform import train
 
     if resume:
+        if mlflow:
+            raise InputError("--mlflow", "a resumed run logs to the MLflow run it started with (its run.json)")
         return train.resume(resume)
     missing = [flag for flag, value in (("--data", data), ("--config", config), ("--out", out)) if not value]
     if missing:
         raise InputError("bonescan train", f"{', '.join(missing)} required (or --resume RUN)")
-    return train.train(data, config, out, workers, gpus)
+    return train.train(data, config, out, workers, gpus, mlflow)
 
 
 def _evaluate(checkpoint: str, data: str, runs: int, json_path: str | None) -> int:
@@ -58,10 +60,12 @@ def _evaluate(checkpoint: str, data: str, runs: int, json_path: str | None) -> i
     return evaluate(checkpoint, data, runs, json_path)
 
 
-def _tune(data: str, space: str, out: str, resume: bool) -> int:
+def _tune(data: str, space: str, out: str, resume: bool, mlflow: str | None) -> int:
     from bonescan_platform.tune import sweep
 
-    return sweep(data, space, out, resume)
+    if resume and mlflow:
+        raise InputError("--mlflow", "a resumed sweep logs to the MLflow run it started with (its experiment.json)")
+    return sweep(data, space, out, resume, mlflow)
 
 
 def _report(experiment: str, out: str) -> int:
@@ -90,6 +94,10 @@ def _demo(out: str, patients: int | None, config: str | None) -> int:
     from bonescan_platform.demo import demo
 
     return demo(out, patients, config)
+
+
+MLFLOW_HELP = ("MLflow tracking URI (default $MLFLOW_TRACKING_URI; none: no tracking): config, epochs, "
+               "test scores and model logged, the model registered as bonescan-<out folder name>")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -140,6 +148,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--gpus", action="store_true")
     p.add_argument("--resume", metavar="RUN", help="continue a stopped run from its latest checkpoint")
+    p.add_argument("--mlflow", metavar="URI", help=MLFLOW_HELP)
     p.set_defaults(run=_train)
 
     p = sub.add_parser("tune", help="a Ray Tune sweep from tune_spaces/*.yaml")
@@ -147,6 +156,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true", help="continue the interrupted sweep in --out")
+    p.add_argument("--mlflow", metavar="URI", help=MLFLOW_HELP)
     p.set_defaults(run=_tune)
 
     p = sub.add_parser("evaluate", help="DSC / CPA / Recall on the test split, averaged over runs")

@@ -33,7 +33,7 @@ from bonescan_model.loss import SemiSupervisedLoss
 from bonescan_model.metrics import summarize
 from bonescan_model.network import build_model
 from bonescan_platform import metrics as training_metrics
-from bonescan_platform import cluster, shards, splits, stream
+from bonescan_platform import cluster, shards, splits, stream, tracking
 from bonescan_platform.evaluate import score_test
 from bonescan_platform.cluster import ray_session
 from bonescan_platform.config import TrainConfig, load_train_config, save_train_config
@@ -64,6 +64,7 @@ def train_loop(loop_config: dict) -> None:
     scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" else None
     loss_fn = loss_for(cfg)
     start, history = _restore(ray.train.get_checkpoint(), model, optimizer)
+    tracker = tracking.Tracker.from_dict(loop_config.get("mlflow")) if rank == 0 else None
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     shuffle_rows = loop_config["shuffle_rows"]
     upcoming = epoch_batches(train_shard, cfg, start, rank, shuffle_rows)
@@ -81,6 +82,8 @@ def train_loop(loop_config: dict) -> None:
                 batch_size=cfg.batch_size), device=device, threshold=cfg.threshold)
             metrics.update({f"val_{k}": v for k, v in summarize(per_image).items()})
         training_metrics.record(metrics, run=loop_config["run"], rank=rank)
+        if tracker is not None:
+            tracker.log_epoch(metrics)
         history.append(metrics)
         _report(metrics, history, model, optimizer, cfg, rank)
 
@@ -176,7 +179,12 @@ def _plain(value):
 
 
 # ---------------------------------------------------------------- the driver
-def train(data: str, config: str, out: str, workers: int = 1, gpus: bool = False) -> int:
+def train(data: str, config: str, out: str, workers: int = 1, gpus: bool = False, mlflow: str | None = None) -> int:
+    """`bonescan train`. mlflow: a tracking URI (``tracking.tracking_uri``); the run's config,
+    epochs, test scores and model go there, the model registered as ``bonescan-<run folder name>``."""
+    uri = tracking.tracking_uri(mlflow)
+    if uri:
+        tracking.client(uri)  # without the extra: say so before anything is read or written
     cfg = load_train_config(config)
     run = Path(out).resolve()
     check_data(data)
@@ -186,8 +194,10 @@ def train(data: str, config: str, out: str, workers: int = 1, gpus: bool = False
         raise InputError(out, "is a file, not a run folder")
     run.mkdir(parents=True, exist_ok=True)
     save_train_config(cfg, run / "config.yaml")
-    (run / "run.json").write_text(json.dumps(
-        {"data": str(Path(data).resolve()), "workers": workers, "gpus": gpus}, indent=2))
+    record = {"data": str(Path(data).resolve()), "workers": workers, "gpus": gpus}
+    if uri:
+        record["mlflow"] = tracking.start(uri, run.name, _plain(cfg.to_dict()), tags={"bonescan.job": "train"}).to_dict()
+    (run / "run.json").write_text(json.dumps(record, indent=2))
     return _fit(run, cfg, Path(data).resolve(), workers, gpus)
 
 
@@ -207,7 +217,7 @@ def resume(run_dir: str) -> int:
     except FileNotFoundError:
         raise InputError(run, "not a run folder (no run.json)") from None
     cfg = load_train_config(run / "config.yaml")
-    return _fit(run, cfg, Path(info["data"]), info["workers"], info["gpus"])
+    return _fit(run, cfg, Path(info["data"]), info["workers"], info["gpus"])  # MLflow: the same run
 
 
 def trainer_for(run: Path, cfg: TrainConfig, data: Path, workers: int, gpus: bool, callbacks=(),
@@ -242,6 +252,7 @@ def trainer_for(run: Path, cfg: TrainConfig, data: Path, workers: int, gpus: boo
         # One machine's own Ray: DDP's rendezvous on 127.0.0.1 too, like every other port.
         torch_config=LoopbackTorchConfig() if cluster.on_loopback_ray() else None,
         train_loop_config={"train": _plain(cfg.to_dict()), "run": run.name,  # the dashboards' run tag
+                           "mlflow": json.loads((run / "run.json").read_text()).get("mlflow"),
                            "torch_threads": torch_threads,
                            "shuffle_rows": max(cfg.batch_size, min(rows_per_worker, SHUFFLE_ROWS))},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus,
@@ -300,7 +311,13 @@ def _fit(run: Path, cfg: TrainConfig, data: Path, workers: int, gpus: bool) -> i
             if unplaced is None:
                 raise
             raise unplaced from None
-    return finish_run(run, result)
+    finish_run(run, result)
+    tracker = tracking.Tracker.from_dict(json.loads((run / "run.json").read_text()).get("mlflow"))
+    if tracker is not None:
+        name = tracking.model_name(run.name)
+        print(f"MLflow: run {tracker.run_id} at {tracker.uri}; model registered as {name} "
+              f"version {tracker.register(name)}")
+    return 0
 
 
 def finish_run(run: Path, result) -> int:
@@ -316,7 +333,12 @@ def finish_run(run: Path, result) -> int:
     write_history(run / "history.csv", history)
     last = history[-1]
     cfg = load_train_config(run / "config.yaml")
-    tested = score_test(run, Path(json.loads((run / "run.json").read_text())["data"]), cfg.test_runs)
+    record = json.loads((run / "run.json").read_text())
+    tested = score_test(run, Path(record["data"]), cfg.test_runs)
+    tracker = tracking.Tracker.from_dict(record.get("mlflow"))
+    if tracker is not None:
+        tracker.finish(run, tested, {"epochs": last["epoch"],
+                                     "best_val_dsc": max(r.get("val_dsc", 0.0) for r in history)})
     print(f"trained {last['epoch']} epochs: validation DSC {last.get('val_dsc', float('nan')):.3f} "
           f"(best {max(r.get('val_dsc', 0.0) for r in history):.3f}, chooses the kept model); "
           f"kept model on the test split: DSC {tested.get('dsc', float('nan')):.3f}; "

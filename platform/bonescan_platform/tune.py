@@ -35,7 +35,7 @@ import torch
 
 from bonescan_model.checkpoint import FILENAME
 from bonescan_model.errors import InputError
-from bonescan_platform import shards, splits, stream
+from bonescan_platform import shards, splits, stream, tracking
 from bonescan_platform.cluster import ray_session
 from bonescan_platform.config import TrainConfig, load_train_config, read_yaml, save_train_config
 from bonescan_platform.evaluate import HEADLINE, TEST_FILE, score_test
@@ -102,13 +102,22 @@ class Experiment:
     def runs(self) -> Path:
         return self.root / "runs"
 
+    @property
+    def tracker(self) -> tracking.Tracker | None:
+        return tracking.Tracker.from_dict(self.record.get("mlflow"))
+
     @classmethod
-    def create(cls, root: Path, data: Path, space_path: Path) -> Experiment:
+    def create(cls, root: Path, data: Path, space_path: Path, mlflow: str | None = None) -> Experiment:
+        """mlflow: a tracking URI; the sweep becomes a parent MLflow run (its id kept here)."""
         space = load_space(space_path)
         root.mkdir(parents=True, exist_ok=True)
         (root / "space.yaml").write_text(space_path.read_text())
         save_train_config(TrainConfig.from_dict(space.base), root / "base.yaml")
         record = {"data": str(data), "space": str(space_path), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if mlflow:
+            record["mlflow"] = tracking.start(mlflow, root.name, {"space": space_path.name, "metric": space.metric,
+                                                                  "mode": space.mode, "base": space.base},
+                                              tags={"bonescan.job": "tune"}).to_dict()
         (root / "experiment.json").write_text(json.dumps(record, indent=2))
         return cls.open(root)
 
@@ -153,13 +162,51 @@ def run_trial(config: dict, experiment: str) -> None:
     plan = exp.plan()
     run.mkdir(parents=True, exist_ok=True)
     save_train_config(cfg, run / "config.yaml")
-    (run / "run.json").write_text(json.dumps(
-        {"data": str(exp.data), "workers": plan.workers, "gpus": plan.gpus}, indent=2))
+    record = {"data": str(exp.data), "workers": plan.workers, "gpus": plan.gpus}
+    if exp.tracker is not None:  # a child run; a trial started again keeps its own
+        earlier = json.loads((run / "run.json").read_text()).get("mlflow") if (run / "run.json").exists() else None
+        record["mlflow"] = earlier or tracking.start(
+            exp.tracker.uri, f"{exp.root.name}/{trial_id}", {**config_params(cfg), "trial": config},
+            tags={"bonescan.job": "trial", "bonescan.trial": trial_id}, parent=exp.tracker).to_dict()
+    (run / "run.json").write_text(json.dumps(record, indent=2))
     (run / "trial.json").write_text(json.dumps(
         {"trial_id": trial_id, "params": config, "label": trial_label(config)}, indent=2))
     trainer = trainer_for(run, cfg, exp.data, plan.workers, plan.gpus, callbacks=[TuneReportCallback()],
                           cpu_per_worker=plan.cpu_per_worker)
     finish_run(run, trainer.fit())
+
+
+def config_params(cfg: TrainConfig) -> dict:
+    return json.loads(json.dumps(cfg.to_dict()))  # tuples as lists, as the YAML has them
+
+
+def track_best(exp: Experiment, rows: list[dict]) -> None:
+    """The sweep's parent MLflow run: the trial kept by the space's metric on the validation
+    split (never the test split), registered as ``bonescan-<experiment name>``."""
+    best, best_value = None, None
+    for row in rows:
+        values = [r[exp.space.metric] for r in read_history(Path(row["run"])) if exp.space.metric in r] \
+            if Path(row["run"], "history.csv").exists() else []
+        values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+        if not values or not (Path(row["run"]) / FILENAME).exists():
+            continue
+        value = max(values) if exp.space.mode == "max" else min(values)
+        if best is None or (value > best_value if exp.space.mode == "max" else value < best_value):
+            best, best_value = row, value
+    parent = exp.tracker
+    if best is None:
+        print("MLflow: no trial kept a model; nothing registered")
+        return
+    child = tracking.Tracker.from_dict(json.loads((Path(best["run"]) / "run.json").read_text()).get("mlflow"))
+    parent.log_metrics({f"best_{exp.space.metric}": best_value, "trials": len(rows),
+                        **{f"best_trial_test_{k}": best[k] for k in HEADLINE}})
+    name = tracking.model_name(exp.root.name)
+    version = child.register(name)
+    client = tracking.client(parent.uri)
+    client.set_tag(parent.run_id, "bonescan.best_trial", best["trial_id"])
+    client.set_terminated(parent.run_id, "FINISHED")
+    print(f"MLflow: sweep run {parent.run_id} at {parent.uri}; trial {best['trial_id']} (best "
+          f"{exp.space.metric} {best_value:.3f}, validation) registered as {name} version {version}")
 
 
 def trial_label(params: dict) -> str:
@@ -171,11 +218,17 @@ def _trial_dirname(trial) -> str:
 
 
 # ---------------------------------------------------------------- the driver
-def sweep(data: str, space: str, out: str, resume: bool = False) -> int:
-    """`bonescan tune`: run (or with ``resume``, continue) the sweep ``space`` into ``out``."""
+def sweep(data: str, space: str, out: str, resume: bool = False, mlflow: str | None = None) -> int:
+    """`bonescan tune`: run (or with ``resume``, continue) the sweep ``space`` into ``out``.
+
+    mlflow: a tracking URI (``tracking.tracking_uri``): the sweep a parent run, each trial a child
+    run, the trial kept by the space's validation metric registered as ``bonescan-<out name>``."""
     from ray import tune as ray_tune
 
     root, data_dir, space_path = Path(out).resolve(), Path(data).resolve(), Path(space).resolve()
+    uri = tracking.tracking_uri(mlflow)
+    if uri and not resume:
+        tracking.client(uri)  # without the extra: say so before anything is read or written
     check_data(data_dir)  # shards nothing can train on fail here, named
     if resume:
         exp = Experiment.open(root)
@@ -185,7 +238,7 @@ def sweep(data: str, space: str, out: str, resume: bool = False) -> int:
     elif (root / "experiment.json").exists():
         raise InputError(root, "already holds an experiment: add --resume to continue it, or choose another --out")
     else:
-        exp = Experiment.create(root, data_dir, space_path)  # validates the space before writing
+        exp = Experiment.create(root, data_dir, space_path, uri)  # validates the space before writing
 
     with ray_session():
         import ray
@@ -206,6 +259,8 @@ def sweep(data: str, space: str, out: str, resume: bool = False) -> int:
     errors = [f"{Path(r.path).name}: {type(r.error).__name__}: {r.error}" for r in grid if r.error]
     rows = collect(root)
     print_summary(rows, exp.space)
+    if exp.tracker is not None:
+        track_best(exp, rows)
     for line in errors:
         print(f"trial failed: {line}")
     print(f"results: {root / 'results.parquet'}, {root / 'results.csv'}; "
