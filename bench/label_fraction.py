@@ -60,6 +60,10 @@ def main() -> int:
 
     out = Path(args.out)
     data = out / "shards"
+    out.mkdir(parents=True, exist_ok=True)
+    # The experiment's own site secret, beside (not inside) its shards: a rerun into the same
+    # --out keys the patients, and so draws the splits, as the first run did.
+    os.environ.setdefault("BONESCAN_SECRET_FILE", str(out / "deid_secret"))
     started = time.perf_counter()
     with ray_session():
         if not (data / "_manifest.json").is_file():

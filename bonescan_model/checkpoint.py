@@ -25,16 +25,44 @@ FILENAME = "model.pt"
 DEFAULT_THRESHOLD = 0.5
 
 
-def save_checkpoint(path: str | os.PathLike, model: nn.Module, config: ModelConfig, **meta) -> Path:
+# ---------------------------------------------------------------- files: the one torch.save / torch.load
+def write_file(path: str | os.PathLike, blob: dict) -> Path:
+    """``blob`` (tensors and plain containers) to ``path``, atomically: a reader never sees half
+    a file. Every bonescan file torch writes goes through here: checkpoints, trainers' state
+    beside them (optimizer, epoch, history), GAN checkpoints."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_file(path: str | os.PathLike, map_location: str | torch.device = "cpu", kind: str = "checkpoint") -> dict:
+    """What ``write_file`` wrote, with ``weights_only=True`` (a file from an untrusted place cannot
+    run code). Anything else is an InputError naming the file (a bonescan ``kind``); torch's
+    advice to load it unsafely is never relayed."""
+    path = Path(path)
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line error
+        if isinstance(err, pickle.UnpicklingError) or "weights_only" in str(err):
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+            what = f" ({found.group(1)})" if found else ""
+            raise InputError(path, f"not a bonescan {kind}: it holds Python objects{what} beyond "
+                                   "tensors and plain containers, which bonescan does not load") from None
+        raise InputError(path, f"not a bonescan {kind} ({type(err).__name__}: {_first_line(err)})") from None
+    if not isinstance(blob, dict):
+        raise InputError(path, f"not a bonescan {kind}: it holds a {type(blob).__name__}, not a mapping")
+    return blob
+
+
+# ---------------------------------------------------------------- segmentation checkpoints
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, config: ModelConfig, **meta) -> Path:
     # DDP wraps the model: save the inner module's keys so any process can load them.
     module = getattr(model, "module", model)
     state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"model_config": dataclasses.asdict(config), "state_dict": state, "meta": meta}, tmp)
-    os.replace(tmp, path)
-    return path
+    return write_file(path, {"model_config": dataclasses.asdict(config), "state_dict": state, "meta": meta})
 
 
 def resolve(path: str | os.PathLike) -> Path:
@@ -69,17 +97,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """-> (model in eval mode, its config, meta). Anything but a checkpoint that rebuilds
     its model is an InputError naming the file."""
     path = resolve(path)
-    try:
-        blob = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line error
-        if isinstance(err, pickle.UnpicklingError) or "weights_only" in str(err):
-            # torch's message goes on to advise a load that may run the file's code: never relayed.
-            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
-            what = f" ({found.group(1)})" if found else ""
-            raise InputError(path, f"not a bonescan checkpoint: it holds Python objects{what} beyond "
-                                   "tensors and plain containers, which bonescan does not load") from None
-        raise InputError(path, f"not a bonescan checkpoint ({type(err).__name__}: {_first_line(err)})") from None
-    if not isinstance(blob, dict) or not {"model_config", "state_dict"} <= set(blob):
+    blob = read_file(path, map_location)
+    if not {"model_config", "state_dict"} <= set(blob):
         raise InputError(path, "not a bonescan checkpoint: no model_config and state_dict in it")
     try:
         config = ModelConfig.from_dict(blob["model_config"])

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from scipy import linalg
 from torch import nn
 
+from bonescan_model import checkpoint
 from bonescan_model.errors import InputError
 from bonescan_model.frozen import from_mapping
 from bonescan_model.preprocess import count_scale
@@ -397,7 +398,7 @@ def sample_counts(generator: nn.Module, levels: np.ndarray, indices: Sequence[in
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints (plain containers only: torch.load(weights_only=True) reads them)
+# Checkpoints (plain containers only, read and written by bonescan_model.checkpoint)
 
 
 def save_gan_checkpoint(path: str | os.PathLike, generator: nn.Module, discriminator: nn.Module,
@@ -405,16 +406,11 @@ def save_gan_checkpoint(path: str | os.PathLike, generator: nn.Module, discrimin
     """Both networks, the GanConfig, the real crops' count levels (N, C) and ``meta``; a
     generator rebuilt from this file alone can write counts. Pass a ``calibrated`` generator
     so that sampling from the file needs no further step."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # DDP wraps the networks: save the inner modules' keys so any process can load them.
     state = {name: {k: v.detach().cpu() for k, v in getattr(net, "module", net).state_dict().items()}
              for name, net in (("generator", generator), ("discriminator", discriminator))}
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"gan_config": dataclasses.asdict(config), **state,
-                "count_levels": torch.as_tensor(np.asarray(levels, np.float32)), "meta": meta}, tmp)
-    os.replace(tmp, path)
-    return path
+    return checkpoint.write_file(path, {"gan_config": dataclasses.asdict(config), **state,
+                                   "count_levels": torch.as_tensor(np.asarray(levels, np.float32)), "meta": meta})
 
 
 def load_gan_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu"
@@ -426,8 +422,8 @@ def load_gan_checkpoint(path: str | os.PathLike, map_location: str | torch.devic
         path = path / FILENAME
     if not path.is_file():
         raise InputError(path, f"no GAN checkpoint here (expected a {FILENAME} or a folder holding one)")
+    blob = checkpoint.read_file(path, map_location, kind="GAN checkpoint")
     try:
-        blob = torch.load(path, map_location=map_location, weights_only=True)
         config = GanConfig.from_dict(blob["gan_config"])
         generator, discriminator = Generator(config), Discriminator(config)
         generator.load_state_dict(blob["generator"])

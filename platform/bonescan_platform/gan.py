@@ -33,6 +33,7 @@ import torch
 import yaml
 
 from bonescan_model import gan as dcgan
+from bonescan_model.checkpoint import read_file, write_file
 from bonescan_model.errors import InputError
 from bonescan_model.preprocess import model_input, normalize_counts
 from bonescan_model.progress import progress
@@ -115,8 +116,8 @@ def _report(metrics, history, frozen, discriminator, opt_g, opt_d, cfg, levels, 
         if rank == 0:  # every rank reports (a barrier); rank 0 alone carries the checkpoint
             dcgan.save_gan_checkpoint(Path(tmp) / dcgan.FILENAME, frozen, discriminator, cfg, levels,
                                       epoch=metrics["epoch"], metrics=metrics)
-            torch.save({"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "epoch": metrics["epoch"],
-                        "history": history}, Path(tmp) / STATE)
+            write_file(Path(tmp) / STATE, {"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+                                           "epoch": metrics["epoch"], "history": history})
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -127,7 +128,7 @@ def _restore(checkpoint, generator, discriminator, opt_g, opt_d) -> tuple[int, l
         return 0, []
     with checkpoint.as_directory() as folder:
         saved_g, saved_d, *_ = dcgan.load_gan_checkpoint(Path(folder) / dcgan.FILENAME)
-        state = torch.load(Path(folder) / STATE, map_location="cpu", weights_only=True)
+        state = read_file(Path(folder) / STATE)
     getattr(generator, "module", generator).load_state_dict(saved_g.state_dict())
     getattr(discriminator, "module", discriminator).load_state_dict(saved_d.state_dict())
     opt_g.load_state_dict(state["opt_g"])
@@ -276,7 +277,7 @@ def finish_gan_run(run: Path, result) -> Path:
     with best.as_directory() as folder:
         shutil.copy(Path(folder) / dcgan.FILENAME, run / ".gan.pt.tmp")
     with result.checkpoint.as_directory() as folder:
-        history = torch.load(Path(folder) / STATE, map_location="cpu", weights_only=True)["history"]
+        history = read_file(Path(folder) / STATE)["history"]
     write_history(run / "history.csv", history, first=("epoch", "frechet"))
     # Last: gan.pt is what tells a rerun that this GAN is finished.
     os.replace(run / ".gan.pt.tmp", run / dcgan.FILENAME)

@@ -27,7 +27,7 @@ import torch
 
 from bonescan_model import engine
 from bonescan_model.augment import augment_batch
-from bonescan_model.checkpoint import FILENAME, save_checkpoint
+from bonescan_model.checkpoint import FILENAME, read_file, save_checkpoint, write_file
 from bonescan_model.errors import InputError
 from bonescan_model.loss import SemiSupervisedLoss
 from bonescan_model.metrics import summarize
@@ -152,8 +152,8 @@ def _report(metrics: dict, history: list[dict], model, optimizer, cfg: TrainConf
         if rank == 0:  # every rank reports (a barrier); rank 0 alone carries the checkpoint
             save_checkpoint(Path(tmp) / FILENAME, model, cfg.model, epoch=metrics["epoch"], threshold=cfg.threshold,
                             metrics=metrics, train_config=_plain(cfg.to_dict()))
-            torch.save({"optimizer": optimizer.state_dict(), "epoch": metrics["epoch"], "history": history},
-                       Path(tmp) / STATE)
+            write_file(Path(tmp) / STATE, {"optimizer": optimizer.state_dict(), "epoch": metrics["epoch"],
+                                           "history": history})
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -163,8 +163,8 @@ def _restore(checkpoint, model, optimizer) -> tuple[int, list[dict]]:
     if checkpoint is None:
         return 0, []
     with checkpoint.as_directory() as folder:
-        blob = torch.load(Path(folder) / FILENAME, map_location="cpu", weights_only=True)
-        state = torch.load(Path(folder) / STATE, map_location="cpu", weights_only=True)
+        blob = read_file(Path(folder) / FILENAME)
+        state = read_file(Path(folder) / STATE)
     getattr(model, "module", model).load_state_dict(blob["state_dict"])
     optimizer.load_state_dict(state["optimizer"])
     history = state["history"]
@@ -329,7 +329,7 @@ def finish_run(run: Path, result) -> int:
     with best.as_directory() as folder:
         shutil.copy(Path(folder) / FILENAME, run / FILENAME)
     with result.checkpoint.as_directory() as folder:
-        history = torch.load(Path(folder) / STATE, map_location="cpu", weights_only=True)["history"]
+        history = read_file(Path(folder) / STATE)["history"]
     write_history(run / "history.csv", history)
     last = history[-1]
     cfg = load_train_config(run / "config.yaml")

@@ -31,9 +31,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv
 import pyarrow.parquet as pq
-import torch
 
-from bonescan_model.checkpoint import FILENAME
+from bonescan_model.checkpoint import FILENAME, read_file
 from bonescan_model.errors import InputError
 from bonescan_platform import shards, splits, stream, tracking
 from bonescan_platform.cluster import ray_session
@@ -404,9 +403,9 @@ class _CheckpointFolders:
         metas = []
         for folder in folders:
             try:
-                state = torch.load(folder / STATE, map_location="cpu", weights_only=True)
-                blob = torch.load(folder / FILENAME, map_location="cpu", weights_only=True)
-            except (OSError, RuntimeError, EOFError):  # a folder whose upload the stop cut short
+                state = read_file(folder / STATE)
+                blob = read_file(folder / FILENAME)
+            except InputError:  # a folder whose upload the stop cut short
                 continue
             metas.append((state["epoch"], blob["meta"].get("metrics", {}).get("val_dsc", -1.0),
                           Checkpoint.from_directory(str(folder))))
