@@ -70,7 +70,15 @@ class ModelConfig:
     recurrence:        t of Eq. 5, 1..4; t = 1 is the plain feed-forward network.
     recurrent_weights: "shared" (Eq. 5 has one W_R, the faithful default) or "unrolled" (each
                        step its own W_F and W_R, so parameters grow with t as in Table 4).
-    dilated, inception, residual: the three switches of the Table 5 ablation.
+    dilated, inception, residual: the three switches of the Table 5 ablation. dilated: true
+                       gives each encoder block its level's rate from `dilations`, false
+                       rate 1 everywhere; so the blocks the switch changes are those whose
+                       rate in `dilations` is above 1 (with the demo's (1, 2): the second
+                       only). tune_spaces/ablation.yaml sets `dilations` to rates above 1 at
+                       every level, so that there it changes every block.
+    long_skip:         the stem's full-resolution features joined before the head (our
+                       departure from Fig. 1, see RecurrentSegNet). false: the paper's network,
+                       as the Table 5 cases train it.
     aggregation:       Eq. 4. "none" feeds ANT and POST as two channels; "input" sums them
                        before the network; "features" runs one shared stem on each view and
                        adds the feature maps. The U-Net takes "none" or "input".
@@ -86,6 +94,7 @@ class ModelConfig:
     dilated: bool = True
     inception: bool = True
     residual: bool = True
+    long_skip: bool = True
     aggregation: str = "none"
     # Rate 1 at full resolution: lesions are 1-9 pixels, and a rate-2 3x3 kernel there would skip
     # every other pixel (gridding) at exactly the scale of the smallest lesions. Coarser levels
@@ -100,7 +109,7 @@ class ModelConfig:
         _check_int(owner, "width", self.width, 4)
         _check_int(owner, "recurrence", self.recurrence, 1, MAX_RECURRENCE)
         _check_choice(owner, "recurrent_weights", self.recurrent_weights, RECURRENT_WEIGHTS)
-        for name in ("dilated", "inception", "residual"):
+        for name in ("dilated", "inception", "residual", "long_skip"):
             _check_bool(owner, name, getattr(self, name))
         _check_choice(owner, "aggregation", self.aggregation, AGGREGATIONS)
         if self.arch == "unet" and self.aggregation == "features":
@@ -291,8 +300,8 @@ class RecurrentSegNet(nn.Module):
 
     Decoder: L steps of bilinear 2x upsampling (to the encoder's exact sizes) followed by a 3x3
     conv-BN-PReLU ("traditional convolution"), halving channels each step. Departure from the
-    paper, whose Fig. 1 is ambiguous about it: the stem's full-resolution features are
-    concatenated before the head. Lesions are 1-9 pixels (2-20 mm at 2.26 mm/pixel), below one
+    paper, whose Fig. 1 is ambiguous about it, unless ``long_skip`` is false: the stem's
+    full-resolution features are concatenated before the head. Lesions are 1-9 pixels (2-20 mm at 2.26 mm/pixel), below one
     cell of the H / 8 grid; without the skip their outlines would be only as sharp as bilinear
     upsampling from that grid.
     """
@@ -322,7 +331,8 @@ class RecurrentSegNet(nn.Module):
             widths[-1], widths[-1], steps=config.recurrence, shared=config.recurrent_weights == "shared"
         )
         self.up = nn.ModuleList(ConvBNAct(widths[i + 1], widths[i]) for i in reversed(range(levels)))
-        self.head = nn.Sequential(ConvBNAct(2 * widths[0], widths[0]), nn.Conv2d(widths[0], 1, 1))
+        head_in = 2 * widths[0] if config.long_skip else widths[0]
+        self.head = nn.Sequential(ConvBNAct(head_in, widths[0]), nn.Conv2d(widths[0], 1, 1))
         _init_lesion_prior(self.head[-1])
 
     def forward(self, views: torch.Tensor) -> torch.Tensor:
@@ -344,7 +354,8 @@ class RecurrentSegNet(nn.Module):
         for up, size in zip(self.up, reversed(sizes)):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
             x = up(x)  # (B, w * 2**i, H / 2**i, W / 2**i)
-        x = torch.cat([x, skip], dim=1)  # (B, 2w, H, W)
+        if self.config.long_skip:
+            x = torch.cat([x, skip], dim=1)  # (B, 2w, H, W)
         return self.head(x)  # (B, 1, H, W)
 
 

@@ -2,6 +2,8 @@ import dataclasses
 import io
 import json
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -248,6 +250,41 @@ def test_ablation_switches_remove_what_they_name(case):
     assert any(c.dilation != (1, 1) for c in convs) == switches["dilated"]
     assert any(isinstance(m, InceptionBlock) for m in model.modules()) == switches["inception"]
     assert all((b.shortcut is not None) == switches["residual"] for b in blocks)
+
+
+def _table5_models() -> dict[str, nn.Module]:
+    """The four cases of tune_spaces/ablation.yaml, as each trial builds its model."""
+    from bonescan_platform.search_space import case_name, load_space
+
+    space = load_space(Path(__file__).resolve().parents[1] / "tune_spaces" / "ablation.yaml")
+    cases = space.param_space()["case"]["grid_search"]
+    return {case_name(c): build_model(space.trial_config({"case": c}).model) for c in cases}
+
+
+def test_each_table5_case_builds_the_network_its_row_names():
+    models = _table5_models()
+    assert set(models) == set(ABLATION_CASES)
+    counts = {}
+    for name, model in models.items():
+        switches = ABLATION_CASES[name]
+        blocks = [m for m in model.modules() if isinstance(m, DilatedResidualBlock)]
+        rates = {c.dilation for b in blocks for c in b.modules() if isinstance(c, nn.Conv2d) and c.kernel_size == (3, 3)}
+        # Every residual block dilated, or none: the switch ablates all of them.
+        assert rates == ({(2, 2)} if switches["dilated"] else {(1, 1)}), name
+        assert any(isinstance(m, InceptionBlock) for m in model.modules()) == switches["inception"]
+        assert all((b.shortcut is not None) == switches["residual"] for b in blocks)
+        width = model.config.width
+        assert not model.config.long_skip and model.head[0][0].in_channels == width  # the paper's shape
+        counts[name] = count_parameters(model)
+    # Dilation changes no parameter count; the inception block and the 1x1 shortcuts add some.
+    assert counts["1#"] == counts["2#"] < counts["3#"] < counts["4#"], counts
+
+
+@pytest.mark.parametrize("long_skip", [True, False])
+def test_long_skip_switch_changes_only_the_head_input(long_skip):
+    model = _model(long_skip=long_skip)
+    assert model.head[0][0].in_channels == (2 if long_skip else 1) * WIDTH
+    assert model(_views(1, 32, 32)).shape == (1, 1, 32, 32)
 
 
 @pytest.mark.parametrize("arch, aggregation", [("recurrent", "input"), ("recurrent", "features"), ("unet", "input")])
