@@ -17,9 +17,7 @@ import numpy as np
 from bonescan_model.errors import InputError
 from bonescan_model.io.dicom import WHOLE_BODY_COLS, WHOLE_BODY_ROWS, WholeBodyScan, read_scan
 from bonescan_model.io.labelme import rasterize, read_labelme, readers_ground_truth
-from bonescan_model.preprocess import crop, thoracic_crop_box
-
-CROP_SIZE = 256
+from bonescan_model.preprocess import CROP_SIZE, crop, thoracic_crop_box
 
 
 @dataclass(frozen=True, eq=False)

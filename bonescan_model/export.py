@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from bonescan_model import checkpoint
-from bonescan_model.cases import CROP_SIZE
+from bonescan_model.preprocess import CROP_SIZE
 from bonescan_model.errors import InputError
 from bonescan_model.network import ModelConfig
 from bonescan_model.preprocess import NORMALIZATION_PERCENTILE

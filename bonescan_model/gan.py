@@ -34,7 +34,7 @@ from torch import nn
 from bonescan_model import checkpoint
 from bonescan_model.errors import InputError
 from bonescan_model.frozen import from_mapping
-from bonescan_model.preprocess import count_scale
+from bonescan_model.preprocess import CROP_SIZE, count_scale
 
 VIEWS = ("both", "aggregated")
 FILENAME = "gan.pt"
@@ -64,7 +64,7 @@ class GanConfig:
     """
 
     views: str = "both"
-    size: int = 256
+    size: int = CROP_SIZE
     latent: int = 100
     width: int = 32
     d_steps: int = 3

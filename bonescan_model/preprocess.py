@@ -13,6 +13,10 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.morphology import remove_small_objects
 
+# The side of the square thoracic crop the model sees (the paper's 256 x 256): the one
+# definition, which the shards, the cases, the GAN and the export contract all use.
+CROP_SIZE = 256
+
 # Normalize by a high percentile rather than the maximum: a single hot spot (an injection
 # site, the bladder) would otherwise squash the whole skeleton towards zero.
 NORMALIZATION_PERCENTILE = 99.5
@@ -133,7 +137,7 @@ def _upper_body(mask: np.ndarray) -> tuple[int, int, int]:
 
 
 def thoracic_crop_box(
-    ant: np.ndarray, post: np.ndarray | None = None, size: int = 256
+    ant: np.ndarray, post: np.ndarray | None = None, size: int = CROP_SIZE
 ) -> tuple[int, int, int, int]:
     """Where to crop the thoracic region from a whole-body scan.
 

@@ -29,7 +29,7 @@ from skimage import draw, io as skio, morphology
 from bonescan_model.contours import mask_to_polygons, polygons_to_mask
 from bonescan_model.io.dicom import LAYOUTS, VIEW_CODINGS, PatientIdentity, write_whole_body
 from bonescan_model.io.labelme import AGREEMENT_THRESHOLD, delta_a, write_labelme
-from bonescan_model.preprocess import thoracic_crop_box
+from bonescan_model.preprocess import CROP_SIZE, thoracic_crop_box
 from bonescan_model.progress import progress
 
 ROWS, COLS = 1024, 256
@@ -56,7 +56,6 @@ P_READER_DISAGREES = 0.2
 P_LABELS_ON_CROP = 0.4
 # Readers who agree still click slightly different vertices: the spread (px) of each try.
 AGREEING_JITTER_PX = (0.4, 0.25, 0.1)
-CROP_SIZE = 256
 
 
 @dataclass(frozen=True)

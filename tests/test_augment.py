@@ -265,8 +265,11 @@ def test_augment_job_end_to_end(ray_local, tmp_path):
     # Rerun: byte-identical shards. Then fewer, larger shards: the old extra files go.
     assert augment(data, out, copies=2, seed=7, rows_per_shard=4) == 0
     assert json.loads((out / shards.MANIFEST).read_text())["shards"] == manifest["shards"]
+    (out / "notes.parquet").write_bytes(b"a file of someone else's, which no manifest listed")
     assert augment(data, out, copies=2, seed=7) == 0
     rerun = json.loads((out / shards.MANIFEST).read_text())
+    assert (out / "notes.parquet").read_bytes().startswith(b"a file of someone else's")  # never deleted
+    (out / "notes.parquet").unlink()
     assert sorted(p.name for p in out.glob("*.parquet")) == ["test-00000.parquet", "train-00000.parquet"]
     assert [s["file"] for s in rerun["shards"]] == ["test-00000.parquet", "train-00000.parquet"]
     assert sorted(map(repr, _read_rows(out))) == sorted(map(repr, rows))

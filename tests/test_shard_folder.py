@@ -28,7 +28,7 @@ def folder(tmp_path_factory, ray_local, deid_secret):
     # A folder an earlier bonescan wrote: its report sat among the shards under a plain name.
     out.mkdir()
     shards.write_manifest(out, [], {})
-    (out / "ingest_report.json").write_text("{}")
+    (out / "ingest_report.json").write_text('{"scans_ingested": 4}')
     assert main(["ingest", "--dicom", str(root / "cohort" / "dicom"), "--labels", str(root / "cohort" / "labels"),
                  "--out", str(out)]) == 0
     return out
@@ -69,3 +69,23 @@ def test_duckdb_reads_the_folder(folder, expected):
 def test_ray_data_reads_the_folder(folder, expected, ray_local):
     ds = ray_local.data.read_parquet(str(folder)).select_columns(["scan_key"])
     assert sorted(r["scan_key"] for r in ds.take_all()) == expected
+
+
+def test_a_plain_named_file_is_removed_only_when_it_is_bonescan_s_own(tmp_path, capsys):
+    # An ingest report and a DCGAN sheet of an earlier bonescan go; a user's files of the same
+    # names, which bonescan never wrote, stay and are named.
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    for folder in (ours, theirs):
+        folder.mkdir()
+    (ours / "ingest_report.json").write_text('{"scans_ingested": 3, "rejected": []}')
+    (ours / "samples.png").write_bytes(b"png")
+    assert shards.remove_legacy_files(ours, {"job": "augment", "dcgan": {"samples": 2}}) == []
+    assert list(ours.iterdir()) == []
+    (theirs / "ingest_report.json").write_text('{"notes": "mine"}')
+    (theirs / "samples.png").write_bytes(b"my picture")
+    kept = shards.remove_legacy_files(theirs, {"job": "ingest"})
+    assert sorted(p.name for p in kept) == ["ingest_report.json", "samples.png"]
+    assert (theirs / "samples.png").read_bytes() == b"my picture"
+    shards.say_kept(kept)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all(": left in place (not written by bonescan)" in line for line in lines)

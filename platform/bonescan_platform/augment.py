@@ -63,7 +63,7 @@ def augment(
 
     Returns 0. Raises InputError for bad input: no manifest, a listed shard missing,
     copies or seed < 0, ``out`` equal to ``data``, or ``out`` a non-empty folder that is not
-    a shard folder (stale shards there are deleted, so it must be ours); DCGAN options without
+    a shard folder (the shards its manifest lists are replaced, so it must be ours); DCGAN options without
     ``dcgan``, no ``samples`` with it, a bad GAN config or checkpoint.
     """
     data, out = Path(data), Path(out)
@@ -104,6 +104,7 @@ def augment(
             and not (out / shards.MANIFEST).is_file()):
         raise InputError(out, "not empty and not a shard folder (no manifest); refusing to write there")
     spacing = dcgan_job.median_spacing(data) if dcgan else None
+    previous, previous_report = shards.listed_files(out), shards.previous_report(out)
     out.mkdir(parents=True, exist_ok=True)
 
     with ray_session():
@@ -138,12 +139,10 @@ def augment(
                            **dcgan_job.gan_summary(gan_path)}
         dcgan_job.write_sheet(data, out, gan_path, seed)
     shards.write_manifest(out, written, report)
-    shards.remove_legacy_files(out)
-    # After the manifest: a rerun with fewer rows or copies must not leave old shards behind.
-    listed = {s.file for s in written}
-    for stale in out.glob("*.parquet"):
-        if stale.name not in listed:
-            stale.unlink()
+    # After the manifest: a rerun with fewer rows or copies must not leave old shards behind;
+    # only the shards the previous manifest listed are retired, nothing else in the folder.
+    shards.retire(out, previous, written)
+    shards.say_kept(shards.remove_legacy_files(out, previous_report))
     generated = f", {samples} DCGAN samples (sheet: {out / dcgan_job.SHEET})" if dcgan else ""
     print(f"augment: {report['rows_in']} rows in, {report['rows_out']} rows out ({copies} copies{generated}, "
           f"seed {seed}) -> {out}")

@@ -35,7 +35,7 @@ import yaml
 from bonescan_model import gan as dcgan
 from bonescan_model.checkpoint import read_file, write_file
 from bonescan_model.errors import InputError
-from bonescan_model.preprocess import model_input, normalize_counts
+from bonescan_model.preprocess import CROP_SIZE, model_input, normalize_counts
 from bonescan_model.progress import progress
 from bonescan_platform import shards, stream
 from bonescan_platform.config import read_yaml
@@ -151,8 +151,8 @@ def load_gan_config(path: str | os.PathLike | None) -> dcgan.GanConfig:
         cfg = dcgan.GanConfig.from_dict(data)
     except (TypeError, ValueError) as err:
         raise InputError(path, str(err)) from None
-    if cfg.size != shards.CROP:
-        raise InputError(path, f"size must be {shards.CROP}: the shards hold {shards.CROP} x {shards.CROP} crops")
+    if cfg.size != CROP_SIZE:
+        raise InputError(path, f"size must be {CROP_SIZE}: the shards hold {CROP_SIZE} x {CROP_SIZE} crops")
     return cfg
 
 
@@ -161,8 +161,8 @@ def resolve_gan(path: str | os.PathLike) -> Path:
     path = Path(path)
     path = path / dcgan.FILENAME if path.is_dir() else path
     _, _, cfg, _, _ = dcgan.load_gan_checkpoint(path)
-    if cfg.size != shards.CROP:
-        raise InputError(path, f"makes {cfg.size} x {cfg.size} crops; the shards hold {shards.CROP} x {shards.CROP}")
+    if cfg.size != CROP_SIZE:
+        raise InputError(path, f"makes {cfg.size} x {cfg.size} crops; the shards hold {CROP_SIZE} x {CROP_SIZE}")
     return path
 
 
@@ -225,7 +225,7 @@ def _gan_batch(batch: dict[str, np.ndarray], views: str) -> dict[str, np.ndarray
     counts = [np.stack(_both_views(ant, post)) for ant, post, source in rows if str(source) in stream.ORIGINAL_SOURCES]
     if not counts:
         channels = dcgan.GanConfig(views=views).channels
-        return {"image": np.zeros((0, channels, shards.CROP, shards.CROP), np.float32),
+        return {"image": np.zeros((0, channels, CROP_SIZE, CROP_SIZE), np.float32),
                 "levels": np.zeros((0, channels), np.float32)}
     counts = np.stack(counts)  # (B, 2, H, W) uint16
     images = normalize_counts(counts)  # as segmentation training sees them (model_input, views already filled)
@@ -321,7 +321,7 @@ def _generated_table(digest: str, seed: int, indices: range, counts: np.ndarray,
         # repeats into both input channels.
         "post": shards.encode_image(crop[1], "<u2") if views == "both" else None,
         "mask": None,
-        "crop_box": [0, 0, shards.CROP, shards.CROP],
+        "crop_box": [0, 0, CROP_SIZE, CROP_SIZE],
         "pixel_spacing_mm": pixel_spacing_mm,
         "readers_agree": None,
         "source": SOURCE,

@@ -83,7 +83,7 @@ def ingest(dicom: str, out: str, labels: str | None = None, *, rows_per_shard: i
         raise InputError(out_dir, "is a file, not a folder for shards")
     secret = load_or_create_secret(default_secret_path())
     plan = plan_ingest(Path(dicom), Path(labels) if labels else None, secret, rows_per_shard)
-    previous = shards.listed_files(out_dir)
+    previous, previous_report = shards.listed_files(out_dir), shards.previous_report(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = _run_tasks(plan.tasks, out_dir, secret) if plan.tasks else []
     written = [shards.ShardInfo(**r["shard"]) for r in results if r["shard"]]
@@ -95,7 +95,7 @@ def ingest(dicom: str, out: str, labels: str | None = None, *, rows_per_shard: i
     (out_dir / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True))
     shards.write_manifest(out_dir, written, report)
     shards.retire(out_dir, previous, written)
-    shards.remove_legacy_files(out_dir)
+    shards.say_kept(shards.remove_legacy_files(out_dir, previous_report))
     return 0 if report["scans_ingested"] else 2
 
 

@@ -21,12 +21,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bonescan_model.errors import InputError
+from bonescan_model.preprocess import CROP_SIZE
 
-CROP = 256
 MANIFEST = "_manifest.json"
-# What an earlier bonescan wrote beside the shards under names Parquet readers take for data.
-# A job writing into such a folder again removes them: it writes their successors (``_`` names).
-LEGACY_FILES = ("ingest_report.json", "samples.png")
+# What an earlier bonescan wrote beside the shards under names Parquet readers take for data:
+# a job writing into such a folder again removes them (it writes their successors, ``_``
+# names), once it has recognised them as bonescan's own (``remove_legacy_files``).
+LEGACY_REPORT, LEGACY_SHEET = "ingest_report.json", "samples.png"
 
 SCHEMA = pa.schema(
     [
@@ -47,14 +48,14 @@ SCHEMA = pa.schema(
 
 def encode_image(image: np.ndarray, dtype: str) -> bytes:
     """(256, 256) array -> little-endian C-order bytes of ``dtype`` ('<u2' or 'u1')."""
-    if image.shape != (CROP, CROP):
-        raise ValueError(f"expected a ({CROP}, {CROP}) image, got {image.shape}")
+    if image.shape != (CROP_SIZE, CROP_SIZE):
+        raise ValueError(f"expected a ({CROP_SIZE}, {CROP_SIZE}) image, got {image.shape}")
     return np.ascontiguousarray(image, dtype=dtype).tobytes()
 
 
 def decode_image(data: bytes, dtype: str) -> np.ndarray:
     """Inverse of encode_image: a read-only (256, 256) view of ``data``."""
-    return np.frombuffer(data, dtype=dtype).reshape(CROP, CROP)
+    return np.frombuffer(data, dtype=dtype).reshape(CROP_SIZE, CROP_SIZE)
 
 
 @dataclass(frozen=True)
@@ -99,12 +100,42 @@ def write_manifest(out_dir: Path, shards: list[ShardInfo], report: dict) -> Path
     return out_dir / MANIFEST
 
 
-def remove_legacy_files(out_dir: Path) -> None:
-    """Drop LEGACY_FILES from a folder that holds a bonescan manifest (so they are ours)."""
-    out_dir = Path(out_dir)
-    if (out_dir / MANIFEST).is_file():
-        for name in LEGACY_FILES:
-            (out_dir / name).unlink(missing_ok=True)
+def remove_legacy_files(out_dir: Path, previous_report: dict | None) -> list[Path]:
+    """Remove what an earlier bonescan wrote under a plain name, where it is recognisably its
+    own: ``ingest_report.json`` holding an ingest report (``scans_ingested``), ``samples.png``
+    of a folder whose previous manifest records a DCGAN augment. A file of that name that is
+    not recognised is someone else's: it stays, and is returned so the job can say so."""
+    out_dir, kept = Path(out_dir), []
+    report = out_dir / LEGACY_REPORT
+    if report.is_file():
+        try:
+            ours = "scans_ingested" in json.loads(report.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, TypeError, RecursionError):
+            ours = False
+        if ours:
+            report.unlink()
+        else:
+            kept.append(report)
+    sheet = out_dir / LEGACY_SHEET
+    if sheet.is_file():
+        if isinstance(previous_report, dict) and "dcgan" in previous_report:
+            sheet.unlink()
+        else:
+            kept.append(sheet)
+    return kept
+
+
+def previous_report(shard_dir: Path) -> dict | None:
+    """The ``report`` of a folder's manifest before a job rewrites it; None without one."""
+    try:
+        return read_manifest(shard_dir).get("report")
+    except InputError:
+        return None
+
+
+def say_kept(kept: list[Path]) -> None:
+    for path in kept:
+        print(f"{path}: left in place (not written by bonescan); Parquet readers of the folder will take it for data")
 
 
 def read_manifest(shard_dir: Path) -> dict:

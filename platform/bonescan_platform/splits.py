@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bonescan_model.errors import InputError
+from bonescan_model.preprocess import CROP_SIZE
 from bonescan_platform import shards
 
 ORIGINAL_SOURCES = ("dicom", "synthetic")
@@ -70,7 +71,7 @@ class Selection:
 
 
 # A lesion-free mask, as shards.encode_image writes it: compared in Arrow, no pixel decoded.
-_EMPTY_MASK = pa.scalar(bytes(shards.CROP * shards.CROP), pa.binary())
+_EMPTY_MASK = pa.scalar(bytes(CROP_SIZE * CROP_SIZE), pa.binary())
 
 
 def read_rows(shard_dir: str | Path) -> list[Row]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from bonescan_model.preprocess import model_input
+from bonescan_model.preprocess import CROP_SIZE, model_input
 from bonescan_platform import shards
 from bonescan_platform.splits import ORIGINAL_SOURCES, in_dataset
 
@@ -44,7 +44,7 @@ def decode_batch(batch: dict[str, np.ndarray], labeled: frozenset[str] | None,
                 if batch["mask"][i] is not None and str(source) in ORIGINAL_SOURCES and wanted(i)]
     else:
         keep = [i for i, source in enumerate(batch["source"]) if in_dataset(str(source), dataset) and wanted(i)]
-    size = shards.CROP
+    size = CROP_SIZE
     images = np.zeros((len(keep), 2, size, size), np.float32)
     masks = np.zeros((len(keep), 1, size, size), np.float32)
     is_labeled = np.zeros(len(keep), bool)
