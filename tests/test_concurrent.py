@@ -134,3 +134,23 @@ def test_workers_a_busy_cluster_cannot_place_fail_in_bounded_time(data, tmp_path
     assert line.startswith(f"error: {tmp_path / 'run'}: asks for 1 worker(s) with CPU 1 each and CPU 1 to read the "
                            "data; the cluster could not make room within 6 s"), line
     assert f"it has CPU {cpus:g} in all, CPU 0 free now" in line
+
+
+def test_a_gan_a_busy_cluster_cannot_place_fails_in_bounded_time(data, tmp_path, ray_local, monkeypatch, capsys):
+    # `augment --dcgan` trains its GAN on Ray Train: the same bounded wait as `bonescan train`.
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    holder = placement_group([{"CPU": ray_local.cluster_resources()["CPU"]}])
+    ray_local.get(holder.ready(), timeout=120)
+    monkeypatch.setenv(cluster.PLACEMENT_WAIT_ENV, "6")
+    start = time.time()
+    try:
+        code = main(["augment", "--data", str(data), "--out", str(tmp_path / "aug"), "--dcgan", "--samples", "2"])
+    finally:
+        remove_placement_group(holder)
+    took = time.time() - start
+    err = capsys.readouterr().err
+    assert code == 2 and took < 120, (code, took, err[-2000:])
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"error: {tmp_path / 'aug' / '_dcgan'}: asks for 1 worker(s) with CPU 1 each and CPU 1 "
+                           "to read the data; the cluster could not make room within 6 s"), line

@@ -37,9 +37,9 @@ from bonescan_model.checkpoint import read_file, write_file
 from bonescan_model.errors import InputError
 from bonescan_model.preprocess import CROP_SIZE, model_input, normalize_counts
 from bonescan_model.progress import progress
-from bonescan_platform import shards, stream
+from bonescan_platform import cluster, shards, stream
 from bonescan_platform.config import read_yaml
-from bonescan_platform.train import split_train, worker_cpus, write_history
+from bonescan_platform.train import split_train, worker_cpus, worker_resources, write_history
 
 # The GAN run's folder and the sample sheet inside the augment output folder: "_" names, which
 # Parquet readers of the shard folder skip (shards.py).
@@ -193,13 +193,26 @@ def train_gan(data: Path, run: Path, cfg: dcgan.GanConfig, workers: int = 1, gpu
     run.mkdir(parents=True, exist_ok=True)
     (run / "run.json").write_text(json.dumps(info, indent=2))
     (run / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))  # second: it marks the run as ours
+    import ray
+    from ray.train import TrainingFailedError
+
+    # As `bonescan train` does: a bounded wait for room (before Ray Data reads the crops
+    # too), never Ray's endless one.
+    per_worker = worker_resources(worker_cpus(ray.cluster_resources().get("CPU", 1), workers, gpus)[0], gpus)
+    cluster.wait_for_room(str(run), workers, per_worker)
     originals = original_dataset(data, cfg.views)
     levels = [b["levels"] for b in originals.select_columns(["levels"]).iter_batches(batch_size=None,
                                                                                       batch_format="numpy")]
     levels = np.concatenate(levels) if levels else np.zeros((0, cfg.channels), np.float32)
     if len(levels) < 2:
         raise InputError(data, f"the train split holds {len(levels)} original crops; the DCGAN needs at least 2")
-    result = trainer_for(run, cfg, originals, levels, workers, gpus).fit()
+    try:
+        result = trainer_for(run, cfg, originals, levels, workers, gpus).fit()
+    except TrainingFailedError as err:
+        unplaced = cluster.placement_failure(str(run), workers, per_worker, err)
+        if unplaced is None:
+            raise
+        raise unplaced from None
     return finish_gan_run(run, result)
 
 
@@ -260,7 +273,7 @@ def trainer_for(run: Path, cfg: dcgan.GanConfig, originals, levels: np.ndarray, 
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus, resources_per_worker={"CPU": cpu_per_worker}),
         run_config=RunConfig(
             name=RUN_NAME, storage_path=str(run),
-            failure_config=FailureConfig(max_failures=3),
+            failure_config=FailureConfig(max_failures=3, controller_failure_limit=cluster.placement_retries()),
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="frechet",
                                                checkpoint_score_order="min")),
         datasets={"train": originals, "reference": originals.limit(REFERENCE_CROPS)},
