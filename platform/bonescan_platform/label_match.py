@@ -60,7 +60,7 @@ def match_labels(labels: Path | None, scans: list[Scan]) -> tuple[dict[int, list
         for f in scan.files:
             by_file[f.resolve()] = i
     assigned: dict[int, list[Path]] = {}
-    rejected: list[InputError] = []
+    rejected: list[InputError] = [InputError(p, HIDDEN) for p in _hidden(labels)]
     for folder in reader_folders(labels):
         mine: dict[int, Path] = {}  # this reader's label of each scan
         for path in _label_files(folder, nested=folder != labels):
@@ -81,6 +81,21 @@ def match_labels(labels: Path | None, scans: list[Scan]) -> tuple[dict[int, list
         for i, path in mine.items():
             assigned.setdefault(i, []).append(path)
     return assigned, rejected
+
+
+HIDDEN = "hidden (its name starts with '.'), so not read as a label"
+
+
+def _hidden(labels: Path) -> list[Path]:
+    """The LabelMe files and folders under ``labels`` that a leading '.' hides (named in the
+    report, as ingest names every DICOM entry it leaves out); inside a hidden folder, the folder."""
+    found = []
+    for path in sorted(labels.rglob(".*")):
+        if any(part.startswith(".") for part in path.relative_to(labels).parts[:-1]):
+            continue  # inside a hidden folder: the folder is named
+        if path.is_dir() or path.suffix.lower() == ".json":
+            found.append(path)
+    return found
 
 
 def _label_files(folder: Path, nested: bool) -> list[Path]:
