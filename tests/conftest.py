@@ -108,3 +108,58 @@ def mlflow_server(tmp_path_factory):
     except subprocess.TimeoutExpired:
         os.killpg(server.pid, signal.SIGKILL)
     log.close()
+
+
+class S3Endpoint:
+    """A running S3 endpoint: its URL, the environment a client needs (the standard AWS
+    variables), and a pyarrow filesystem on it."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+
+    def filesystem(self):
+        import pyarrow.fs as pafs
+
+        return pafs.S3FileSystem(access_key="testing", secret_key="testing", region="us-east-1",
+                                 endpoint_override=self.url, allow_bucket_creation=True)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 endpoint on 127.0.0.1: moto's server mode (the s3test extra), started once
+    for the tests that keep data in object storage. Stopped by its pid."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install -e '.[test]')")
+    root = tmp_path_factory.mktemp("s3")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(root / "server.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/moto-api/", timeout=2):
+                break
+        except OSError:
+            pass
+        if server.poll() is not None or time.time() > deadline:
+            os.killpg(server.pid, signal.SIGKILL)
+            pytest.fail(f"moto server did not start: {(root / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.3)
+    yield S3Endpoint(url)
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+    log.close()

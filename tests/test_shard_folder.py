@@ -6,6 +6,8 @@ marked ray."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import duckdb
 import pandas as pd
 import pyarrow.parquet as pq
@@ -84,7 +86,7 @@ def test_a_plain_named_file_is_removed_only_when_it_is_bonescan_s_own(tmp_path, 
     (theirs / "ingest_report.json").write_text('{"notes": "mine"}')
     (theirs / "samples.png").write_bytes(b"my picture")
     kept = shards.remove_legacy_files(theirs, {"job": "ingest"})
-    assert sorted(p.name for p in kept) == ["ingest_report.json", "samples.png"]
+    assert sorted(Path(p).name for p in kept) == ["ingest_report.json", "samples.png"]
     assert (theirs / "samples.png").read_bytes() == b"my picture"
     shards.say_kept(kept)
     lines = capsys.readouterr().out.splitlines()

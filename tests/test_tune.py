@@ -133,7 +133,10 @@ def _check_mlflow(uri: str, exp: Path, by_fraction: dict) -> None:
     for child in children:
         row = ids[child.info.run_id]
         assert child.info.status == "FINISHED" and child.data.params["label_fraction"] == str(row["label_fraction"])
-        assert len(client.get_metric_history(child.info.run_id, "train_labeled_images")) == row["epochs"]
+        logged = len(client.get_metric_history(child.info.run_id, "train_labeled_images"))
+        # Rank 0 logs an epoch, then reports its checkpoint: a trial ASHA stops may have logged
+        # one epoch more than the checkpoints its kept history is rebuilt from.
+        assert logged == row["epochs"] if row["status"] == "finished" else row["epochs"] <= logged <= row["epochs"] + 1
         assert child.data.metrics["test_images"] == row["test_images"]
     (version,) = client.search_model_versions(f"name='bonescan-{exp.name}'")
     best = by_fraction[0.5]  # the metric is train_labeled_images (max): the trial with labels

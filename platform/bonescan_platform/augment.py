@@ -22,13 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
 from bonescan_model import augment as geometric
 from bonescan_model.errors import InputError
 from bonescan_platform import gan as dcgan_job
-from bonescan_platform import shards
+from bonescan_platform import shards, storage
 from bonescan_platform.cluster import ray_session
 
 # Output shards are cut at this many rows (about 80 MB of raw counts): the driver holds at most
@@ -66,7 +65,11 @@ def augment(
     a shard folder (the shards its manifest lists are replaced, so it must be ours); DCGAN options without
     ``dcgan``, no ``samples`` with it, a bad GAN config or checkpoint.
     """
-    data, out = Path(data), Path(out)
+    if dcgan and (storage.is_uri(data) or storage.is_uri(out)):
+        raise InputError(out if storage.is_uri(out) else data,
+                         "--dcgan reads and writes local shard folders (its GAN run lives in the output folder): "
+                         "geometric copies take object storage, DCGAN samples not yet")
+    data, out = storage.absolute(data), storage.absolute(out)
     if copies is None:
         copies = 0 if dcgan else 1
     if not dcgan and (samples is not None or gan is not None or gan_config is not None or workers != 1 or gpus):
@@ -87,29 +90,29 @@ def augment(
         raise InputError(data, f"--seed must be >= 0, got {seed}")
     if rows_per_shard < 1:
         raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
-    if out.resolve() == data.resolve():
+    if out == data:
         raise InputError(out, "--out must differ from --data: the input shards would be overwritten")
     manifest = shards.read_manifest(data)
     paths = shards.shard_paths(data)
     if not paths:
-        raise InputError(data / shards.MANIFEST, "the manifest lists no shards")
+        raise InputError(storage.join(data, shards.MANIFEST), "the manifest lists no shards")
     for path in paths:
         _check_shard(path)
-    legacy = out / dcgan_job.LEGACY_RUN_DIR
-    if (legacy / dcgan_job.CONFIG).is_file():
+    legacy = storage.join(out, dcgan_job.LEGACY_RUN_DIR)
+    if storage.is_file(storage.join(legacy, dcgan_job.CONFIG)):
         raise InputError(legacy, f"a GAN run of an earlier bonescan, inside the shard folder where Parquet readers "
                                  f"take it for data: rename it to {dcgan_job.RUN_DIR} (or move it and pass --gan)")
     # A GAN run folder alone is ours too: a first --dcgan run stopped before its manifest.
-    if (out.is_dir() and any(p.name != dcgan_job.RUN_DIR for p in out.iterdir())
-            and not (out / shards.MANIFEST).is_file()):
+    if (any(name != dcgan_job.RUN_DIR for name in storage.listdir(out))
+            and not storage.is_file(storage.join(out, shards.MANIFEST))):
         raise InputError(out, "not empty and not a shard folder (no manifest); refusing to write there")
     spacing = dcgan_job.median_spacing(data) if dcgan else None
     previous, previous_report = shards.listed_files(out), shards.previous_report(out)
-    out.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(out)
 
     with ray_session():
         if dcgan and gan_path is None:
-            gan_path = dcgan_job.train_gan(data, out / dcgan_job.RUN_DIR, gan_cfg, workers, gpus)
+            gan_path = dcgan_job.train_gan(data, Path(out) / dcgan_job.RUN_DIR, gan_cfg, workers, gpus)
         ds = ray.data.read_parquet(paths)
         # The dataset's own copy of the DataContext: consume blocks in input order, so the
         # shards' row order, and hence their bytes, are the same on every run.
@@ -137,13 +140,13 @@ def augment(
     if dcgan:
         report["dcgan"] = {"samples": samples, "gan": str(gan_path.resolve()), "sheet": dcgan_job.SHEET,
                            **dcgan_job.gan_summary(gan_path)}
-        dcgan_job.write_sheet(data, out, gan_path, seed)
+        dcgan_job.write_sheet(Path(data), Path(out), gan_path, seed)
     shards.write_manifest(out, written, report)
     # After the manifest: a rerun with fewer rows or copies must not leave old shards behind;
     # only the shards the previous manifest listed are retired, nothing else in the folder.
     shards.retire(out, previous, written)
     shards.say_kept(shards.remove_legacy_files(out, previous_report))
-    generated = f", {samples} DCGAN samples (sheet: {out / dcgan_job.SHEET})" if dcgan else ""
+    generated = f", {samples} DCGAN samples (sheet: {storage.join(out, dcgan_job.SHEET)})" if dcgan else ""
     print(f"augment: {report['rows_in']} rows in, {report['rows_out']} rows out ({copies} copies{generated}, "
           f"seed {seed}) -> {out}")
     return 0
@@ -193,10 +196,10 @@ def _augmented_row(row: dict, transform: geometric.Transform, scan_key: str) -> 
 
 def _check_shard(path: str) -> None:
     """Fail before Ray starts, naming the file: missing, unreadable, or a bad split name."""
-    if not Path(path).is_file():
+    if not storage.is_file(path):
         raise InputError(path, "listed in the shard manifest but missing")
     try:
-        splits = set(pq.read_table(path, columns=["split"]).column("split").to_pylist())
+        splits = set(shards.read_table([path], ["split"]).column("split").to_pylist())
     except (pa.ArrowException, OSError) as err:
         raise InputError(path, f"not a readable shard: {err}") from None
     for split in splits:
@@ -205,7 +208,7 @@ def _check_shard(path: str) -> None:
             raise InputError(path, f"split {split!r} is not a plain name")
 
 
-def _write_shards(batches, out: Path, rows_per_shard: int) -> tuple[list[shards.ShardInfo], collections.Counter]:
+def _write_shards(batches, out: str, rows_per_shard: int) -> tuple[list[shards.ShardInfo], collections.Counter]:
     """Stream rows into ``<split>-NNNNN.parquet`` shards of at most ``rows_per_shard`` rows."""
     open_rows: dict[str, list[dict]] = {}
     next_index: collections.Counter = collections.Counter()
@@ -215,7 +218,7 @@ def _write_shards(batches, out: Path, rows_per_shard: int) -> tuple[list[shards.
     def close(split: str) -> None:
         name = f"{split}-{next_index[split]:05d}.parquet"
         next_index[split] += 1
-        written.append(shards.write_shard(open_rows.pop(split), out / name))
+        written.append(shards.write_shard(open_rows.pop(split), storage.join(out, name)))
 
     for table in batches:
         for row in table.to_pylist():

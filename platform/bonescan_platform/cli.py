@@ -81,9 +81,19 @@ def _predict(checkpoint: str, dicom: str, out: str) -> int:
 
 
 def _export(checkpoint: str, fmt: str, out: str) -> int:
-    from bonescan_model.export import export
+    import tempfile
+    from pathlib import Path
 
-    terms = export(checkpoint, fmt, out)
+    from bonescan_model.export import export
+    from bonescan_platform import storage
+
+    with storage.local_checkpoint(checkpoint) as local:
+        if not storage.is_uri(out):
+            terms = export(local, fmt, out)
+        else:  # the exporters write files: export here, then send the file
+            with tempfile.TemporaryDirectory(prefix="bonescan-export-") as tmp:
+                terms = export(local, fmt, Path(tmp, storage.name(out)))
+                storage.write_bytes(out, Path(tmp, storage.name(out)).read_bytes())
     print(f"exported {checkpoint} as {fmt} to {out}: input {terms['input_name']} ({terms['input_shape']}, "
           f"per-image normalized counts), output {terms['output_name']} ({terms['output_shape']}), "
           f"threshold {terms['threshold']}; the contract is in the file's metadata")

@@ -31,7 +31,7 @@ from bonescan_model.checkpoint import FILENAME, load_model
 from bonescan_model.errors import InputError
 from bonescan_model.network import count_parameters
 from bonescan_model.progress import progress
-from bonescan_platform import shards, stream
+from bonescan_platform import shards, storage, stream
 
 HEADLINE = ("dsc", "cpa", "recall", "pooled_dsc", "lesion_sensitivity", "fp_per_image", "lesion_free_fp_per_image")
 BATCH = 8
@@ -106,18 +106,20 @@ def score_test(run: Path, data: Path, runs: int, crops: dict[str, np.ndarray] | 
 
 
 def evaluate(checkpoint: str, data: str, runs: int = 10, json_path: str | None = None) -> int:
+    """`bonescan evaluate`: checkpoint, data and json_path local or URIs (``storage``)."""
     if runs < 1:
         raise InputError(checkpoint, "--runs must be at least 1")
-    trained = load_model(checkpoint)
+    with storage.local_checkpoint(checkpoint) as local:
+        trained = load_model(local)
     shards.read_manifest(data)
     result = score_runs(trained.model, stream.crops(data, "test"), runs, trained.threshold)
     if not result["images"]:
         raise InputError(data, "the test split has no labeled scan to evaluate on")
-    result = {"split": "test", **result, "checkpoint": str(Path(checkpoint).resolve()),
+    result = {"split": "test", **result, "checkpoint": storage.absolute(checkpoint),
               "epoch": trained.meta.get("epoch"), "threshold": trained.threshold}
     print_summary(result)
     if json_path:
-        Path(json_path).write_text(json.dumps(result, indent=2))
+        storage.write_text(json_path, json.dumps(result, indent=2))
         print(f"metrics: {json_path}")
     return 0
 

@@ -347,7 +347,7 @@ def _generated_table(digest: str, seed: int, indices: range, counts: np.ndarray,
 def median_spacing(data: Path) -> float:
     """The median pixel spacing of the train split's original crops (one small column)."""
     paths = shards.shard_paths(data, "train")
-    table = pq.read_table(paths, columns=["pixel_spacing_mm", "source"]).to_pydict() if paths else {}
+    table = shards.read_table(paths, ["pixel_spacing_mm", "source"]).to_pydict() if paths else {}
     spacings = [spacing for spacing, source in zip(table.get("pixel_spacing_mm", []), table.get("source", []))
                 if source in stream.ORIGINAL_SOURCES]
     if not spacings:

@@ -2,7 +2,8 @@
 
 The driver reads headers only (to group files per series, match each label to its one scan
 (``label_match``) and assign each patient to train or test); Ray Data then reads, crops and labels the scans in
-parallel, one task per output shard, each writing its shard atomically. The report and the
+parallel, one task per output shard, each writing its shard atomically, to a local folder or
+straight to object storage (``storage``). The report and the
 manifest come last, so a shard directory with a manifest is always complete.
 """
 
@@ -19,7 +20,7 @@ from bonescan_model.errors import InputError
 from bonescan_model.io.deid import default_secret_path, keyed_hash, load_or_create_secret
 from bonescan_model.io.dicom import group_series, scan_name
 from bonescan_model.io.files import find_files
-from bonescan_platform import shards
+from bonescan_platform import shards, storage
 from bonescan_platform.label_match import Scan, match_labels
 from bonescan_platform.cluster import ray_session
 from bonescan_platform.progress import collect_rows
@@ -78,13 +79,17 @@ def ingest(dicom: str, out: str, labels: str | None = None, *, rows_per_shard: i
     the old one, and only after that are the old set's shards the new one does not list
     deleted. No other file in ``out`` is touched, and an ingest that ingested nothing leaves
     the folder as it was."""
-    out_dir = Path(out)
-    if out_dir.exists() and not out_dir.is_dir():
+    for flag, folder in (("--dicom", dicom), ("--labels", labels)):
+        if folder and storage.is_uri(folder):
+            raise InputError(folder, f"{flag} reads files the cluster's nodes can open (pydicom and the "
+                                     "LabelMe reader take files): copy the export out of object storage first")
+    out_dir = storage.absolute(out)
+    if storage.is_file(out_dir):
         raise InputError(out_dir, "is a file, not a folder for shards")
     secret = load_or_create_secret(default_secret_path())
     plan = plan_ingest(Path(dicom), Path(labels) if labels else None, secret, rows_per_shard)
     previous, previous_report = shards.listed_files(out_dir), shards.previous_report(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(out_dir)
     results = _run_tasks(plan.tasks, out_dir, secret) if plan.tasks else []
     written = [shards.ShardInfo(**r["shard"]) for r in results if r["shard"]]
     report = _report(results, plan)
@@ -92,20 +97,20 @@ def ingest(dicom: str, out: str, labels: str | None = None, *, rows_per_shard: i
     if not report["scans_ingested"] and previous is not None:
         print(f"nothing ingested: the shards in {out_dir} are left as they were")
         return 2
-    (out_dir / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True))
+    storage.write_text(storage.join(out_dir, REPORT), json.dumps(report, indent=2, sort_keys=True))
     shards.write_manifest(out_dir, written, report)
     shards.retire(out_dir, previous, written)
     shards.say_kept(shards.remove_legacy_files(out_dir, previous_report))
     return 0 if report["scans_ingested"] else 2
 
 
-def _run_tasks(tasks: list[dict], out_dir: Path, secret: bytes) -> list[dict]:
+def _run_tasks(tasks: list[dict], out_dir: str, secret: bytes) -> list[dict]:
     import ray
 
     with ray_session():
         ds = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
             _write_shards, batch_size=1, batch_format="numpy", num_cpus=1,
-            fn_kwargs={"out_dir": str(out_dir), "secret": secret},
+            fn_kwargs={"out_dir": out_dir, "secret": secret},
         )
         scans = sum(len(json.loads(t["scans"])) for t in tasks)
         rows = collect_rows(ds, total=scans, desc="ingest", unit="scan",
@@ -116,13 +121,13 @@ def _run_tasks(tasks: list[dict], out_dir: Path, secret: bytes) -> list[dict]:
 def _write_shards(batch: dict[str, np.ndarray], out_dir: str, secret: bytes) -> dict[str, np.ndarray]:
     """The Ray Data adapter around write_shard_task."""
     results = [
-        json.dumps(write_shard_task({"shard": str(n), "split": str(s), "scans": str(c)}, Path(out_dir), secret))
+        json.dumps(write_shard_task({"shard": str(n), "split": str(s), "scans": str(c)}, out_dir, secret))
         for n, s, c in zip(batch["shard"], batch["split"], batch["scans"])
     ]
     return {"result": np.array(results, dtype=object)}
 
 
-def write_shard_task(task: dict, out_dir: Path, secret: bytes) -> dict:
+def write_shard_task(task: dict, out_dir: str | Path, secret: bytes) -> dict:
     """Read, crop and label the scans of one shard, write the shard, report each scan.
     Plain Python: Ray Data runs it in parallel, the benchmark's baseline in a loop."""
     rows, outcomes = [], []
@@ -143,7 +148,7 @@ def write_shard_task(task: dict, out_dir: Path, secret: bytes) -> dict:
             "patient": case.patient_key, "split": task["split"],
             "label_errors": [{"file": e.path, "reason": e.reason} for e in case.label_errors],
         })
-    info = shards.write_shard(rows, out_dir / task["shard"], by_content=True).__dict__ if rows else None
+    info = shards.write_shard(rows, storage.join(out_dir, task["shard"]), by_content=True).__dict__ if rows else None
     return {"shard": info, "scans": outcomes}
 
 
@@ -191,7 +196,7 @@ def _report(results: list[dict], plan: IngestPlan) -> dict:
     }
 
 
-def _print_report(report: dict, out_dir: Path) -> None:
+def _print_report(report: dict, out_dir: str) -> None:
     print(f"ingested {report['scans_ingested']} scan(s), rejected {report['scans_rejected']}")
     print(f"{'split':<6} {'scans':>6} {'patients':>9} {'labeled':>8} {'flagged':>8} {'one-view':>9}")
     for split, s in report["splits"].items():

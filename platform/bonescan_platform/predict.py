@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from bonescan_model.io.deid import default_secret_path, load_or_create_secret
 from bonescan_model.io.dicom import group_series, read_scan, scan_name
 from bonescan_model.io.files import find_files
 from bonescan_model.predict import predict_scans, reference_view, scan_crop_box, write_prediction
+from bonescan_platform import storage
 from bonescan_platform.cluster import ray_session
 from bonescan_platform.progress import collect_rows
 
@@ -34,28 +36,30 @@ BATCH_SCANS = 8
 MAX_ACTORS = 8
 
 
-def plan_scans(dicom: Path, out_dir: Path, secret: bytes) -> tuple[list[dict], list[InputError]]:
+def plan_scans(dicom: Path, out_dir: str | Path, secret: bytes) -> tuple[list[dict], list[InputError]]:
     """From headers alone: one task per series, {"files", "out_dir", "name"}, and the files
     that are not DICOM.
 
     Outputs keep the input's sub-folders (PACS exports often name files IM00001 in one folder
     per study), and a name taken twice in one folder gets a _2, _3 suffix, so no scan's outputs
     overwrite another's. Files under ``out_dir`` are skipped: a rerun into a folder inside the
-    input does not read its own outputs.
+    input does not read its own outputs. out_dir: a local folder or a URI (``storage``).
     """
-    files, skipped = find_files(dicom, exclude=out_dir)
+    out_dir = str(out_dir)
+    files, skipped = find_files(dicom, exclude=None if storage.is_uri(out_dir) else Path(out_dir))
     root = dicom if dicom.is_dir() else dicom.parent
     groups, unreadable = group_series(files, secret)
     tasks, taken = [], set()
     for group in groups:
-        folder = out_dir / group.files[0].parent.relative_to(root)
+        relative = group.files[0].parent.relative_to(root).as_posix()
+        folder = out_dir if relative == "." else storage.join(out_dir, *relative.split("/"))
         name = base = scan_name(list(group.files))
         suffix = 1
         while (folder, name) in taken:
             suffix += 1
             name = f"{base}_{suffix}"
         taken.add((folder, name))
-        tasks.append({"files": [str(f) for f in group.files], "out_dir": str(folder), "name": name})
+        tasks.append({"files": [str(f) for f in group.files], "out_dir": folder, "name": name})
     return tasks, skipped + unreadable
 
 
@@ -66,7 +70,7 @@ def predict_batch(model: nn.Module, tasks: list[dict], secret: bytes, threshold:
     Plain Python: each Ray actor runs it on its batches, a single scan runs it in process."""
     rows, ready = [], []
     for task in tasks:
-        row = {"file": task["files"][0], "output": str(Path(task["out_dir"]) / task["name"]),
+        row = {"file": task["files"][0], "output": storage.join(task["out_dir"], task["name"]),
                "ok": False, "reason": "", "lesions": 0, "area_mm2": 0.0}
         rows.append(row)
         try:
@@ -85,18 +89,30 @@ def predict_batch(model: nn.Module, tasks: list[dict], secret: bytes, threshold:
     predictions = predict_scans(model, [r[2] for r in ready], boxes=[r[3] for r in ready], threshold=threshold)
     for (task, row, scan, _), prediction in zip(ready, predictions):
         prediction = dataclasses.replace(prediction, name=task["name"])
-        write_prediction(task["out_dir"], prediction, reference_view(scan))
+        _write(task["out_dir"], prediction, reference_view(scan))
         row.update(ok=True, lesions=prediction.lesions, area_mm2=sum(prediction.lesion_areas_mm2))
     return rows
 
 
+def _write(out_dir: str, prediction, counts: np.ndarray) -> None:
+    """``write_prediction`` into a local folder, or into object storage by way of a local one
+    (skimage and matplotlib write files): from the process that predicted, on whatever node."""
+    if not storage.is_uri(out_dir):
+        write_prediction(out_dir, prediction, counts)
+        return
+    with tempfile.TemporaryDirectory(prefix="bonescan-predict-") as tmp:
+        write_prediction(tmp, prediction, counts)
+        storage.upload(Path(tmp), out_dir)
+
+
 class _BatchPredictor:
     """The Ray Data actor: loads the checkpoint once, then predicts batch after batch.
-    The checkpoint path must be readable on every node (a run folder on shared storage, as
-    multi-node training needs anyway)."""
+    The checkpoint must be readable on every node: a URI (each actor fetches its own copy) or
+    a run folder on shared storage, as multi-node training needs anyway."""
 
     def __init__(self, checkpoint: str, secret: bytes):
-        self.trained = load_model(checkpoint)
+        with storage.local_checkpoint(checkpoint) as local:
+            self.trained = load_model(local)
         self.secret = secret
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -105,7 +121,7 @@ class _BatchPredictor:
         return {"row": np.array([json.dumps(r) for r in rows], dtype=object)}
 
 
-def _run_on_ray(checkpoint: Path, tasks: list[dict], secret: bytes) -> list[dict]:
+def _run_on_ray(checkpoint: str, tasks: list[dict], secret: bytes) -> list[dict]:
     import ray
 
     with ray_session():
@@ -125,14 +141,23 @@ def _run_on_ray(checkpoint: Path, tasks: list[dict], secret: bytes) -> list[dict
 
 def predict(checkpoint: str, dicom: str, out: str) -> int:
     """Exit code 0 when at least one scan was predicted, 2 when none was.
-    Raises InputError for a bad --checkpoint or a --dicom that does not exist."""
-    checkpoint_path = resolve(checkpoint)
-    trained = load_model(checkpoint_path)  # here, so a bad checkpoint fails at once
+    Raises InputError for a bad --checkpoint or a --dicom that does not exist. checkpoint and
+    out: local or URIs (``storage``); dicom: files (pydicom reads files, as ingest does)."""
+    if storage.is_uri(dicom):
+        raise InputError(dicom, "--dicom reads files the cluster's nodes can open (pydicom takes files): "
+                                "copy the scans out of object storage first")
+    if storage.is_uri(checkpoint):
+        checkpoint = storage.absolute(checkpoint)
+        with storage.local_checkpoint(checkpoint) as local:
+            trained = load_model(local)  # here, so a bad checkpoint fails at once
+    else:
+        checkpoint = str(resolve(checkpoint))
+        trained = load_model(checkpoint)
     secret = load_or_create_secret(default_secret_path())
-    out_dir = Path(out)
+    out_dir = storage.absolute(out) if storage.is_uri(out) else out
     tasks, unreadable = plan_scans(Path(dicom), out_dir, secret)
     if len(tasks) > 1:
-        rows = _run_on_ray(checkpoint_path, tasks, secret)
+        rows = _run_on_ray(checkpoint, tasks, secret)
     else:
         rows = predict_batch(trained.model, tasks, secret, trained.threshold)
     rejected = [{"file": e.path, "reason": e.reason} for e in unreadable]
@@ -142,11 +167,11 @@ def predict(checkpoint: str, dicom: str, out: str) -> int:
     return 0 if predicted else 2
 
 
-def _print_summary(predicted: list[dict], rejected: list[dict], out_dir: Path) -> None:
+def _print_summary(predicted: list[dict], rejected: list[dict], out_dir: str) -> None:
     lesions = sum(r["lesions"] for r in predicted)
     print(f"predicted {len(predicted)} scan(s), {lesions} lesion(s) found; "
           f"rejected {len(rejected)} file(s)")
-    scans = sorted(((str(Path(r["output"]).relative_to(out_dir)), r) for r in predicted), key=lambda s: s[0])
+    scans = sorted(((storage.relative(r["output"], out_dir), r) for r in predicted), key=lambda s: s[0])
     width = max((len(name) for name, _ in scans), default=4)
     if scans:
         print(f"  {'scan':<{width}} {'lesions':>7} {'area mm²':>9}")

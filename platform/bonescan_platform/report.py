@@ -36,7 +36,9 @@ from bonescan_platform.config import load_train_config
 from bonescan_platform.search_space import RESULT_COLUMNS, SearchSpace, case_name
 from bonescan_platform.splits import load_budget
 from bonescan_platform.stream import crops as split_crops
-from bonescan_platform.tune import Experiment, read_history
+from bonescan_platform import storage
+from bonescan_platform.train import RUN_NAME
+from bonescan_platform.tune import TUNE_NAME, Experiment, read_history
 
 METRICS = ("dsc", "cpa", "recall")
 METRIC_NAMES = {"dsc": "DSC", "cpa": "CPA", "recall": "Recall"}  # as the paper writes them
@@ -56,19 +58,32 @@ COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c
 
 
 def report(target: str, out: str) -> int:
-    path = Path(target).resolve()
-    out_path = Path(out)
-    if out_path.is_dir():
-        raise InputError(out_path, "is a folder; give the report's file name, e.g. report.html")
-    if out_path.parent.exists() and not out_path.parent.is_dir():
-        raise InputError(out_path.parent, "is a file, not a folder to write the report in")
-    if (path / "experiment.json").is_file():
-        page = experiment_page(path)
-    elif (path / "history.csv").is_file() and (path / "config.yaml").is_file():
-        page = run_page(path)
+    """`bonescan report`: target and out local or URIs (``storage``). A target in object storage
+    is read through a local copy of what the report reads (not Ray's checkpoints)."""
+    if storage.is_uri(out):
+        if storage.is_dir(out):
+            raise InputError(out, "is a folder; give the report's file name, e.g. report.html")
     else:
-        raise InputError(path, "neither an experiment folder (experiment.json, from `bonescan tune`) nor a run "
-                               "folder (history.csv and config.yaml, from `bonescan train`)")
+        out_path = Path(out)
+        if out_path.is_dir():
+            raise InputError(out_path, "is a folder; give the report's file name, e.g. report.html")
+        if out_path.parent.exists() and not out_path.parent.is_dir():
+            raise InputError(out_path.parent, "is a file, not a folder to write the report in")
+    shown = storage.absolute(target)
+    if storage.is_uri(shown):
+        for marker in ("experiment.json", "history.csv"):
+            if storage.is_file(storage.join(shown, marker)):
+                break
+        else:
+            raise InputError(shown, _NEITHER)
+        with storage.fetched(shown, keep=_read_by_report) as local:
+            page = _page_of(local, shown)
+    else:
+        page = _page_of(Path(shown), shown)
+    if storage.is_uri(out):
+        storage.write_text(out, page)
+        print(f"report: {out} ({len(page.encode()) / 1e6:.1f} MB, self-contained)")
+        return 0
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     try:
@@ -82,8 +97,27 @@ def report(target: str, out: str) -> int:
     return 0
 
 
+_NEITHER = ("neither an experiment folder (experiment.json, from `bonescan tune`) nor a run "
+            "folder (history.csv and config.yaml, from `bonescan train`)")
+
+
+def _page_of(path: Path, shown: str) -> str:
+    if (path / "experiment.json").is_file():
+        return experiment_page(path, shown)
+    if (path / "history.csv").is_file() and (path / "config.yaml").is_file():
+        return run_page(path, shown)
+    raise InputError(shown, _NEITHER)
+
+
+def _read_by_report(relative: str) -> bool:
+    """What a report reads of a folder in object storage: everything but Ray's own folders
+    (a run's or a trial's ``train/`` checkpoints, a sweep's ``tune/`` state)."""
+    parts = relative.split("/")
+    return not any(part in (RUN_NAME, TUNE_NAME) for part in parts[:-1])
+
+
 # ---------------------------------------------------------------- an experiment
-def experiment_page(root: Path) -> str:
+def experiment_page(root: Path, shown: str | None = None) -> str:
     exp = Experiment.open(root)
     if not (root / "results.parquet").is_file():
         raise InputError(root, "no results.parquet yet: the sweep has not finished (continue it with "
@@ -96,7 +130,7 @@ def experiment_page(root: Path) -> str:
     statuses = ", ".join(f"{sum(r['status'] == s for r in rows)} {s}" for s in sorted({r["status"] for r in rows}))
     body = [
         f"<h1>{_e(title)}</h1>",
-        _facts([("experiment", str(root)), ("space", exp.record["space"]), ("data", str(exp.data)),
+        _facts([("experiment", shown or str(root)), ("space", exp.record["space"]), ("data", str(exp.data)),
                 ("started", exp.record.get("created", "")), ("trials", f"{len(rows)} ({statuses})"),
                 ("metric", f"{space.metric} ({space.mode})"),
                 ("splits", "train / val / test by patient; validation (val_*) chose each trial's kept model "
@@ -320,7 +354,7 @@ def training_figure(groups: list[dict], runs: Path) -> Figure:
     return fig
 
 
-def prediction_panel(data: Path, models: Sequence[tuple[str, Path]]) -> str:
+def prediction_panel(data: str | Path, models: Sequence[tuple[str, Path]]) -> str:
     """Figure 10 of the paper: rows of test scans; columns: the scan, its manual label and each
     model's prediction (lesion outlines; DSC of that scan in the title)."""
     try:
@@ -377,14 +411,14 @@ def _pick_scans(masks: np.ndarray) -> list[int]:
 
 
 # ---------------------------------------------------------------- a single run
-def run_page(run: Path) -> str:
+def run_page(run: Path, shown: str | None = None) -> str:
     cfg = load_train_config(run / "config.yaml")
     history = _history(run)
     info = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
     best = max(history, key=lambda h: h.get("val_dsc", -1.0))
     last = history[-1]
     model = cfg.model
-    facts = [("run", str(run)), ("data", info.get("data", "unknown")),
+    facts = [("run", shown or str(run)), ("data", info.get("data", "unknown")),
              ("model", f"{model.arch}, width {model.width}, t = {model.recurrence} ({model.recurrent_weights}), "
                        f"aggregation {model.aggregation}"),
              ("training", f"{last['epoch']} of {cfg.epochs} epochs, lr {cfg.lr}, alpha {cfg.alpha}, nu {cfg.nu}, "
@@ -430,7 +464,7 @@ def run_page(run: Path) -> str:
             f"<table id='run-table'><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>",
             "<h2>Training curves</h2>", _img(fig, "training curves"),
             "<h2>Test scans: manual label and prediction</h2>",
-            prediction_panel(Path(info["data"]), [("prediction", run)]) if info.get("data") else
+            prediction_panel(info["data"], [("prediction", run)]) if info.get("data") else
             "<p class='note'>run.json names no data: no test scans to show.</p>"]
     return _page(f"Run {run.name}", body)
 

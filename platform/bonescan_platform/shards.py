@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import pyarrow.parquet as pq
 
 from bonescan_model.errors import InputError
 from bonescan_model.preprocess import CROP_SIZE
+from bonescan_platform import storage
 
 MANIFEST = "_manifest.json"
 # What an earlier bonescan wrote beside the shards under names Parquet readers take for data:
@@ -66,60 +66,67 @@ class ShardInfo:
     sha256: str
 
 
-def write_shard(rows: list[dict], path: Path, *, by_content: bool = False) -> ShardInfo:
-    """Write rows (schema above) to ``path`` atomically: a temporary name, then rename.
+def write_shard(rows: list[dict], path: str | Path, *, by_content: bool = False) -> ShardInfo:
+    """Write rows (schema above) to ``path`` (a local path or a URI: ``storage``) atomically.
 
-    A reader never sees a half-written shard, and a crash leaves only a ``.tmp`` file that
-    the next run overwrites. by_content: the file is named ``<stem>-<16 hex digits of its
-    SHA-256>.parquet``, so a new set of shards never overwrites a file of the set it is to
-    replace (the same rows give the same name, and the same bytes).
+    A reader never sees a half-written shard (``storage.write_bytes``). by_content: the file
+    is named ``<stem>-<16 hex digits of its SHA-256>.parquet``, so a new set of shards never
+    overwrites a file of the set it is to replace (the same rows give the same name, and the
+    same bytes). The shard is serialized in memory first (its name needs its hash, and an
+    object store cannot rename): a shard is tens of MiB at most (ingest.ROWS_PER_SHARD).
     """
-    path = Path(path)
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    digest = _sha256(tmp)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    data = sink.getvalue().to_pybytes()
+    digest = hashlib.sha256(data).hexdigest()
+    folder, file = _split(str(path))
     if by_content:
-        path = path.with_name(f"{path.stem}-{digest[:16]}{path.suffix}")
-    os.replace(tmp, path)
+        stem, dot, suffix = file.rpartition(".")
+        file = f"{stem}-{digest[:16]}{dot}{suffix}"
+    storage.write_bytes(storage.join(folder, file), data)
     split = rows[0]["split"] if rows else ""
-    return ShardInfo(file=path.name, split=split, rows=len(rows), sha256=digest)
+    return ShardInfo(file=file, split=split, rows=len(rows), sha256=digest)
 
 
-def write_manifest(out_dir: Path, shards: list[ShardInfo], report: dict) -> Path:
-    out_dir = Path(out_dir)
+def _split(location: str) -> tuple[str, str]:
+    folder, _, file = location.rstrip("/").rpartition("/")
+    return folder, file
+
+
+def write_manifest(out_dir: str | Path, shards: list[ShardInfo], report: dict) -> str:
+    """The manifest, written last by every job: it names only shards already complete."""
     body = {
         "schema_version": 1,
         "shards": [s.__dict__ for s in sorted(shards, key=lambda s: s.file)],
         "rows": sum(s.rows for s in shards),
         "report": report,
     }
-    tmp = out_dir / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(body, indent=2, sort_keys=True))
-    os.replace(tmp, out_dir / MANIFEST)
-    return out_dir / MANIFEST
+    target = storage.join(out_dir, MANIFEST)
+    storage.write_text(target, json.dumps(body, indent=2, sort_keys=True))
+    return target
 
 
-def remove_legacy_files(out_dir: Path, previous_report: dict | None) -> list[Path]:
+def remove_legacy_files(out_dir: str | Path, previous_report: dict | None) -> list[str]:
     """Remove what an earlier bonescan wrote under a plain name, where it is recognisably its
     own: ``ingest_report.json`` holding an ingest report (``scans_ingested``), ``samples.png``
     of a folder whose previous manifest records a DCGAN augment. A file of that name that is
     not recognised is someone else's: it stays, and is returned so the job can say so."""
-    out_dir, kept = Path(out_dir), []
-    report = out_dir / LEGACY_REPORT
-    if report.is_file():
+    kept = []
+    report = storage.join(out_dir, LEGACY_REPORT)
+    if storage.is_file(report):
         try:
-            ours = "scans_ingested" in json.loads(report.read_text(encoding="utf-8"))
+            ours = "scans_ingested" in json.loads(storage.read_text(report))
         except (OSError, UnicodeDecodeError, ValueError, TypeError, RecursionError):
             ours = False
         if ours:
-            report.unlink()
+            storage.delete(report)
         else:
             kept.append(report)
-    sheet = out_dir / LEGACY_SHEET
-    if sheet.is_file():
+    sheet = storage.join(out_dir, LEGACY_SHEET)
+    if storage.is_file(sheet):
         if isinstance(previous_report, dict) and "dcgan" in previous_report:
-            sheet.unlink()
+            storage.delete(sheet)
         else:
             kept.append(sheet)
     return kept
@@ -133,20 +140,19 @@ def previous_report(shard_dir: Path) -> dict | None:
         return None
 
 
-def say_kept(kept: list[Path]) -> None:
+def say_kept(kept: list[str]) -> None:
     for path in kept:
         print(f"{path}: left in place (not written by bonescan); Parquet readers of the folder will take it for data")
 
 
-def read_manifest(shard_dir: Path) -> dict:
+def read_manifest(shard_dir: str | Path) -> dict:
     """The manifest of a shard folder, checked for the shape written above: an InputError
     naming the folder or the file for anything else (missing, not JSON, not a manifest)."""
-    shard_dir = Path(shard_dir)
-    if shard_dir.exists() and not shard_dir.is_dir():
+    if storage.is_file(shard_dir):
         raise InputError(shard_dir, "is a file, not a shard folder (from `bonescan ingest`)")
-    path = shard_dir / MANIFEST
+    path = storage.join(shard_dir, MANIFEST)
     try:
-        body = json.loads(path.read_text(encoding="utf-8"))
+        body = json.loads(storage.read_text(path))
     except FileNotFoundError:
         raise InputError(path, "no shard manifest here; run `bonescan ingest` first") from None
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
@@ -161,14 +167,23 @@ def read_manifest(shard_dir: Path) -> dict:
     return body
 
 
-def shard_paths(shard_dir: Path, split: str | None = None) -> list[str]:
-    """The shard files the manifest lists (optionally one split), checked to exist."""
+def shard_paths(shard_dir: str | Path, split: str | None = None) -> list[str]:
+    """The shard files the manifest lists (optionally one split), checked to exist: local
+    paths, or URIs when the folder is one (Ray Data's ``read_parquet`` takes either)."""
     manifest = read_manifest(shard_dir)
-    paths = [Path(shard_dir) / s["file"] for s in manifest["shards"] if split is None or s["split"] == split]
+    paths = [storage.join(shard_dir, s["file"]) for s in manifest["shards"] if split is None or s["split"] == split]
     for path in paths:
-        if not path.is_file():
+        if not storage.is_file(path):
             raise InputError(path, f"listed in the shard manifest ({MANIFEST}) but missing")
-    return [str(p) for p in paths]
+    return paths
+
+
+def read_table(paths: list[str], columns: list[str]) -> pa.Table:
+    """Shard files (``shard_paths``) read in this process, without Ray."""
+    if not paths:
+        return SCHEMA.empty_table().select(columns)
+    fs, _ = storage.resolve(paths[0])
+    return pq.read_table([storage.resolve(p)[1] for p in paths], columns=columns, filesystem=fs)
 
 
 def split_rows(shard_dir: Path, split: str) -> int:
@@ -191,12 +206,4 @@ def retire(shard_dir: Path, previous: set[str] | None, current: list[ShardInfo])
     already written) does not list. Nothing else in the folder is touched."""
     keep = {s.file for s in current}
     for name in sorted((previous or set()) - keep):
-        (Path(shard_dir) / name).unlink(missing_ok=True)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        storage.delete(storage.join(shard_dir, name))

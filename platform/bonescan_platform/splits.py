@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from bonescan_model.errors import InputError
 from bonescan_model.preprocess import CROP_SIZE
@@ -79,7 +78,7 @@ def read_rows(shard_dir: str | Path) -> list[Row]:
     (masks are only compared with the empty mask)."""
     rows: list[Row] = []
     for path in shards.shard_paths(shard_dir):
-        table = pq.read_table(path, columns=["patient_key", "mask", "source", "split"])
+        table = shards.read_table([path], ["patient_key", "mask", "source", "split"])
         mask = table.column("mask")
         lesion = pc.fill_null(pc.not_equal(mask, _EMPTY_MASK), False)
         rows += [Row(*values) for values in zip(

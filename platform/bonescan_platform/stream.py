@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from bonescan_model.preprocess import CROP_SIZE, model_input
 from bonescan_platform import shards
@@ -85,7 +84,7 @@ def crops(shard_dir: str | Path, split: str = "test", only: list[str] | None = N
     """The labeled original scans of ``split`` (of the patients ``only``), decoded in this
     process without Ray: {"image": (N, 2, 256, 256) float32, "mask": (N, 1, 256, 256),
     "labeled": (N,)}, in scan_key order. For scoring a kept model once and for the report."""
-    table = pq.read_table(shards.shard_paths(shard_dir, split), columns=COLUMNS + ["scan_key"])
+    table = shards.read_table(shards.shard_paths(shard_dir, split), COLUMNS + ["scan_key"])
     table = table.sort_by("scan_key")
     return decode_batch({k: np.array(v, dtype=object) for k, v in table.to_pydict().items()}, None,
                         only=None if only is None else frozenset(only))

@@ -9,6 +9,8 @@ splits.json and budget.json (the patients of each split, the label budget: ``spl
 train/ (Ray Train's checkpoints), model.pt (the best checkpoint by validation DSC, with its
 threshold), history.csv (one row per epoch, ``val_*`` on the validation patients) and test.json
 (the kept model scored once on the test split, at the end: ``evaluate.score_test``).
+The folder is local or in object storage (``storage``): for a URI the job works in a local
+stage of the folder and Ray Train keeps train/ at the URI itself.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from bonescan_model.loss import SemiSupervisedLoss
 from bonescan_model.metrics import summarize
 from bonescan_model.network import build_model
 from bonescan_platform import metrics as training_metrics
-from bonescan_platform import cluster, shards, splits, stream, tracking
+from bonescan_platform import cluster, shards, splits, storage, stream, tracking
 from bonescan_platform.evaluate import score_test
 from bonescan_platform.cluster import ray_session
 from bonescan_platform.config import TrainConfig, load_train_config, save_train_config
@@ -180,49 +182,62 @@ def _plain(value):
 
 # ---------------------------------------------------------------- the driver
 def train(data: str, config: str, out: str, workers: int = 1, gpus: bool = False, mlflow: str | None = None) -> int:
-    """`bonescan train`. mlflow: a tracking URI (``tracking.tracking_uri``); the run's config,
-    epochs, test scores and model go there, the model registered as ``bonescan-<run folder name>``."""
+    """`bonescan train`. data, out: local folders or URIs (``storage``); a URI run folder is Ray
+    Train's storage too, so checkpoints go there and `--resume` works from any machine.
+    mlflow: a tracking URI (``tracking.tracking_uri``); the run's config, epochs, test scores
+    and model go there, the model registered as ``bonescan-<run folder name>``."""
     uri = tracking.tracking_uri(mlflow)
     if uri:
         tracking.client(uri)  # without the extra: say so before anything is read or written
     cfg = load_train_config(config)
-    run = Path(out).resolve()
+    location, data = storage.absolute(out), storage.absolute(data)
     check_data(data)
     if workers < 1:
         raise InputError(out, "--workers must be at least 1")
-    if run.exists() and not run.is_dir():
+    if storage.is_file(location):
         raise InputError(out, "is a file, not a run folder")
-    run.mkdir(parents=True, exist_ok=True)
-    save_train_config(cfg, run / "config.yaml")
-    record = {"data": str(Path(data).resolve()), "workers": workers, "gpus": gpus}
-    if uri:
-        record["mlflow"] = tracking.start(uri, run.name, _plain(cfg.to_dict()), tags={"bonescan.job": "train"}).to_dict()
-    (run / "run.json").write_text(json.dumps(record, indent=2))
-    return _fit(run, cfg, Path(data).resolve(), workers, gpus)
+    with storage.staged(location, keep=own_file) as run:
+        save_train_config(cfg, run / "config.yaml")
+        record = {"data": data, "workers": workers, "gpus": gpus}
+        if uri:
+            record["mlflow"] = tracking.start(uri, run.name, _plain(cfg.to_dict()),
+                                              tags={"bonescan.job": "train"}).to_dict()
+        (run / "run.json").write_text(json.dumps(record, indent=2))
+        return _fit(run, location, cfg, data, workers, gpus)
+
+
+def own_file(relative: str) -> bool:
+    """The run folder's files this code writes, not Ray Train's (``RUN_NAME/``, which Ray
+    reads and writes at the storage location itself)."""
+    return not relative.startswith(f"{RUN_NAME}/")
 
 
 def check_data(data: str | Path) -> None:
     """Fail before Ray starts, naming the folder or file, on shards nothing can train on:
     not a shard folder, a manifest that is not one, a listed shard missing, no training rows."""
-    if shards.split_rows(Path(data), "train") == 0:
+    if shards.split_rows(data, "train") == 0:
         raise InputError(data, "no training scans: the shards' train split has 0 rows (see the "
                                "ingest report for why scans were rejected)")
 
 
 def resume(run_dir: str) -> int:
     """Continue a stopped run from its latest checkpoint, with its own config and data."""
-    run = Path(run_dir).resolve()
-    try:
+    location = storage.absolute(run_dir)
+    if not storage.is_file(storage.join(location, "run.json")):
+        raise InputError(run_dir, "not a run folder (no run.json)")
+    with storage.staged(location, keep=own_file) as run:
         info = json.loads((run / "run.json").read_text())
-    except FileNotFoundError:
-        raise InputError(run, "not a run folder (no run.json)") from None
-    cfg = load_train_config(run / "config.yaml")
-    return _fit(run, cfg, Path(info["data"]), info["workers"], info["gpus"])  # MLflow: the same run
+        cfg = load_train_config(run / "config.yaml")
+        # MLflow: the same run (run.json); data: where the run first read it (a path or a URI).
+        return _fit(run, location, cfg, info["data"], info["workers"], info["gpus"])
 
 
-def trainer_for(run: Path, cfg: TrainConfig, data: Path, workers: int, gpus: bool, callbacks=(),
-                cpu_per_worker: float | None = None):
+def trainer_for(run: Path, cfg: TrainConfig, data: str | Path, workers: int, gpus: bool, callbacks=(),
+                cpu_per_worker: float | None = None, storage_path: str | None = None):
     """The TorchTrainer of one run; `bonescan tune` builds one per trial.
+
+    run: the local run folder (its stage, for a run kept in object storage: ``storage``);
+    storage_path: where Ray Train keeps the run's checkpoints (default: ``run`` itself).
 
     cpu_per_worker: the CPUs each worker reserves, and (one at least) the torch threads it runs;
     `bonescan tune` passes its share when several trials train at once. None: this run's
@@ -258,7 +273,7 @@ def trainer_for(run: Path, cfg: TrainConfig, data: Path, workers: int, gpus: boo
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus,
                                      resources_per_worker={"CPU": cpu_per_worker}),
         run_config=RunConfig(
-            name=RUN_NAME, storage_path=str(run), callbacks=list(callbacks),
+            name=RUN_NAME, storage_path=storage_path or str(run), callbacks=list(callbacks),
             # Worker failures: replaced 3 times. Placing the workers: a bounded wait, not Ray's
             # endless retries (cluster.placement_retries).
             failure_config=FailureConfig(max_failures=3, controller_failure_limit=cluster.placement_retries()),
@@ -294,24 +309,26 @@ def split_train(data_cpus: float):
         preserve_order=True, resource_limits=ExecutionResources(cpu=max(1.0, data_cpus))))
 
 
-def _fit(run: Path, cfg: TrainConfig, data: Path, workers: int, gpus: bool) -> int:
+def _fit(run: Path, location: str, cfg: TrainConfig, data: str, workers: int, gpus: bool) -> int:
+    """Train the run staged at ``run`` whose home is ``location`` (the same folder when local)."""
     from ray.train import TrainingFailedError
 
     import ray
 
     with ray_session():
         cpu_per_worker, _ = worker_cpus(ray.cluster_resources().get("CPU", 1), workers, gpus)
-        cluster.wait_for_room(str(run), workers, worker_resources(cpu_per_worker, gpus))
-        trainer = trainer_for(run, cfg, data, workers, gpus)
+        cluster.wait_for_room(location, workers, worker_resources(cpu_per_worker, gpus))
+        trainer = trainer_for(run, cfg, data, workers, gpus, storage_path=location)
+        storage.publish(run, location)  # config, run.json, splits: a killed driver's run resumes
         try:
             result = trainer.fit()
         except TrainingFailedError as err:
             per_worker = worker_resources(trainer.scaling_config.resources_per_worker["CPU"], gpus)
-            unplaced = cluster.placement_failure(str(run), workers, per_worker, err)
+            unplaced = cluster.placement_failure(location, workers, per_worker, err)
             if unplaced is None:
                 raise
             raise unplaced from None
-    finish_run(run, result)
+    finish_run(run, result, location)
     tracker = tracking.Tracker.from_dict(json.loads((run / "run.json").read_text()).get("mlflow"))
     if tracker is not None:
         name = tracking.model_name(run.name)
@@ -320,9 +337,10 @@ def _fit(run: Path, cfg: TrainConfig, data: Path, workers: int, gpus: bool) -> i
     return 0
 
 
-def finish_run(run: Path, result) -> int:
+def finish_run(run: Path, result, location: str | None = None) -> int:
     """Keep the best checkpoint by validation DSC as run/model.pt and the epoch history as
-    run/history.csv; then, once, score the kept model on the test split (run/test.json)."""
+    run/history.csv; then, once, score the kept model on the test split (run/test.json).
+    location: where the run lives, when ``run`` is its local stage (named in the summary)."""
     best = result.get_best_checkpoint("val_dsc", "max") or result.checkpoint
     if best is None:
         raise InputError(run, "training reported no checkpoint")
@@ -331,10 +349,10 @@ def finish_run(run: Path, result) -> int:
     with result.checkpoint.as_directory() as folder:
         history = read_file(Path(folder) / STATE)["history"]
     write_history(run / "history.csv", history)
-    last = history[-1]
+    last, home = history[-1], location or str(run)
     cfg = load_train_config(run / "config.yaml")
     record = json.loads((run / "run.json").read_text())
-    tested = score_test(run, Path(record["data"]), cfg.test_runs)
+    tested = score_test(run, record["data"], cfg.test_runs)
     tracker = tracking.Tracker.from_dict(record.get("mlflow"))
     if tracker is not None:
         tracker.finish(run, tested, {"epochs": last["epoch"],
@@ -342,7 +360,8 @@ def finish_run(run: Path, result) -> int:
     print(f"trained {last['epoch']} epochs: validation DSC {last.get('val_dsc', float('nan')):.3f} "
           f"(best {max(r.get('val_dsc', 0.0) for r in history):.3f}, chooses the kept model); "
           f"kept model on the test split: DSC {tested.get('dsc', float('nan')):.3f}; "
-          f"model: {run / FILENAME}, history: {run / 'history.csv'}, test: {run / 'test.json'}")
+          f"model: {storage.join(home, FILENAME)}, history: {storage.join(home, 'history.csv')}, "
+          f"test: {storage.join(home, 'test.json')}")
     return 0
 
 

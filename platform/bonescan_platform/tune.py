@@ -27,19 +27,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.csv
 import pyarrow.parquet as pq
 
 from bonescan_model.checkpoint import FILENAME, read_file
 from bonescan_model.errors import InputError
-from bonescan_platform import shards, splits, stream, tracking
+from bonescan_platform import splits, storage, stream, tracking
 from bonescan_platform.cluster import ray_session
 from bonescan_platform.config import TrainConfig, load_train_config, read_yaml, save_train_config
 from bonescan_platform.evaluate import HEADLINE, TEST_FILE, score_test
 from bonescan_platform.search_space import AUTO, SearchSpace, case_name, load_space, parse_space
-from bonescan_platform.train import STATE, check_data, finish_run, trainer_for
+from bonescan_platform.train import RUN_NAME, STATE, own_file, check_data, finish_run, trainer_for
 
 TUNE_NAME = "tune"  # fixed, so `tune/` is where --resume finds Ray Tune's state
 DRIVER_CPU = 0.25  # each trial's Tune function only waits on its TorchTrainer
@@ -92,10 +91,21 @@ def plan_resources(space: SearchSpace, cluster: dict) -> Plan:
 # ---------------------------------------------------------------- the experiment folder
 @dataclass(frozen=True)
 class Experiment:
+    """An experiment folder. root: the folder as this process reads and writes it (a local
+    stage of it when it lives in object storage: ``storage``); location: where it lives."""
+
     root: Path
-    data: Path
+    data: str
     space: SearchSpace
     record: dict
+    location: str = ""
+
+    @property
+    def home(self) -> str:
+        return self.location or str(self.root)
+
+    def run_location(self, trial_id: str) -> str:
+        return storage.join(self.home, "runs", trial_id)
 
     @property
     def runs(self) -> Path:
@@ -106,7 +116,8 @@ class Experiment:
         return tracking.Tracker.from_dict(self.record.get("mlflow"))
 
     @classmethod
-    def create(cls, root: Path, data: Path, space_path: Path, mlflow: str | None = None) -> Experiment:
+    def create(cls, root: Path, data: str, space_path: Path, mlflow: str | None = None,
+               location: str = "") -> Experiment:
         """mlflow: a tracking URI; the sweep becomes a parent MLflow run (its id kept here)."""
         space = load_space(space_path)
         root.mkdir(parents=True, exist_ok=True)
@@ -118,10 +129,10 @@ class Experiment:
                                                                   "mode": space.mode, "base": space.base},
                                               tags={"bonescan.job": "tune"}).to_dict()
         (root / "experiment.json").write_text(json.dumps(record, indent=2))
-        return cls.open(root)
+        return cls.open(root, location)
 
     @classmethod
-    def open(cls, root: str | Path) -> Experiment:
+    def open(cls, root: str | Path, location: str = "") -> Experiment:
         root = Path(root).resolve()
         try:
             record = json.loads((root / "experiment.json").read_text())
@@ -129,7 +140,7 @@ class Experiment:
             raise InputError(root, "not an experiment folder (no experiment.json; see `bonescan tune`)") from None
         space = parse_space(read_yaml(root / "space.yaml", "space"), root / "space.yaml",
                             load_train_config(root / "base.yaml"))
-        return cls(root=root, data=Path(record["data"]), space=space, record=record)
+        return cls(root=root, data=record["data"], space=space, record=record, location=location)
 
     def plan(self) -> Plan:
         return Plan(**self.record["plan"])
@@ -137,21 +148,33 @@ class Experiment:
     def save_plan(self, plan: Plan) -> Experiment:
         record = {**self.record, "plan": plan.__dict__}
         (self.root / "experiment.json").write_text(json.dumps(record, indent=2))
-        return Experiment(self.root, self.data, self.space, record)
+        return Experiment(self.root, self.data, self.space, record, self.location)
 
 
 # ---------------------------------------------------------------- the Tune function: one trial
 def run_trial(config: dict, experiment: str) -> None:
-    """One trial: the TorchTrainer of ``train.trainer_for``, its epochs reported to Tune."""
+    """One trial: the TorchTrainer of ``train.trainer_for``, its epochs reported to Tune.
+
+    experiment: the experiment's location. In object storage, the trial reads the
+    experiment's own files from a local copy and writes its run folder through a local stage
+    on whatever node it runs (``storage``), Ray Train keeping its checkpoints at the URI."""
+    from ray import tune as ray_tune
+
+    with storage.fetched(experiment, keep=lambda relative: "/" not in relative) as root:
+        exp = Experiment.open(root, experiment if storage.is_uri(experiment) else "")
+        trial_id = ray_tune.get_context().get_trial_id()
+        location = exp.run_location(trial_id)
+        with storage.staged(location, keep=own_file) as run:
+            _trial(exp, config, trial_id, run, location)
+
+
+def _trial(exp: Experiment, config: dict, trial_id: str, run: Path, location: str) -> None:
     from ray import tune as ray_tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    exp = Experiment.open(experiment)
-    trial_id = ray_tune.get_context().get_trial_id()
-    run = exp.runs / trial_id
     cfg = exp.space.trial_config(config, f"trial {trial_id}")
     if not (run / "history.csv").exists():
-        finish_from_checkpoints(run, cfg.epochs)  # its last epoch was saved, its model.pt not yet
+        finish_from_checkpoints(run, cfg.epochs, location)  # its last epoch was saved, its model.pt not yet
     if (run / "history.csv").exists():
         # Trained to the end before the sweep's driver stopped, after Tune last saved its
         # state: give Tune the epochs again instead of training again.
@@ -159,20 +182,20 @@ def run_trial(config: dict, experiment: str) -> None:
             ray_tune.report(row)
         return
     plan = exp.plan()
-    run.mkdir(parents=True, exist_ok=True)
     save_train_config(cfg, run / "config.yaml")
-    record = {"data": str(exp.data), "workers": plan.workers, "gpus": plan.gpus}
+    record = {"data": exp.data, "workers": plan.workers, "gpus": plan.gpus}
     if exp.tracker is not None:  # a child run; a trial started again keeps its own
         earlier = json.loads((run / "run.json").read_text()).get("mlflow") if (run / "run.json").exists() else None
         record["mlflow"] = earlier or tracking.start(
-            exp.tracker.uri, f"{exp.root.name}/{trial_id}", {**config_params(cfg), "trial": config},
+            exp.tracker.uri, f"{storage.name(exp.home)}/{trial_id}", {**config_params(cfg), "trial": config},
             tags={"bonescan.job": "trial", "bonescan.trial": trial_id}, parent=exp.tracker).to_dict()
     (run / "run.json").write_text(json.dumps(record, indent=2))
     (run / "trial.json").write_text(json.dumps(
         {"trial_id": trial_id, "params": config, "label": trial_label(config)}, indent=2))
     trainer = trainer_for(run, cfg, exp.data, plan.workers, plan.gpus, callbacks=[TuneReportCallback()],
-                          cpu_per_worker=plan.cpu_per_worker)
-    finish_run(run, trainer.fit())
+                          cpu_per_worker=plan.cpu_per_worker, storage_path=location)
+    storage.publish(run, location)
+    finish_run(run, trainer.fit(), location)
 
 
 def config_params(cfg: TrainConfig) -> dict:
@@ -184,10 +207,11 @@ def track_best(exp: Experiment, rows: list[dict]) -> None:
     split (never the test split), registered as ``bonescan-<experiment name>``."""
     best, best_value = None, None
     for row in rows:
-        values = [r[exp.space.metric] for r in read_history(Path(row["run"])) if exp.space.metric in r] \
-            if Path(row["run"], "history.csv").exists() else []
+        run = exp.runs / row["trial_id"]
+        values = [r[exp.space.metric] for r in read_history(run) if exp.space.metric in r] \
+            if (run / "history.csv").exists() else []
         values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-        if not values or not (Path(row["run"]) / FILENAME).exists():
+        if not values or not (run / FILENAME).exists():
             continue
         value = max(values) if exp.space.mode == "max" else min(values)
         if best is None or (value > best_value if exp.space.mode == "max" else value < best_value):
@@ -196,10 +220,10 @@ def track_best(exp: Experiment, rows: list[dict]) -> None:
     if best is None:
         print("MLflow: no trial kept a model; nothing registered")
         return
-    child = tracking.Tracker.from_dict(json.loads((Path(best["run"]) / "run.json").read_text()).get("mlflow"))
+    child = tracking.Tracker.from_dict(json.loads((exp.runs / best["trial_id"] / "run.json").read_text()).get("mlflow"))
     parent.log_metrics({f"best_{exp.space.metric}": best_value, "trials": len(rows),
                         **{f"best_trial_test_{k}": best[k] for k in HEADLINE}})
-    name = tracking.model_name(exp.root.name)
+    name = tracking.model_name(storage.name(exp.home))
     version = child.register(name)
     client = tracking.client(parent.uri)
     client.set_tag(parent.run_id, "bonescan.best_trial", best["trial_id"])
@@ -224,47 +248,59 @@ def sweep(data: str, space: str, out: str, resume: bool = False, mlflow: str | N
     run, the trial kept by the space's validation metric registered as ``bonescan-<out name>``."""
     from ray import tune as ray_tune
 
-    root, data_dir, space_path = Path(out).resolve(), Path(data).resolve(), Path(space).resolve()
+    location, data_dir, space_path = storage.absolute(out), storage.absolute(data), Path(space).resolve()
+    remote = location if storage.is_uri(location) else ""
     uri = tracking.tracking_uri(mlflow)
     if uri and not resume:
         tracking.client(uri)  # without the extra: say so before anything is read or written
     check_data(data_dir)  # shards nothing can train on fail here, named
-    if resume:
-        exp = Experiment.open(root)
-        for flag, given, recorded in (("--data", data_dir, exp.data), ("--space", space_path, exp.record["space"])):
-            if str(given) != str(recorded):
-                raise InputError(root, f"was started with {flag} {recorded}; resume with the same")
-    elif (root / "experiment.json").exists():
-        raise InputError(root, "already holds an experiment: add --resume to continue it, or choose another --out")
-    else:
-        exp = Experiment.create(root, data_dir, space_path, uri)  # validates the space before writing
-
-    with ray_session():
-        import ray
-
-        plan = plan_resources(exp.space, ray.cluster_resources())
-        exp = exp.save_plan(plan)
-        print(f"sweep {exp.space.source}: {plan.trials} trial(s) at once, {plan.workers} worker(s) each "
-              f"at {plan.cpu_per_worker:g} CPU{' + 1 GPU' if plan.gpus else ''}")
-        trainable = ray_tune.with_resources(functools.partial(run_trial, experiment=str(root)),
-                                            {"cpu": DRIVER_CPU})
-        state = root / TUNE_NAME
-        if resume and ray_tune.Tuner.can_restore(str(state)):
-            tuner = ray_tune.Tuner.restore(str(state), trainable=trainable, resume_unfinished=True,
-                                           resume_errored=True)
+    with storage.staged(location, keep=_driver_file) as root:
+        if resume:
+            exp = Experiment.open(root, remote)
+            for flag, given, recorded in (("--data", data_dir, exp.data), ("--space", space_path, exp.record["space"])):
+                if str(given) != str(recorded):
+                    raise InputError(location, f"was started with {flag} {recorded}; resume with the same")
+        elif (root / "experiment.json").exists():
+            raise InputError(location, "already holds an experiment: add --resume to continue it, or choose another --out")
         else:
-            tuner = _new_tuner(exp, plan, trainable)
-        grid = tuner.fit()
-    errors = [f"{Path(r.path).name}: {type(r.error).__name__}: {r.error}" for r in grid if r.error]
-    rows = collect(root)
-    print_summary(rows, exp.space)
-    if exp.tracker is not None:
-        track_best(exp, rows)
+            exp = Experiment.create(root, data_dir, space_path, uri, remote)  # validates the space before writing
+
+        with ray_session():
+            import ray
+
+            plan = plan_resources(exp.space, ray.cluster_resources())
+            exp = exp.save_plan(plan)
+            storage.publish(root, location)  # the trials read the experiment from its location
+            print(f"sweep {exp.space.source}: {plan.trials} trial(s) at once, {plan.workers} worker(s) each "
+                  f"at {plan.cpu_per_worker:g} CPU{' + 1 GPU' if plan.gpus else ''}")
+            trainable = ray_tune.with_resources(functools.partial(run_trial, experiment=exp.home),
+                                                {"cpu": DRIVER_CPU})
+            state = storage.join(exp.home, TUNE_NAME)
+            if resume and ray_tune.Tuner.can_restore(state):
+                tuner = ray_tune.Tuner.restore(state, trainable=trainable, resume_unfinished=True,
+                                               resume_errored=True)
+            else:
+                tuner = _new_tuner(exp, plan, trainable)
+            grid = tuner.fit()
+        if remote:  # what the trials wrote, wherever they ran
+            storage.download(remote, root, keep=_driver_file)
+        errors = [f"{Path(r.path).name}: {type(r.error).__name__}: {r.error}" for r in grid if r.error]
+        rows = collect(root, remote)
+        print_summary(rows, exp.space)
+        if exp.tracker is not None:
+            track_best(exp, rows)
     for line in errors:
         print(f"trial failed: {line}")
-    print(f"results: {root / 'results.parquet'}, {root / 'results.csv'}; "
-          f"TensorBoard: tensorboard --logdir {root}")
+    print(f"results: {storage.join(location, 'results.parquet')}, {storage.join(location, 'results.csv')}; "
+          f"TensorBoard: tensorboard --logdir {location}")
     return 1 if errors else 0
+
+
+def _driver_file(relative: str) -> bool:
+    """What the sweep's driver reads and writes of the experiment folder: all but Ray's own
+    (Tune's state in ``tune/``, each run's Train checkpoints in ``runs/<trial>/train/``)."""
+    parts = relative.split("/")
+    return not (parts[0] == TUNE_NAME or (parts[0] == "runs" and len(parts) > 3 and parts[2] == RUN_NAME))
 
 
 def _new_tuner(exp: Experiment, plan: Plan, trainable):
@@ -291,7 +327,7 @@ def _new_tuner(exp: Experiment, plan: Plan, trainable):
                                              max_concurrent=plan.trials),
             trial_dirname_creator=_trial_dirname),
         run_config=ray_tune.RunConfig(
-            name=TUNE_NAME, storage_path=str(exp.root), verbose=1,
+            name=TUNE_NAME, storage_path=exp.home, verbose=1,
             # A trial whose Tune function died is started once more; its Train run resumes
             # from its own checkpoint. Worker failures are Ray Train's (train.trainer_for).
             failure_config=ray_tune.FailureConfig(max_failures=1)),
@@ -299,19 +335,20 @@ def _new_tuner(exp: Experiment, plan: Plan, trainable):
 
 
 # ---------------------------------------------------------------- the results table
-def collect(experiment: str | Path) -> list[dict]:
+def collect(experiment: str | Path, location: str = "") -> list[dict]:
     """One row per trial from the run folders -> results.parquet and results.csv.
 
     Trials that ASHA stopped get their model.pt, history.csv and test.json here, from their
     checkpoints (``finish_from_checkpoints``); a kept model without a test score (a folder of an
-    older version) is scored here, once. Nothing reads the test split before a model is kept."""
-    exp = Experiment.open(experiment)
+    older version) is scored here, once. Nothing reads the test split before a model is kept.
+    location: where the experiment lives when ``experiment`` is its local stage."""
+    exp = Experiment.open(experiment, location)
     runs = sorted(p for p in exp.runs.glob("*") if (p / "trial.json").is_file()) if exp.runs.is_dir() else []
     crops = None
     rows = []
     for run in runs:
         if not (run / "history.csv").exists():
-            finish_from_checkpoints(run)
+            finish_from_checkpoints(run, 1, exp.run_location(run.name) if location else None)
         if (run / FILENAME).exists() and not _fresh(run / TEST_FILE, run / FILENAME):
             crops = crops if crops is not None else stream.crops(exp.data, "test")
             score_test(run, exp.data, load_train_config(run / "config.yaml").test_runs, crops)
@@ -357,8 +394,8 @@ def _row(exp: Experiment, run: Path) -> dict:
         "parameters": tested.get("parameters", 0),
         "test_seconds": tested.get("test_seconds", nan), "test_images": tested.get("images", 0),
         "train_seconds": float(sum(r.get("train_seconds", 0.0) for r in history)),
-        "trial_seconds": _trial_seconds(exp.root / TUNE_NAME / trial["trial_id"]),
-        "run": str(run),
+        "trial_seconds": _trial_seconds(storage.join(exp.home, TUNE_NAME, trial["trial_id"], "result.json")),
+        "run": exp.run_location(run.name) if exp.location else str(run),
         "config": json.dumps(cfg.to_dict()),
     }
     return row
@@ -380,12 +417,13 @@ def _number(text: str):
     return int(value) if value.is_integer() and "." not in text and "e" not in text else value
 
 
-def _trial_seconds(trial_dir: Path) -> float:
-    """The trial's wall time in Ray Tune: its time_total_s, summed over the sessions of a
-    resumed sweep (a trial started again counts from zero, and its results append)."""
+def _trial_seconds(results: str) -> float:
+    """The trial's wall time in Ray Tune (its ``result.json``, a path or a URI): its
+    time_total_s, summed over the sessions of a resumed sweep (a trial started again counts
+    from zero, and its results append)."""
     try:
         times = [float(json.loads(line)["time_total_s"])
-                 for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
+                 for line in storage.read_text(results).splitlines() if line.strip()]
     except (FileNotFoundError, ValueError, KeyError):
         return float("nan")
     ends = [t for t, after in zip(times, times[1:] + [0.0]) if after < t]  # each session's last
@@ -420,14 +458,17 @@ class _CheckpointFolders:
         return self._best
 
 
-def finish_from_checkpoints(run: Path, epochs: int = 1) -> bool:
+def finish_from_checkpoints(run: Path, epochs: int = 1, location: str | None = None) -> bool:
     """model.pt and history.csv of a run that did not return from fit(), from its checkpoints,
-    if they reach ``epochs``. False: nothing written."""
+    if they reach ``epochs``. False: nothing written. location: where the run lives when
+    ``run`` is its local stage; its checkpoints are fetched from there first."""
+    if location and storage.is_uri(location):
+        storage.download(storage.join(location, RUN_NAME), run / RUN_NAME)
     folders = [p for p in (run / "train").glob("checkpoint_*") if (p / STATE).is_file()]
     result = _CheckpointFolders(folders)
     if result.checkpoint is None or result.epochs < epochs:
         return False
-    finish_run(run, result)
+    finish_run(run, result, location)
     return True
 
 
