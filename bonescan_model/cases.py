@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bonescan_model.errors import InputError
+from bonescan_model.errors import InputError, describe
 from bonescan_model.io.dicom import WHOLE_BODY_COLS, WHOLE_BODY_ROWS, WholeBodyScan, read_scan
 from bonescan_model.io.labelme import rasterize, read_labelme, readers_ground_truth
 from bonescan_model.preprocess import CROP_SIZE, crop, thoracic_crop_box
@@ -71,7 +71,7 @@ def prepare_case(
         except InputError as err:
             errors.append(err)
         except Exception as err:  # noqa: BLE001 - a label the reader did not foresee drops only itself
-            errors.append(InputError(path, f"cannot be used as a label ({type(err).__name__})"))
+            errors.append(InputError(path, f"cannot be used as a label ({describe(err)})"))
     if masks:
         truth, agree = readers_ground_truth(masks)
     else:

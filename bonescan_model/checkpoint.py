@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bonescan_model.errors import InputError
+from bonescan_model.errors import InputError, describe, first_line
 from bonescan_model.network import ModelConfig, build_model
 
 FILENAME = "model.pt"
@@ -51,7 +51,7 @@ def read_file(path: str | os.PathLike, map_location: str | torch.device = "cpu",
             what = f" ({found.group(1)})" if found else ""
             raise InputError(path, f"not a bonescan {kind}: it holds Python objects{what} beyond "
                                    "tensors and plain containers, which bonescan does not load") from None
-        raise InputError(path, f"not a bonescan {kind} ({type(err).__name__}: {_first_line(err)})") from None
+        raise InputError(path, f"not a bonescan {kind} ({describe(err)})") from None
     if not isinstance(blob, dict):
         raise InputError(path, f"not a bonescan {kind}: it holds a {type(blob).__name__}, not a mapping")
     return blob
@@ -103,13 +103,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         config = ModelConfig.from_dict(blob["model_config"])
     except Exception as err:  # noqa: BLE001
-        raise InputError(path, f"not a bonescan checkpoint: its model_config is invalid ({_first_line(err)})") from None
+        raise InputError(path, f"not a bonescan checkpoint: its model_config is invalid ({first_line(err)})") from None
     model = build_model(config)
     try:
         model.load_state_dict(blob["state_dict"])
     except Exception as err:  # noqa: BLE001 - RuntimeError: keys or shapes differ
         raise InputError(path, "its weights do not fit its model_config (missing, unexpected or "
-                               f"differently shaped tensors: {_first_line(err)[:300]})") from None
+                               f"differently shaped tensors: {first_line(err)[:300]})") from None
     return model.eval(), config, blob.get("meta", {})
 
 

@@ -122,7 +122,7 @@ def test_a_label_goes_to_its_own_scan_or_to_none(probe):  # item 2
     assert rows[_cohort_key(secret, 3)]["readers_agree"] is not None
     assert rows[_key(secret, probe["made"]["other_scan0003"])]["readers_agree"] is None
     reason = _reason(probe["report"]["label_errors"], probe["labels"] / "reader1" / "twin.json")
-    assert "fits 2 scans" in reason and "b_site/twin" in reason and "c_site/twin" in reason
+    assert "no scan at twin" in reason and "b_site/twin" in reason and "c_site/twin" in reason
     for twin in ("twin_b", "twin_c"):
         assert rows[_key(secret, probe["made"][twin])]["readers_agree"] is None
 

@@ -154,3 +154,37 @@ def test_a_gan_a_busy_cluster_cannot_place_fails_in_bounded_time(data, tmp_path,
     line = err.strip().splitlines()[-1]
     assert line.startswith(f"error: {tmp_path / 'aug' / '_dcgan'}: asks for 1 worker(s) with CPU 1 each and CPU 1 "
                            "to read the data; the cluster could not make room within 6 s"), line
+
+
+_AUTH_PROBE = """
+import json, urllib.error, urllib.request
+import ray
+from ray._raylet import AuthenticationMode, get_authentication_mode
+from bonescan_platform.cluster import ray_session
+
+def status(headers):
+    request = urllib.request.Request(url + "/api/version", headers=headers)
+    try:
+        return urllib.request.urlopen(request, timeout=30).status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+with ray_session(num_cpus=1):
+    url = "http://" + ray._private.worker.global_worker.node.address_info["webui_url"]
+    token = open(__import__("os").path.expanduser("~/.ray/auth_token")).read().strip()
+    print(json.dumps({"token_mode": get_authentication_mode() == AuthenticationMode.TOKEN,
+                      "without": status({}), "wrong": status({"Authorization": "Bearer 0"}),
+                      "with": status({"Authorization": "Bearer " + token})}))
+"""
+
+
+def test_a_local_ray_outside_ci_keeps_token_authentication(tmp_path):  # item 11
+    # CI and this suite set RAY_AUTH_MODE=disabled; a user's shell does not, and there the
+    # command's private Ray must keep Ray's default: token authentication, nothing unauthenticated
+    # served even on loopback.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
+    env["HOME"] = str(tmp_path)  # Ray writes the token to ~/.ray/auth_token
+    done = subprocess.run([sys.executable, "-c", _AUTH_PROBE], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = yaml.safe_load(done.stdout.strip().splitlines()[-1])
+    assert said == {"token_mode": True, "without": 401, "wrong": 403, "with": 200}, said

@@ -227,3 +227,17 @@ def test_the_console_script_prints_one_line(tmp_path, config):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip() == f"error: {tmp_path / shards.MANIFEST}: no shard manifest here; run " \
                                   "`bonescan ingest` first"
+
+
+@pytest.mark.parametrize("err, redact, said", [
+    (ValueError("no body found\n(second line)"), False, "ValueError: no body found"),
+    (KeyError("state_dict"), False, "KeyError: 'state_dict'"),
+    (RuntimeError(), False, "RuntimeError"),
+    # a header value quoted by pydicom may be the patient's name; a long digit run a date or UID
+    (ValueError("invalid literal for int() with base 10: 'DOE^JOHN'"), True,
+     "ValueError: invalid literal for int() with base 10: '...'"),
+    (ValueError("bad value 19450317 in 1.2.840.113619.2.55.3"), True, "ValueError: bad value # in #"),
+])
+def test_an_unforeseen_error_is_named_by_its_reason_not_only_its_type(err, redact, said):  # item 9
+    from bonescan_model.errors import describe
+    assert describe(err, redact=redact) == said

@@ -6,6 +6,11 @@ marked ray."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import duckdb
@@ -91,3 +96,34 @@ def test_a_plain_named_file_is_removed_only_when_it_is_bonescan_s_own(tmp_path, 
     shards.say_kept(kept)
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and all(": left in place (not written by bonescan)" in line for line in lines)
+
+
+def test_an_ingest_killed_midway_leaves_the_old_set_whole(folder, expected, tmp_path, ray_local):
+    # Issue 15, item 3: the old set is retired only after the new one is complete. The new
+    # cohort's test shard is written well before its larger train shard, and the driver is
+    # killed as soon as the first new shard appears: the manifest, and every shard it lists,
+    # must still be the old set's.
+    out = tmp_path / "shards"
+    shutil.copytree(folder, out)
+    manifest = (out / shards.MANIFEST).read_text()
+    old = {p.name: p.read_bytes() for p in out.glob("*.parquet")}
+    write_cohort(tmp_path / "cohort", 40, seed=8)
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    driver = subprocess.Popen([sys.executable, "-m", "bonescan_platform.cli", "ingest",
+                               "--dicom", str(tmp_path / "cohort" / "dicom"), "--out", str(out)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    new: set[str] = set()
+    deadline = time.time() + 300
+    while not new and driver.poll() is None and time.time() < deadline:
+        new = {e.name for e in os.scandir(out) if e.name.endswith(".parquet")} - set(old)
+        time.sleep(0.002)
+    driver.kill()
+    output = driver.communicate()[0]
+    assert new, f"no new shard appeared before the ingest ended:\n{output[-2000:]}"
+    assert (out / shards.MANIFEST).read_text() == manifest
+    assert all((out / name).read_bytes() == data for name, data in old.items())
+    assert shards.read_table(shards.shard_paths(out), ["patient_key"]).num_rows == len(expected)
+    # and the next ingest completes the replacement
+    assert main(["ingest", "--dicom", str(tmp_path / "cohort" / "dicom"), "--out", str(out)]) == 0
+    assert not set(old) & {s["file"] for s in shards.read_manifest(out)["shards"]}
+    assert not any((out / name).exists() for name in old)

@@ -32,7 +32,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from bonescan_model.errors import InputError
+from bonescan_model.errors import InputError, describe
 from bonescan_model.io.deid import keyed_hash
 from bonescan_model.preprocess import mirror
 
@@ -280,9 +280,9 @@ def _read(path: Path, *, stop_before_pixels: bool) -> Dataset:
     except IsADirectoryError:
         raise InputError(path, "is a directory, not a DICOM file") from None
     except OSError as e:
-        raise InputError(path, f"cannot read file ({type(e).__name__})") from None
+        raise InputError(path, f"cannot read file ({describe(e, redact=True)})") from None
     except Exception as e:  # pydicom raises many types on garbage; one line is what users need
-        raise InputError(path, f"unreadable DICOM file ({type(e).__name__})") from None
+        raise InputError(path, f"unreadable DICOM file ({describe(e, redact=True)})") from None
     # pydicom stops quietly at the end of a cut-off file, keeping a short last value; it warns
     # only when the cut was inside an undefined-length element (encapsulated pixel data).
     if any("end of file" in str(w.message).lower() for w in caught):
@@ -336,7 +336,7 @@ def group_series(
             rejected.append(e)
             continue
         except Exception as e:  # noqa: BLE001 - one odd header must not stop the folder
-            rejected.append(InputError(path, f"unreadable DICOM header ({type(e).__name__})"))
+            rejected.append(InputError(path, f"unreadable DICOM header ({describe(e, redact=True)})"))
             continue
         series = str(ds.get("SeriesInstanceUID", "") or "")
         key = (str(ds.get("StudyInstanceUID", "") or ""), series) if series else (str(path),)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from bonescan_model.cases import prepare_case
-from bonescan_model.errors import InputError
+from bonescan_model.errors import InputError, describe
 from bonescan_model.io.deid import default_secret_path, keyed_hash, load_or_create_secret
 from bonescan_model.io.dicom import group_series, scan_name
 from bonescan_model.io.files import find_files
@@ -139,7 +139,7 @@ def write_shard_task(task: dict, out_dir: str | Path, secret: bytes) -> dict:
             continue
         except Exception as err:  # noqa: BLE001 - one bad scan must not lose the others
             outcomes.append({"file": scan["files"][0], "ok": False,
-                             "reason": f"could not be read ({type(err).__name__})"})
+                             "reason": f"could not be read ({describe(err, redact=True)})"})
             continue
         rows.append(_row(case, task["split"]))
         outcomes.append({

@@ -7,11 +7,12 @@ by, in this order:
 1. its path relative to the reader's folder: ``a_site/scan0002.json`` labels the scan
    ``a_site/scan0002`` of the DICOM folder (a scan is named as ``dicom.scan_name`` names it,
    in the sub-folder of its first file);
-2. its LabelMe ``imagePath``, when that leads (from the label's folder) to a file of a scan;
-3. its name alone, when exactly one scan anywhere has that name.
+2. its LabelMe ``imagePath``, when that leads (from the label's folder) to a file of a scan.
 
-A label that fits several scans is rejected with the candidates named, never given to the
-first of them: two patients' scans may share a file name in different folders.
+Nothing else: a name alone is no match, even when one scan has it, because another patient's
+scan of that name (``a_site/scan0002`` beside ``scan0002``) may be the one that is missing.
+A label whose path and imagePath lead to two different scans, or that fits none, is rejected
+with the scans it could mean named, never given to one of them.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def match_labels(labels: Path | None, scans: list[Scan]) -> tuple[dict[int, list
     if labels is None:
         return {}, []
     by_name: dict[str, list[int]] = {}
-    by_stem: dict[str, list[int]] = {}
+    by_stem: dict[str, list[int]] = {}  # only to name what a label that fits no scan may mean
     by_file: dict[Path, int] = {}
     for i, scan in enumerate(scans):
         by_name.setdefault(scan.name, []).append(i)
@@ -65,14 +66,22 @@ def match_labels(labels: Path | None, scans: list[Scan]) -> tuple[dict[int, list
         mine: dict[int, Path] = {}  # this reader's label of each scan
         for path in _label_files(folder, nested=folder != labels):
             relative = path.relative_to(folder).with_suffix("").as_posix()
-            candidates = by_name.get(relative) or _by_image_path(path, by_file) or by_stem.get(path.stem, [])
-            if not candidates:
-                rejected.append(InputError(path, "no scan with this name was found"))
+            by_path, by_image = by_name.get(relative, []), _by_image_path(path, by_file)
+            candidates = by_path or by_image
+            if by_path and by_image and by_path != by_image:
+                rejected.append(InputError(path, f"its path names scan {scans[by_path[0]].name} but its imagePath "
+                                                 f"leads to scan {scans[by_image[0]].name}, so it labels neither: "
+                                                 "move the label or correct its imagePath"))
+            elif not candidates:
+                namesakes = ", ".join(scans[i].name for i in by_stem.get(path.stem, []))
+                rejected.append(InputError(path, f"no scan at {relative} and no scan file at its imagePath"
+                                                 + (f" (scans of this name elsewhere: {namesakes}; put the label "
+                                                    "at its scan's relative path in the reader's folder or set "
+                                                    "its imagePath to the scan's DICOM file)" if namesakes else "")))
             elif len(candidates) > 1:
                 names = ", ".join(scans[i].name for i in candidates)
                 rejected.append(InputError(path, f"fits {len(candidates)} scans ({names}), so it labels none: "
-                                                 "put it at its scan's relative path in the reader's folder "
-                                                 "or set its imagePath to the scan's DICOM file"))
+                                                 "set its imagePath to the scan's DICOM file"))
             elif candidates[0] in mine:
                 rejected.append(InputError(path, f"a second label from this reader for scan "
                                                  f"{scans[candidates[0]].name} (the first: {mine[candidates[0]]})"))
@@ -108,8 +117,9 @@ def _by_image_path(path: Path, by_file: dict[Path, int]) -> list[int]:
     """The scan whose file the label's imagePath leads to, if any. A label that cannot be
     read is matched by its path or name instead; reading it for the scan reports why."""
     try:
-        image = json.loads(path.read_text(encoding="utf-8")).get("imagePath")
+        data = json.loads(path.read_text(encoding="utf-8"))
+        image = data.get("imagePath") if isinstance(data, dict) else None
         scan = by_file.get((path.parent / image).resolve()) if isinstance(image, str) and image else None
-    except Exception:  # noqa: BLE001 - any unreadable label: no imagePath to go by
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, RuntimeError):  # read_labelme names the reason
         return []
     return [] if scan is None else [scan]

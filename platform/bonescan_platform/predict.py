@@ -19,7 +19,7 @@ import numpy as np
 from torch import nn
 
 from bonescan_model.checkpoint import load_model, resolve
-from bonescan_model.errors import InputError
+from bonescan_model.errors import InputError, describe
 from bonescan_model.io.deid import default_secret_path, load_or_create_secret
 from bonescan_model.io.dicom import group_series, read_scan, scan_name
 from bonescan_model.io.files import find_files
@@ -83,7 +83,7 @@ def predict_batch(model: nn.Module, tasks: list[dict], secret: bytes, threshold:
             row["reason"] = " ".join(str(err).split())
             continue
         except Exception as err:  # noqa: BLE001 - one bad scan must not lose the others
-            row["reason"] = f"could not be read or cropped ({type(err).__name__})"
+            row["reason"] = f"could not be read or cropped ({describe(err, redact=True)})"
             continue
         ready.append((task, row, scan, box))
     predictions = predict_scans(model, [r[2] for r in ready], boxes=[r[3] for r in ready], threshold=threshold)

@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 
 import pyarrow.fs as pafs
 
-from bonescan_model.errors import InputError
+from bonescan_model.errors import InputError, first_line
 
 
 def is_uri(location: str | os.PathLike) -> bool:
@@ -76,7 +76,7 @@ def _info(location) -> pafs.FileInfo:
     try:
         return fs.get_file_info(path)
     except OSError as err:  # an unreachable endpoint, a bucket that does not exist, no access
-        raise InputError(str(location), f"cannot be reached ({_first_line(err)})") from None
+        raise InputError(str(location), f"cannot be reached ({first_line(err)})") from None
 
 
 def is_file(location) -> bool:
@@ -138,7 +138,7 @@ def listdir(location) -> list[str]:
     except NotADirectoryError:
         return []
     except OSError as err:
-        raise InputError(str(location), f"cannot be listed ({_first_line(err)})") from None
+        raise InputError(str(location), f"cannot be listed ({first_line(err)})") from None
     return sorted(PurePosixPath(i.path).name for i in infos)
 
 
@@ -165,7 +165,7 @@ def download(location: str, local: Path, keep: Callable[[str], bool] = lambda _:
     try:
         infos = fs.get_file_info(selector)
     except OSError as err:
-        raise InputError(location, f"cannot be listed ({_first_line(err)})") from None
+        raise InputError(location, f"cannot be listed ({first_line(err)})") from None
     for info in infos:
         relative = info.path[len(root):].lstrip("/")
         if info.type != pafs.FileType.File or not keep(relative):
@@ -227,9 +227,6 @@ def publish(stage: Path, location: str) -> None:
     if is_uri(location):
         upload(stage, location)
 
-
-def _first_line(err: BaseException) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 @contextmanager
