@@ -11,7 +11,13 @@ lesion sensitivity, mean ± std over seeds, for both arms, and the ratio with l_
 (the baseline: the supervised-only arm on the same labels, measured in the same run).
 
     python bench/label_fraction.py [--patients 120] [--epochs 16] [--seeds 3]
-                                   [--fractions 0.15,0.62] [--out DIR]
+                                   [--fractions 0.15,0.62] [--weights 0,1]
+                                   [--supervised dice_ce] [--baseline dice_ce:0] [--out DIR]
+
+An arm is a supervised term and a weight of l_U (``--supervised`` x ``--weights``); each row
+compares every arm with ``--baseline`` (``supervised:weight``), paired by seed. To compare
+supervised terms instead (issue 12: Eq. 8 as written, Eq. 8 class-balanced, Dice + CE):
+``--supervised dice_ce,active_contour_balanced,active_contour --weights 1 --baseline dice_ce:1``.
 
 label_fraction is the share of original training scans; the paper counts its L_label over
 all scans (train and test): the table prints both (budget.json of each run).
@@ -45,6 +51,8 @@ def main() -> int:
     parser.add_argument("--fractions", default="0.15,0.62")
     parser.add_argument("--test-runs", type=int, default=1)
     parser.add_argument("--weights", default="0,1", help="the unsupervised_weight arms to train")
+    parser.add_argument("--supervised", default="dice_ce", help="the supervised terms to train (loss.SUPERVISED_KINDS)")
+    parser.add_argument("--baseline", default="dice_ce:0", help="the arm each is compared with: supervised:weight")
     parser.add_argument("--name", default="experiment",
                         help="the experiment folder under --out; --summarize reads every experiment* folder")
     parser.add_argument("--out", default="/tmp/bonescan-bench-label-fraction")
@@ -73,7 +81,8 @@ def main() -> int:
         (out / "base.yaml").write_text(yaml.safe_dump({**base, "epochs": args.epochs, "test_runs": args.test_runs}))
         space = {"base": "base.yaml", "fixed": {"dataset": "D1"},
                  "parameters": {"label_fraction": {"grid": [float(f) for f in args.fractions.split(",")]},
-                                "unsupervised_weight": {"grid": [float(w) for w in args.weights.split(",")]}},
+                                "unsupervised_weight": {"grid": [float(w) for w in args.weights.split(",")]},
+                                "supervised": {"grid": args.supervised.split(",")}},
                  "num_samples": args.seeds, "metric": "val_dsc", "mode": "max"}
         exp = out / args.name
         space_file = out / f"{args.name}.space.yaml"
@@ -91,35 +100,36 @@ def summarize(out: Path, args) -> int:
 
     rows = []
     for run in sorted(out.glob("experiment*/runs/*/test.json")):
-        tested, trial = json.loads(run.read_text()), json.loads((run.parent / "trial.json").read_text())
+        tested = json.loads(run.read_text())
         budget = json.loads((run.parent / "budget.json").read_text())
         cfg = yaml.safe_load((run.parent / "config.yaml").read_text())
-        rows.append({"label_fraction": cfg["label_fraction"], "unsupervised_weight": cfg["unsupervised_weight"],
-                     "seed": cfg["seed"], "dsc": tested.get("dsc", float("nan")),
+        rows.append({"label_fraction": cfg["label_fraction"], "seed": cfg["seed"],
+                     "arm": f"{cfg['supervised']}:{cfg['unsupervised_weight']:g}",
+                     "dsc": tested.get("dsc", float("nan")),
                      "lesion_sensitivity": tested.get("lesion_sensitivity", float("nan")),
-                     "labeled_scans": budget["labeled_scans"], "labeled_share_of_all": budget["labeled_share_of_all"],
-                     "trial": trial["trial_id"]})
+                     "labeled_scans": budget["labeled_scans"], "labeled_share_of_all": budget["labeled_share_of_all"]})
+    baseline = f"{args.baseline.split(':')[0]}:{float(args.baseline.split(':')[1]):g}"
     print(f"\n{args.patients} patients, demo model, {args.epochs} epochs, D1 + on-the-fly augmentation, "
           f"up to {args.seeds} seeds; kept by val DSC; test split scored once per trial; "
-          f"{len(rows)} trials with a test score")
-    print("label share of training scans (of all scans) | labeled scans | test DSC with l_U | without l_U "
-          "| ratio | lesion sensitivity with | without")
+          f"{len(rows)} trials with a test score. Arm = supervised term : weight of l_U; baseline {baseline}")
+    print("label share of training scans (of all scans) | labeled scans | arm | test DSC (mean ± std, n) "
+          "| ratio to baseline | paired difference to baseline (per seed) | lesion sensitivity")
     for fraction in sorted({r["label_fraction"] for r in rows}):
-        arms = {w: [r for r in rows if r["label_fraction"] == fraction and r["unsupervised_weight"] == w]
-                for w in (1.0, 0.0)}
-
-        def stat(w: float, key: str) -> tuple[float, float]:
-            values = [r[key] for r in arms[w] if np.isfinite(r[key])]
-            return (float(np.mean(values)), float(np.std(values))) if values else (float("nan"), float("nan"))
-
-        (d1, s1), (d0, s0) = stat(1.0, "dsc"), stat(0.0, "dsc")
-        (l1, _), (l0, _) = stat(1.0, "lesion_sensitivity"), stat(0.0, "lesion_sensitivity")
-        both = arms[1.0] + arms[0.0]
-        share_all = np.mean([r["labeled_share_of_all"] for r in both])
-        labeled = np.mean([r["labeled_scans"] for r in both])
-        print(f"{fraction:.2f} ({share_all:.0%}) | {labeled:.0f} | {d1:.3f} ± {s1:.3f} (n={len(arms[1.0])}) | "
-              f"{d0:.3f} ± {s0:.3f} (n={len(arms[0.0])}) | {d1 / d0 if d0 else float('nan'):.2f}x | "
-              f"{l1:.2f} | {l0:.2f}")
+        here = [r for r in rows if r["label_fraction"] == fraction]
+        share_all = np.mean([r["labeled_share_of_all"] for r in here])
+        labeled = np.mean([r["labeled_scans"] for r in here])
+        base = {r["seed"]: r["dsc"] for r in here if r["arm"] == baseline}
+        base_mean = float(np.mean(list(base.values()))) if base else float("nan")
+        for arm in sorted({r["arm"] for r in here}, key=lambda a: (a != baseline, a)):
+            mine = sorted((r for r in here if r["arm"] == arm), key=lambda r: r["seed"])
+            dsc = [r["dsc"] for r in mine]
+            sens = np.mean([r["lesion_sensitivity"] for r in mine])
+            paired = [r["dsc"] - base[r["seed"]] for r in mine if r["seed"] in base]
+            diff = (f"{np.mean(paired):+.3f} ({', '.join(f'{d:+.3f}' for d in paired)})"
+                    if paired and arm != baseline else "-")
+            print(f"{fraction:.2f} ({share_all:.0%}) | {labeled:.0f} | {arm} | {np.mean(dsc):.3f} ± {np.std(dsc):.3f} "
+                  f"(n={len(dsc)}) | {np.mean(dsc) / base_mean if base_mean else float('nan'):.2f}x | {diff} | "
+                  f"{sens:.2f}")
     return 0
 
 

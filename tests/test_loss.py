@@ -7,10 +7,13 @@ import torch
 from bonescan_model.loss import (
     LENGTH_EPS,
     SemiSupervisedLoss,
+    SUPERVISED_KINDS,
     active_contour_loss,
+    balanced_region_loss,
     chan_vese_loss,
     contour_length,
     dice_ce_loss,
+    local_contrast,
     region_loss,
 )
 
@@ -85,6 +88,41 @@ def test_region_term_equals_eq8_region_plus_label_constant():
     torch.testing.assert_close(region_loss(u, v) - eq8, v.flatten(1).mean(1))
 
 
+def test_balanced_region_term_known_values():
+    v = torch.zeros(1, 1, 6, 5, dtype=torch.float64)
+    v[..., 1:3, 1:4] = 1  # 6 lesion pixels, 24 background
+    assert balanced_region_loss(v, v).item() == 0.0
+    assert balanced_region_loss(torch.zeros_like(v), v).item() == pytest.approx(1.0)  # every lesion pixel missed
+    assert balanced_region_loss(torch.ones_like(v), v).item() == pytest.approx(1.0)  # every background pixel hit
+    half = v.clone()
+    half[..., 1, 1:4] = 0  # 3 of 6 missed
+    half[..., 5, :] = 1  # 5 of 24 false
+    assert balanced_region_loss(half, v).item() == pytest.approx(3 / 6 + 5 / 24)
+
+
+def test_balanced_region_term_on_a_lesion_free_image_is_its_false_positive_rate():
+    v = torch.zeros(2, 1, 4, 5, dtype=torch.float64)
+    u = torch.rand(2, 1, 4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).requires_grad_(True)
+    got = balanced_region_loss(u, v)
+    torch.testing.assert_close(got, u.flatten(1).mean(1))
+    got.sum().backward()
+    assert torch.isfinite(u.grad).all()
+    assert balanced_region_loss(torch.zeros_like(v), v).abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("balanced, expected", [(False, 65536 / 25 - 1), (True, 1.0)])
+def test_region_gradient_balance_at_the_start(balanced, expected):
+    # A 256 x 256 crop with one 5 x 5 lesion (0.04 %), every logit at the head's start: the
+    # total pull on the background against that on the lesion. The paper's form pushes
+    # "predict nothing" 2,620x harder; the class-balanced one pulls both alike.
+    v = torch.zeros(1, 1, 256, 256, dtype=torch.float64)
+    v[..., 100:105, 100:105] = 1
+    z = torch.full_like(v, -4.0).requires_grad_(True)
+    active_contour_loss(torch.sigmoid(z), v, length_weight=0.0, balanced=balanced).sum().backward()
+    pull = z.grad.abs()
+    assert ((pull * (1 - v)).sum() / (pull * v).sum()).item() == pytest.approx(expected)
+
+
 def test_length_term_known_values():
     assert contour_length(torch.full((2, 1, 7, 7), 0.3, dtype=torch.float64)).abs().max().item() == 0.0
     # A vertical step edge: one unit jump on each of the H - 1 rows of the difference grid,
@@ -102,6 +140,8 @@ def test_active_contour_combines_length_and_region():
     logits, _, v = _batch()
     u = torch.sigmoid(logits)
     torch.testing.assert_close(active_contour_loss(u, v, 0.3), 0.3 * contour_length(u) + region_loss(u, v))
+    torch.testing.assert_close(active_contour_loss(u, v, 0.3, balanced=True),
+                               0.3 * contour_length(u) + balanced_region_loss(u, v))
 
 
 @pytest.mark.parametrize("side", [1, 2])
@@ -129,10 +169,11 @@ def test_gradcheck_pure_terms():
     logits.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda x: chan_vese_loss(torch.sigmoid(x), g, 0.004), (logits,))
     assert torch.autograd.gradcheck(lambda x: active_contour_loss(torch.sigmoid(x), v, 0.1), (logits,))
+    assert torch.autograd.gradcheck(lambda x: active_contour_loss(torch.sigmoid(x), v, 0.1, balanced=True), (logits,))
     assert torch.autograd.gradcheck(lambda x: dice_ce_loss(x, v), (logits,))
 
 
-@pytest.mark.parametrize("supervised", ["active_contour", "dice_ce"])
+@pytest.mark.parametrize("supervised", SUPERVISED_KINDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_gradcheck_module_total(supervised, reduction):
     logits, g, v = _batch(b=3, h=5, w=6)
@@ -142,7 +183,7 @@ def test_gradcheck_module_total(supervised, reduction):
     assert torch.autograd.gradcheck(lambda x: loss(x, g, v, labeled)["loss"], (logits,))
 
 
-@pytest.mark.parametrize("supervised", ["active_contour", "dice_ce"])
+@pytest.mark.parametrize("supervised", SUPERVISED_KINDS)
 def test_no_labeled_image_gives_unsupervised_loss_exactly(supervised):
     logits, g, v = _batch(dtype=torch.float32)
     logits.requires_grad_(True)
@@ -153,7 +194,7 @@ def test_no_labeled_image_gives_unsupervised_loss_exactly(supervised):
     assert torch.isfinite(logits.grad).all()
 
 
-@pytest.mark.parametrize("supervised", ["active_contour", "dice_ce"])
+@pytest.mark.parametrize("supervised", SUPERVISED_KINDS)
 def test_unlabeled_targets_do_not_change_loss_or_gradient(supervised):
     logits, g, v = _batch()
     labeled = torch.tensor([True, False, False])
@@ -219,6 +260,7 @@ def test_unsupervised_weight_zero_learns_from_labels_alone():
         {"alpha": float("nan")},
         {"nu": float("inf")},
         {"supervised": "focal"},
+        {"unsupervised": "snake"},
         {"reduction": "max"},
     ],
 )
@@ -238,3 +280,39 @@ def test_bad_inputs_raise():
         loss(logits, g, v[..., :-1], torch.tensor([True, False]))
     with pytest.raises(ValueError, match="logits"):
         loss(logits[:, 0], g[:, 0], v[:, 0], torch.tensor([True, False]))
+
+
+def _rib_with_a_focus() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(g, lesion, bone): a 64 x 64 image, soft tissue 0.2, a bone band of level 1 (rows
+    20-35) and on it a 3 x 3 focus at 2 (a lesion of the synthetic cohort's size)."""
+    g = torch.full((1, 1, 64, 64), 0.2, dtype=torch.float64)
+    bone = torch.zeros_like(g)
+    bone[..., 20:36, :] = 1
+    lesion = torch.zeros_like(g)
+    lesion[..., 27:30, 30:33] = 1
+    g = g + 0.8 * bone + 1.0 * lesion
+    return g, lesion, bone
+
+
+def test_eq7_as_written_prefers_the_bone_and_on_local_contrast_the_lesion():
+    g, lesion, bone = _rib_with_a_focus()
+    # Eq. 7 on g: outlining the whole bone band costs less than outlining the lesion alone.
+    assert chan_vese_loss(bone, g, 0.004) < chan_vese_loss(lesion, g, 0.004)
+    # On local_contrast(g) at its measured nu the lesion is the cheaper outline, by far.
+    h = local_contrast(g)
+    assert chan_vese_loss(lesion, h, 0.015) < 0.5 * chan_vese_loss(bone, h, 0.015)
+    assert chan_vese_loss(lesion, h, 0.015) < chan_vese_loss(torch.zeros_like(g), h, 0.015)
+    # and the module applies it when asked
+    loss = SemiSupervisedLoss(unsupervised="chan_vese_local", nu=0.015)
+    logits = (2 * lesion - 1) * 20
+    none = torch.zeros(1, dtype=torch.bool)
+    torch.testing.assert_close(loss(logits, g, g, none)["unsupervised"],
+                               chan_vese_loss(torch.sigmoid(logits), h, 0.015)[0])
+
+
+def test_local_contrast_is_zero_on_flat_images_and_has_no_gradient():
+    flat = torch.full((2, 1, 16, 16), 0.7, dtype=torch.float64, requires_grad=True)
+    h = local_contrast(flat)
+    assert h.abs().max().item() < 1e-12 and not h.requires_grad
+    with pytest.raises(ValueError, match="window"):
+        local_contrast(flat, window=4)

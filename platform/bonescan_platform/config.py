@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from bonescan_model.errors import InputError
+from bonescan_model.loss import SUPERVISED_KINDS, UNSUPERVISED_KINDS
 from bonescan_model.network import ModelConfig
 
 
@@ -37,7 +38,8 @@ class TrainConfig:
     alpha: float = 0.4  # weight of l_S, Eq. 6
     unsupervised_weight: float = 1.0  # weight of l_U (the paper: 1); 0 trains on the labels alone
     nu: float = 0.004  # area weight of l_U, Eq. 7
-    supervised: str = "active_contour"  # or "dice_ce"
+    supervised: str = "active_contour"  # or "active_contour_balanced", "dice_ce" (loss.SUPERVISED_KINDS)
+    unsupervised: str = "chan_vese"  # or "chan_vese_local" (loss.UNSUPERVISED_KINDS)
     length_weight: float = 0.1
     # The label budget, counted on original training scans (never augmented or generated rows,
     # which cannot carry a label of their own): label_fraction is the share of them that keep
@@ -74,7 +76,8 @@ class TrainConfig:
             "alpha": self.alpha >= 0,
             "unsupervised_weight": self.unsupervised_weight >= 0,
             "nu": self.nu >= 0,
-            "supervised": self.supervised in ("active_contour", "dice_ce"),
+            "supervised": self.supervised in SUPERVISED_KINDS,
+            "unsupervised": self.unsupervised in UNSUPERVISED_KINDS,
             "length_weight": self.length_weight >= 0,
             "label_fraction": 0 <= self.label_fraction <= 1,
             "labeled_scans": self.labeled_scans is None or self.labeled_scans >= 0,

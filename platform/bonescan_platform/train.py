@@ -91,7 +91,7 @@ def train_loop(loop_config: dict) -> None:
 
 
 def loss_for(cfg: TrainConfig) -> SemiSupervisedLoss:
-    return SemiSupervisedLoss(alpha=cfg.alpha, nu=cfg.nu, supervised=cfg.supervised,
+    return SemiSupervisedLoss(alpha=cfg.alpha, nu=cfg.nu, supervised=cfg.supervised, unsupervised=cfg.unsupervised,
                               length_weight=cfg.length_weight, unsupervised_weight=cfg.unsupervised_weight)
 
 
