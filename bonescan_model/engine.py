@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from bonescan_model import metrics
+from bonescan_model.consistency import MeanTeacher, flipped_forward, perturb
 from bonescan_model.loss import SemiSupervisedLoss
 
 
@@ -47,9 +48,16 @@ def train_epoch(
     device: torch.device | str = "cpu",
     amp: bool = False,
     scaler: torch.amp.GradScaler | None = None,
+    teacher: MeanTeacher | None = None,
+    unsupervised_scale: float = 1.0,
 ) -> dict[str, float]:
     """One pass over ``batches``. Returns means of the loss parts per image, the image count,
-    the epoch's seconds and the seconds spent waiting for the next batch (data-bound time)."""
+    the epoch's seconds and the seconds spent waiting for the next batch (data-bound time).
+
+    teacher: a mean teacher (``semi: mean_teacher``): the student then sees a perturbed
+    view (``consistency.perturb``, half the images mirrored and mirrored back), the teacher
+    another, and the teacher follows the student after every step. unsupervised_scale: a
+    factor on the weight of l_U for this epoch (the teacher's ramp-up)."""
     device = torch.device(device)
     model.train()
     totals = {"loss": 0.0, "unsupervised": 0.0, "supervised": 0.0}
@@ -61,10 +69,17 @@ def train_epoch(
         image = batch["image"].to(device, non_blocking=True)
         mask = batch["mask"].to(device, non_blocking=True)
         labeled = batch["labeled"].to(device, non_blocking=True).bool()
+        teacher_logits = None
         with _autocast(device, amp):
-            logits = model(image)
+            if teacher is None:
+                logits = model(image)
+            else:
+                flip = torch.rand(image.shape[0], device=device) < 0.5
+                logits = flipped_forward(model, perturb(image), flip)
+                teacher_logits = teacher.predict(perturb(image)).float()
         # The loss runs in float32: its squared deviations underflow in half precision.
-        parts = loss_fn(logits.float(), intensity_image(image), mask, labeled)
+        parts = loss_fn(logits.float(), intensity_image(image), mask, labeled,
+                        teacher_logits=teacher_logits, unsupervised_scale=unsupervised_scale)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(parts["loss"]).backward()
@@ -73,6 +88,8 @@ def train_epoch(
         else:
             parts["loss"].backward()
             optimizer.step()
+        if teacher is not None:
+            teacher.update(getattr(model, "module", model))  # DDP keeps the students, so the teachers, alike
         n = image.shape[0]
         n_lab = int(labeled.sum())
         totals["loss"] += parts["loss"].item() * n

@@ -2,7 +2,7 @@
 
 - ``chan_vese_loss``: the unsupervised term l_U (Eq. 7), the Chan–Vese energy ("Active
   contours without edges", 2001) of the soft prediction ``u`` on the image ``g``. It needs no
-  label and is applied to every image of a batch. ``unsupervised: chan_vese_local`` applies
+  label and is applied to every image of a batch. ``semi: chan_vese_local`` applies
   the same energy to ``local_contrast(g)`` instead, the variant whose optimum sits on hot
   spots rather than on the whole skeleton.
 - ``active_contour_loss``: the supervised term l_S (Eq. 8, garbled in the paper), taken from
@@ -40,8 +40,9 @@ DICE_SMOOTH = 1.0
 # class-balanced region term, the one that learns lesions of a few pixels; dice_ce: Dice + CE.
 SUPERVISED_KINDS = ("active_contour", "active_contour_balanced", "dice_ce")
 REDUCTIONS = ("mean", "sum", "none")
-# chan_vese: Eq. 7 on g as written; chan_vese_local: Eq. 7 on local_contrast(g).
-UNSUPERVISED_KINDS = ("chan_vese", "chan_vese_local")
+# chan_vese: Eq. 7 on g as written; chan_vese_local: Eq. 7 on local_contrast(g); mean_teacher:
+# consistency with an EMA teacher's prediction (bonescan_model.consistency).
+UNSUPERVISED_KINDS = ("chan_vese", "chan_vese_local", "mean_teacher")
 # local_contrast: a Gaussian of the camera's blur (~1 pixel at 2.26 mm/pixel), and a window
 # a few lesion diameters wide for the local background. Measured, not tuned on test: the
 # fixed points of Eq. 7 on synthetic lesion crops (bench/chan_vese_optimum.py).
@@ -196,6 +197,22 @@ def active_contour_loss(u: torch.Tensor, target: torch.Tensor, length_weight: fl
     return length_weight * contour_length(u) + region
 
 
+def consistency_loss(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean-teacher consistency: per-pixel mean of (sigmoid(logits) - sigmoid(teacher))^2.
+
+    logits, teacher_logits: (B, 1, H, W); the teacher's carry no gradient. Returns (B,).
+    Squared error on probabilities, not cross-entropy against the teacher: it is bounded, and
+    it does not turn a weak teacher's soft guesses into confident targets (Tarvainen & Valpola
+    2017 found it the more robust of the two).
+    """
+    _check_image_batch("logits", logits)
+    if teacher_logits.shape != logits.shape:
+        raise ValueError(f"teacher_logits must have the shape of logits {tuple(logits.shape)}, "
+                         f"got {tuple(teacher_logits.shape)}")
+    diff = torch.sigmoid(logits) - torch.sigmoid(teacher_logits.detach())
+    return (diff**2).flatten(1).mean(1)
+
+
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Soft Dice loss + binary cross-entropy, per sample.
 
@@ -285,11 +302,14 @@ class SemiSupervisedLoss(nn.Module):
                                    balanced=self.supervised == "active_contour_balanced")
 
     def forward(
-        self, logits: torch.Tensor, g: torch.Tensor, target: torch.Tensor, labeled: torch.Tensor
+        self, logits: torch.Tensor, g: torch.Tensor, target: torch.Tensor, labeled: torch.Tensor,
+        teacher_logits: torch.Tensor | None = None, unsupervised_scale: float = 1.0,
     ) -> dict[str, torch.Tensor]:
         """logits: (B, 1, H, W) raw network output; g: (B, 1, H, W) float normalized counts;
         target: (B, 1, H, W) float label in {0, 1}, anything (e.g. zeros) for unlabeled images;
-        labeled: (B,) bool, which images carry a label.
+        labeled: (B,) bool, which images carry a label; teacher_logits: (B, 1, H, W), the
+        teacher's prediction (mean_teacher only, where l_U is ``consistency_loss``);
+        unsupervised_scale: a factor on w_U for this step (the mean teacher's ramp-up).
 
         Returns {"loss", "unsupervised", "supervised", "n_labeled"}.
         (Weights as in the class docstring: w_U * l_U below where it says l_U, in "loss" only.)
@@ -308,9 +328,14 @@ class SemiSupervisedLoss(nn.Module):
                 f"labeled must be a bool tensor of shape ({logits.shape[0]},), "
                 f"got {labeled.dtype} {tuple(labeled.shape)}"
             )
-        if self.unsupervised == "chan_vese_local":
-            g = local_contrast(g)
-        unsupervised = chan_vese_loss(torch.sigmoid(logits), g, self.nu)  # (B,)
+        if self.unsupervised == "mean_teacher":
+            if teacher_logits is None:
+                raise ValueError("unsupervised='mean_teacher' needs teacher_logits")
+            unsupervised = consistency_loss(logits, teacher_logits)  # (B,)
+        else:
+            image = local_contrast(g) if self.unsupervised == "chan_vese_local" else g
+            unsupervised = chan_vese_loss(torch.sigmoid(logits), image, self.nu)  # (B,)
+        w_u = self.unsupervised_weight * float(unsupervised_scale)
         # Select the labeled images before computing l_S: whatever an unlabeled target holds
         # (even NaN) then cannot reach the loss or its gradient.
         n_labeled = int(labeled.sum())
@@ -321,7 +346,7 @@ class SemiSupervisedLoss(nn.Module):
         n = logits.new_tensor(float(n_labeled))
         if self.reduction == "none":
             return {
-                "loss": self.unsupervised_weight * unsupervised + self.alpha * supervised,
+                "loss": w_u * unsupervised + self.alpha * supervised,
                 "unsupervised": unsupervised,
                 "supervised": supervised,
                 "n_labeled": n,
@@ -331,5 +356,5 @@ class SemiSupervisedLoss(nn.Module):
         else:
             l_u = unsupervised.mean()
             l_s = supervised.sum() / n_labeled if n_labeled else supervised.sum()
-        loss = self.unsupervised_weight * l_u + self.alpha * l_s
+        loss = w_u * l_u + self.alpha * l_s
         return {"loss": loss, "unsupervised": l_u, "supervised": l_s, "n_labeled": n}

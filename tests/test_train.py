@@ -210,7 +210,8 @@ def test_resume_continues_a_run_whose_driver_was_killed(data, tmp_path, ray_loca
     import sys
 
     run = tmp_path / "run"
-    config = _config(tmp_path, epochs=3)
+    # With a mean teacher (issue 12): the teacher is in every checkpoint and comes back with it.
+    config = _config(tmp_path, epochs=3, semi="mean_teacher", rampup_epochs=1)
     # The driver joins the session's Ray through RAY_ADDRESS, as `bonescan train` does.
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     driver = subprocess.Popen([sys.executable, "-m", "bonescan_platform.cli", "train", "--data", str(data),
@@ -228,6 +229,11 @@ def test_resume_continues_a_run_whose_driver_was_killed(data, tmp_path, ray_loca
     history = _history(run)
     assert [int(r["epoch"]) for r in history] == [1, 2, 3]
     assert any(r.get("resumed") == "True" for r in history)
+    from bonescan_model.checkpoint import read_file
+
+    last = max(p for p in (run / "train").glob("checkpoint_*") if p.is_dir())
+    teacher = read_file(last / train.STATE)["teacher"]
+    assert teacher["decay"] == 0.99 and teacher["model"].keys() == read_file(last / "model.pt")["state_dict"].keys()
 
 
 def test_each_epoch_is_one_seeded_shuffle_that_mixes_patients(ray_local):

@@ -42,7 +42,13 @@ def _values(name: str, parameter: str) -> list:
 def test_spaces_hold_the_papers_settings():
     # Fig. 7: the paper's 9-37 % of all scans, as shares of our training scans (~59.5 % of all)
     assert [round(v * 0.595, 2) for v in _values("label_fraction", "label_fraction")] == [0.09, 0.18, 0.28, 0.37]
-    assert _values("label_fraction", "unsupervised_weight") == [0.0, 1.0]  # the same-label control
+    # one curve per method, beside the same-label control (the unsupervised term off)
+    space = load_space(REPO / "tune_spaces" / "label_fraction.yaml")
+    methods = {case_name(c): space.trial_config({"method": c, "label_fraction": 0.15})
+               for c in _values("label_fraction", "method")}
+    assert {n: (c.semi, c.unsupervised_weight) for n, c in methods.items() if n != "supervised only"} == {
+        "Chan–Vese l_U (paper)": ("chan_vese", 1.0), "mean teacher": ("mean_teacher", 1.0)}
+    assert methods["supervised only"].unsupervised_weight == 0
     assert _values("recurrence", "model.recurrence") == [1, 2, 3, 4]  # Fig. 8, Table 4
     alpha, nu = _values("loss_weights", "alpha"), _values("loss_weights", "nu")
     assert alpha[0] < 0.4 < alpha[1] and nu[0] < 0.004 < nu[1]

@@ -39,7 +39,12 @@ class TrainConfig:
     unsupervised_weight: float = 1.0  # weight of l_U (the paper: 1); 0 trains on the labels alone
     nu: float = 0.004  # area weight of l_U, Eq. 7
     supervised: str = "active_contour"  # or "active_contour_balanced", "dice_ce" (loss.SUPERVISED_KINDS)
-    unsupervised: str = "chan_vese"  # or "chan_vese_local" (loss.UNSUPERVISED_KINDS)
+    # The unsupervised term, weighted by unsupervised_weight (0: supervised only):
+    # "chan_vese" (Eq. 7, the paper), "chan_vese_local" (Eq. 7 on local contrast) or
+    # "mean_teacher" (consistency with an EMA teacher: bonescan_model.consistency).
+    semi: str = "chan_vese"
+    ema_decay: float = 0.99  # mean_teacher: the teacher's EMA decay
+    rampup_epochs: int = 4  # mean_teacher: epochs over which its weight ramps up to unsupervised_weight
     length_weight: float = 0.1
     # The label budget, counted on original training scans (never augmented or generated rows,
     # which cannot carry a label of their own): label_fraction is the share of them that keep
@@ -77,7 +82,9 @@ class TrainConfig:
             "unsupervised_weight": self.unsupervised_weight >= 0,
             "nu": self.nu >= 0,
             "supervised": self.supervised in SUPERVISED_KINDS,
-            "unsupervised": self.unsupervised in UNSUPERVISED_KINDS,
+            "semi": self.semi in UNSUPERVISED_KINDS,
+            "ema_decay": 0 <= self.ema_decay < 1,
+            "rampup_epochs": self.rampup_epochs >= 0,
             "length_weight": self.length_weight >= 0,
             "label_fraction": 0 <= self.label_fraction <= 1,
             "labeled_scans": self.labeled_scans is None or self.labeled_scans >= 0,

@@ -30,6 +30,7 @@ import torch
 from bonescan_model import engine
 from bonescan_model.augment import augment_batch
 from bonescan_model.checkpoint import FILENAME, read_file, save_checkpoint, write_file
+from bonescan_model.consistency import MeanTeacher, rampup
 from bonescan_model.errors import InputError
 from bonescan_model.loss import SemiSupervisedLoss
 from bonescan_model.metrics import summarize
@@ -65,13 +66,15 @@ def train_loop(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" else None
     loss_fn = loss_for(cfg)
-    start, history = _restore(ray.train.get_checkpoint(), model, optimizer)
+    teacher = MeanTeacher(getattr(model, "module", model), decay=cfg.ema_decay) if cfg.semi == "mean_teacher" else None
+    start, history = _restore(ray.train.get_checkpoint(), model, optimizer, teacher)
     tracker = tracking.Tracker.from_dict(loop_config.get("mlflow")) if rank == 0 else None
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     shuffle_rows = loop_config["shuffle_rows"]
     upcoming = epoch_batches(train_shard, cfg, start, rank, shuffle_rows)
     for epoch in range(start, cfg.epochs):
-        stats = engine.train_epoch(model, upcoming, loss_fn, optimizer, device=device, amp=cfg.amp, scaler=scaler)
+        stats = engine.train_epoch(model, upcoming, loss_fn, optimizer, device=device, amp=cfg.amp, scaler=scaler,
+                                   teacher=teacher, unsupervised_scale=rampup(epoch, cfg.rampup_epochs) if teacher else 1.0)
         if epoch + 1 < cfg.epochs:
             # Ray Data re-executes the dataset every epoch and its first batch takes 2-3 s to
             # arrive whatever the data's size (bench/RESULTS.md): start it now, behind validation
@@ -87,11 +90,11 @@ def train_loop(loop_config: dict) -> None:
         if tracker is not None:
             tracker.log_epoch(metrics)
         history.append(metrics)
-        _report(metrics, history, model, optimizer, cfg, rank)
+        _report(metrics, history, model, optimizer, cfg, rank, teacher)
 
 
 def loss_for(cfg: TrainConfig) -> SemiSupervisedLoss:
-    return SemiSupervisedLoss(alpha=cfg.alpha, nu=cfg.nu, supervised=cfg.supervised, unsupervised=cfg.unsupervised,
+    return SemiSupervisedLoss(alpha=cfg.alpha, nu=cfg.nu, supervised=cfg.supervised, unsupervised=cfg.semi,
                               length_weight=cfg.length_weight, unsupervised_weight=cfg.unsupervised_weight)
 
 
@@ -146,22 +149,33 @@ def augmenting(batches: Iterable[dict], rng: np.random.Generator) -> Iterator[di
         yield {**batch, "image": torch.from_numpy(images), "mask": torch.from_numpy(masks)}
 
 
-def _report(metrics: dict, history: list[dict], model, optimizer, cfg: TrainConfig, rank: int) -> None:
+def _report(metrics: dict, history: list[dict], model, optimizer, cfg: TrainConfig, rank: int,
+            teacher: MeanTeacher | None = None) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:  # every rank reports (a barrier); rank 0 alone carries the checkpoint
-            save_checkpoint(Path(tmp) / FILENAME, model, cfg.model, epoch=metrics["epoch"], threshold=cfg.threshold,
-                            metrics=metrics, train_config=_plain(cfg.to_dict()))
-            write_file(Path(tmp) / STATE, {"optimizer": optimizer.state_dict(), "epoch": metrics["epoch"],
-                                           "history": history})
+            write_state(Path(tmp), model, optimizer, cfg, metrics, history, teacher)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def _restore(checkpoint, model, optimizer) -> tuple[int, list[dict]]:
-    """Resume after a worker failure or `--resume`: weights, optimizer, epoch, history."""
+def write_state(folder: Path, model, optimizer, cfg: TrainConfig, metrics: dict, history: list[dict],
+                teacher: MeanTeacher | None = None) -> None:
+    """One training checkpoint's files: the model (model.pt, what `evaluate` and `predict` load)
+    and what resuming needs besides (train_state.pt: optimizer, epoch, history, the teacher)."""
+    save_checkpoint(folder / FILENAME, model, cfg.model, epoch=metrics["epoch"], threshold=cfg.threshold,
+                    metrics=metrics, train_config=_plain(cfg.to_dict()))
+    state = {"optimizer": optimizer.state_dict(), "epoch": metrics["epoch"], "history": history}
+    if teacher is not None:
+        state["teacher"] = teacher.state_dict()
+    write_file(folder / STATE, state)
+
+
+def _restore(checkpoint, model, optimizer, teacher: MeanTeacher | None = None) -> tuple[int, list[dict]]:
+    """Resume after a worker failure or `--resume`: weights, optimizer, epoch, history, and
+    the mean teacher where the run has one."""
     if checkpoint is None:
         return 0, []
     with checkpoint.as_directory() as folder:
@@ -169,6 +183,10 @@ def _restore(checkpoint, model, optimizer) -> tuple[int, list[dict]]:
         state = read_file(Path(folder) / STATE)
     getattr(model, "module", model).load_state_dict(blob["state_dict"])
     optimizer.load_state_dict(state["optimizer"])
+    if teacher is not None:
+        if "teacher" not in state:  # a checkpoint of a run without one: cannot be this run's
+            raise ValueError("the checkpoint has no mean teacher, but this run's semi is mean_teacher")
+        teacher.load_state_dict(state["teacher"])
     history = state["history"]
     history[-1] = {**history[-1], "resumed": True}
     return state["epoch"], history

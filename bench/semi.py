@@ -1,23 +1,24 @@
-"""What semi-supervision buys: the label-fraction experiment with its same-label control.
+"""What semi-supervision buys: arms of the label-fraction experiment against their control.
 
 A synthetic cohort (default 120 patients) is ingested once; `bonescan tune` then trains the
-demo-size model at each label share twice -- with l_U (the paper's loss) and without it
-(unsupervised_weight 0: the same model, labeled scans, augmentation and epochs, the unlabeled
-scans unused) -- for several training seeds. Each trial keeps its checkpoint by validation DSC;
-the test split is scored once per trial, on that kept model, and nothing is tuned on it.
+demo-size model at each label share once per arm and training seed. An arm is a supervised
+term, a semi-supervised method and its weight, written ``supervised/semi/weight``; the first
+arm is the baseline every other is compared with, paired by seed (by default supervised-only
+training: the same model, labeled scans, augmentation and epochs, the unlabeled scans unused).
+Each trial keeps its checkpoint by validation DSC; the test split is scored once per trial, on
+that kept model, and nothing is tuned on it.
 
-Prints one row per label share: test DSC (per-image mean over lesion-bearing test scans) and
-lesion sensitivity, mean ± std over seeds, for both arms, and the ratio with l_U / without
-(the baseline: the supervised-only arm on the same labels, measured in the same run).
+Prints one row per label share and arm: test DSC (per-image mean over lesion-bearing test
+scans) and lesion sensitivity, mean ± std over seeds, the ratio to the baseline arm and the
+paired difference per seed.
 
-    python bench/label_fraction.py [--patients 120] [--epochs 16] [--seeds 3]
-                                   [--fractions 0.15,0.62] [--weights 0,1]
-                                   [--supervised dice_ce] [--baseline dice_ce:0] [--out DIR]
+    python bench/semi.py [--patients 120] [--epochs 16] [--seeds 3] [--fractions 0.15,0.62]
+                         [--arms A,B,...] [--out DIR]
 
-An arm is a supervised term and a weight of l_U (``--supervised`` x ``--weights``); each row
-compares every arm with ``--baseline`` (``supervised:weight``), paired by seed. To compare
-supervised terms instead (issue 12: Eq. 8 as written, Eq. 8 class-balanced, Dice + CE):
-``--supervised dice_ce,active_contour_balanced,active_contour --weights 1 --baseline dice_ce:1``.
+The default arms (issue 12): supervised only (class-balanced Eq. 8), the paper's loss as
+written (Eq. 7 + Eq. 8), the paper's loss as fixed (Eq. 7 on local contrast + class-balanced
+Eq. 8) and the mean teacher (with the class-balanced Eq. 8). To compare supervised terms:
+``--arms dice_ce/chan_vese/1,active_contour_balanced/chan_vese/1,active_contour/chan_vese/1``.
 
 label_fraction is the share of original training scans; the paper counts its L_label over
 all scans (train and test): the table prints both (budget.json of each run).
@@ -41,6 +42,20 @@ sys.path.insert(0, str(Path(__file__).parent))
 from machine import describe  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+ARMS = ("active_contour_balanced/chan_vese/0,active_contour/chan_vese/1,"
+        "active_contour_balanced/chan_vese_local/1,active_contour_balanced/mean_teacher/1")
+# Eq. 7 on local contrast is priced in its own units (loss.SemiSupervisedLoss): nu 0.015,
+# measured by bench/chan_vese_optimum.py on crops of another cohort seed, not on this test split.
+LOCAL_NU = 0.015
+
+
+def arm_case(arm: str) -> dict:
+    """``supervised/semi/weight`` -> a case of the space (its overrides, named by the arm)."""
+    supervised, semi, weight = arm.split("/")
+    case = {"name": arm, "supervised": supervised, "semi": semi, "unsupervised_weight": float(weight)}
+    if semi == "chan_vese_local":
+        case["nu"] = LOCAL_NU
+    return case
 
 
 def main() -> int:
@@ -50,9 +65,7 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--fractions", default="0.15,0.62")
     parser.add_argument("--test-runs", type=int, default=1)
-    parser.add_argument("--weights", default="0,1", help="the unsupervised_weight arms to train")
-    parser.add_argument("--supervised", default="dice_ce", help="the supervised terms to train (loss.SUPERVISED_KINDS)")
-    parser.add_argument("--baseline", default="dice_ce:0", help="the arm each is compared with: supervised:weight")
+    parser.add_argument("--arms", default=ARMS, help="supervised/semi/weight, comma-separated; the first is the baseline")
     parser.add_argument("--name", default="experiment",
                         help="the experiment folder under --out; --summarize reads every experiment* folder")
     parser.add_argument("--out", default="/tmp/bonescan-bench-label-fraction")
@@ -81,8 +94,7 @@ def main() -> int:
         (out / "base.yaml").write_text(yaml.safe_dump({**base, "epochs": args.epochs, "test_runs": args.test_runs}))
         space = {"base": "base.yaml", "fixed": {"dataset": "D1"},
                  "parameters": {"label_fraction": {"grid": [float(f) for f in args.fractions.split(",")]},
-                                "unsupervised_weight": {"grid": [float(w) for w in args.weights.split(",")]},
-                                "supervised": {"grid": args.supervised.split(",")}},
+                                "arm": {"grid": [arm_case(a) for a in args.arms.split(",")]}},
                  "num_samples": args.seeds, "metric": "val_dsc", "mode": "max"}
         exp = out / args.name
         space_file = out / f"{args.name}.space.yaml"
@@ -104,14 +116,15 @@ def summarize(out: Path, args) -> int:
         budget = json.loads((run.parent / "budget.json").read_text())
         cfg = yaml.safe_load((run.parent / "config.yaml").read_text())
         rows.append({"label_fraction": cfg["label_fraction"], "seed": cfg["seed"],
-                     "arm": f"{cfg['supervised']}:{cfg['unsupervised_weight']:g}",
+                     "arm": f"{cfg['supervised']}/{cfg.get('semi', 'chan_vese')}/{cfg['unsupervised_weight']:g}",
                      "dsc": tested.get("dsc", float("nan")),
                      "lesion_sensitivity": tested.get("lesion_sensitivity", float("nan")),
                      "labeled_scans": budget["labeled_scans"], "labeled_share_of_all": budget["labeled_share_of_all"]})
-    baseline = f"{args.baseline.split(':')[0]}:{float(args.baseline.split(':')[1]):g}"
+    first = args.arms.split(",")[0].split("/")
+    baseline = f"{first[0]}/{first[1]}/{float(first[2]):g}"
     print(f"\n{args.patients} patients, demo model, {args.epochs} epochs, D1 + on-the-fly augmentation, "
           f"up to {args.seeds} seeds; kept by val DSC; test split scored once per trial; "
-          f"{len(rows)} trials with a test score. Arm = supervised term : weight of l_U; baseline {baseline}")
+          f"{len(rows)} trials with a test score. Arm = supervised term / semi method / its weight; baseline {baseline}")
     print("label share of training scans (of all scans) | labeled scans | arm | test DSC (mean ± std, n) "
           "| ratio to baseline | paired difference to baseline (per seed) | lesion sensitivity")
     for fraction in sorted({r["label_fraction"] for r in rows}):
@@ -120,7 +133,8 @@ def summarize(out: Path, args) -> int:
         labeled = np.mean([r["labeled_scans"] for r in here])
         base = {r["seed"]: r["dsc"] for r in here if r["arm"] == baseline}
         base_mean = float(np.mean(list(base.values()))) if base else float("nan")
-        for arm in sorted({r["arm"] for r in here}, key=lambda a: (a != baseline, a)):
+        order = [a for a in dict.fromkeys(r["arm"] for r in rows)]
+        for arm in sorted({r["arm"] for r in here}, key=lambda a: (a != baseline, order.index(a))):
             mine = sorted((r for r in here if r["arm"] == arm), key=lambda r: r["seed"])
             dsc = [r["dsc"] for r in mine]
             sens = np.mean([r["lesion_sensitivity"] for r in mine])

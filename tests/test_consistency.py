@@ -1,0 +1,132 @@
+"""The mean teacher (bonescan_model/consistency.py): the teacher follows the student by its
+EMA, views are perturbed and mirrored back, the consistency term, and a checkpoint that
+brings the teacher back as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from bonescan_model import engine
+from bonescan_model.consistency import MeanTeacher, flipped_forward, perturb, rampup
+from bonescan_model.loss import SemiSupervisedLoss, consistency_loss
+from bonescan_model.network import ModelConfig, build_model
+
+TINY = ModelConfig(width=4, recurrence=1, dilations=(1, 2))
+
+
+def _batch(b=4, size=32, seed=0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(b, 1, size, size)
+    mask[:, :, 10:13, 14:17] = 1
+    image = (0.3 + 0.1 * torch.rand(b, 2, size, size, generator=gen) + mask).clamp(0, 2)
+    return {"image": image, "mask": mask, "labeled": torch.tensor([True, False] * (b // 2))}
+
+
+def test_the_teacher_follows_the_student_by_its_ema():
+    student = nn.Sequential(nn.Conv2d(2, 1, 1), nn.BatchNorm2d(1))
+    teacher = MeanTeacher(student, decay=0.75)
+    before = [p.clone() for p in teacher.model.parameters()]
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+        student[1].running_mean.fill_(3.0)
+    teacher.update(student)
+    for old, mine, theirs in zip(before, teacher.model.parameters(), student.parameters()):
+        torch.testing.assert_close(mine, 0.75 * old + 0.25 * theirs)
+        assert not mine.requires_grad
+    assert teacher.model[1].running_mean.item() == 3.0  # buffers are the student's
+    with pytest.raises(ValueError, match="decay"):
+        MeanTeacher(student, decay=1.0)
+
+
+def test_a_mirrored_view_is_mirrored_back():
+    # A mirror-symmetric model (a 1x1 convolution) gives the same logits whichever images are mirrored.
+    model = nn.Conv2d(2, 1, 1)
+    image = torch.rand(3, 2, 8, 8)
+    flip = torch.tensor([True, False, True])
+    torch.testing.assert_close(flipped_forward(model, image, flip), model(image))
+    # and a model that is not (a 1x3 kernel) sees the mirrored images mirrored
+    model = nn.Conv2d(2, 1, (1, 3), padding=(0, 1))
+    got = flipped_forward(model, image, flip)
+    torch.testing.assert_close(got[0], model(image[:1].flip(-1)).flip(-1)[0])
+    torch.testing.assert_close(got[1], model(image[1:2])[0])
+
+
+def test_perturb_keeps_the_range_and_is_seeded():
+    image = torch.rand(2, 2, 16, 16) * 2
+    a = perturb(image, torch.Generator().manual_seed(1))
+    b = perturb(image, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.shape == image.shape
+    assert a.min() >= 0 and a.max() <= 2 and not torch.equal(a, image)
+
+
+def test_rampup_rises_to_one():
+    values = [rampup(e, 4) for e in range(6)]
+    assert values[0] == pytest.approx(torch.exp(torch.tensor(-5 * 0.75**2)).item())
+    assert all(a < b for a, b in zip(values[:4], values[1:4])) and values[3:] == [1.0, 1.0, 1.0]
+    assert rampup(0, 0) == 1.0
+
+
+def test_consistency_known_values_and_no_gradient_to_the_teacher():
+    logits = torch.zeros(1, 1, 2, 2, requires_grad=True)  # p = 0.5
+    teacher = torch.full((1, 1, 2, 2), 1e4, requires_grad=True)  # p = 1
+    got = consistency_loss(logits, teacher)
+    assert got.item() == pytest.approx(0.25)
+    got.sum().backward()
+    assert teacher.grad is None and logits.grad.abs().sum() > 0
+    loss = SemiSupervisedLoss(unsupervised="mean_teacher", alpha=0.4, unsupervised_weight=2.0)
+    mask, labeled = torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.bool)
+    out = loss(logits, mask, mask, labeled, teacher_logits=teacher, unsupervised_scale=0.5)
+    assert out["unsupervised"].item() == pytest.approx(0.25) and out["loss"].item() == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="teacher_logits"):
+        loss(logits, mask, mask, labeled)
+
+
+def test_a_mean_teacher_epoch_trains_every_student_parameter_and_moves_the_teacher():
+    torch.manual_seed(0)
+    student = build_model(TINY)
+    teacher = MeanTeacher(student, decay=0.5)
+    start = [p.clone() for p in teacher.model.parameters()]
+    loss_fn = SemiSupervisedLoss(unsupervised="mean_teacher", supervised="active_contour_balanced")
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    seen = {n: False for n, _ in student.named_parameters()}
+
+    def record():
+        for n, p in student.named_parameters():
+            seen[n] |= p.grad is not None and bool(p.grad.abs().sum() > 0)
+
+    hook = optimizer.register_step_pre_hook(lambda *_: record())
+    stats = engine.train_epoch(student, [_batch(), _batch(seed=1)], loss_fn, optimizer, teacher=teacher)
+    hook.remove()
+    assert all(seen.values()), [n for n, ok in seen.items() if not ok]
+    assert stats["images"] == 8 and stats["unsupervised"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(start, teacher.model.parameters()))
+
+
+def test_a_checkpoint_brings_the_teacher_back(tmp_path):
+    from ray.train import Checkpoint
+
+    from bonescan_platform.config import TrainConfig
+    from bonescan_platform.train import _restore, write_state
+
+    cfg = TrainConfig.from_dict({"model": {"width": 4, "recurrence": 1, "dilations": [1, 2]}, "semi": "mean_teacher"})
+    student = build_model(cfg.model)
+    teacher = MeanTeacher(student, decay=cfg.ema_decay)
+    with torch.no_grad():
+        for p in teacher.model.parameters():
+            p.add_(torch.randn_like(p))
+    optimizer = torch.optim.Adam(student.parameters())
+    write_state(tmp_path, student, optimizer, cfg, {"epoch": 3}, [{"epoch": 3}], teacher)
+    fresh_student = build_model(cfg.model)
+    fresh = MeanTeacher(fresh_student, decay=cfg.ema_decay)
+    epoch, history = _restore(Checkpoint.from_directory(str(tmp_path)), fresh_student,
+                              torch.optim.Adam(fresh_student.parameters()), fresh)
+    assert epoch == 3 and history[-1]["resumed"] is True
+    for a, b in zip(teacher.model.state_dict().values(), fresh.model.state_dict().values()):
+        assert torch.equal(a, b)
+    # a checkpoint without a teacher cannot be a mean-teacher run's
+    write_state(tmp_path, student, optimizer, cfg, {"epoch": 3}, [{"epoch": 3}])
+    with pytest.raises(ValueError, match="no mean teacher"):
+        _restore(Checkpoint.from_directory(str(tmp_path)), fresh_student, torch.optim.Adam(fresh_student.parameters()), fresh)
