@@ -64,7 +64,7 @@ TWO_NODES = textwrap.dedent("""
         assert ingest(f"{root}/cohort/dicom", f"{root}/shards", f"{root}/cohort/labels") == 0
         with open(f"{root}/config.yaml", "w") as f:
             yaml.safe_dump({"model": {"width": 4, "recurrence": 1, "dilations": [1, 2]},
-                            "epochs": 1, "batch_size": 2}, f)
+                            "epochs": 1, "batch_size": 2, "semi": "mean_teacher"}, f)  # DDP with a teacher
         code = train(f"{root}/shards", f"{root}/config.yaml", f"{root}/run", workers=2)
         nodes = len([n for n in ray.nodes() if n["Alive"]])
         with open(f"{root}/run/history.csv") as f:
@@ -87,5 +87,6 @@ def test_two_workers_on_a_two_node_cluster_train_and_report(tmp_path, deid_secre
     assert result["code"] == 0 and result["nodes"] == 2
     (row,) = result["rows"]
     assert row["epoch"] == "1" and int(row["train_workers"]) == 2
-    # Each worker trained on its own half of the training split.
+    # Each worker trained on its own half of the training split, the student against its teacher.
     assert 0 < int(row["train_images"]) < 6
+    assert float(row["train_unsupervised"]) > 0
