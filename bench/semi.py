@@ -15,10 +15,10 @@ paired difference per seed.
     python bench/semi.py [--patients 120] [--epochs 16] [--seeds 3] [--fractions 0.15,0.62]
                          [--arms A,B,...] [--out DIR]
 
-The default arms (issue 12): supervised only (class-balanced Eq. 8), the paper's loss as
-written (Eq. 7 + Eq. 8), the paper's loss as fixed (Eq. 7 on local contrast + class-balanced
-Eq. 8) and the mean teacher (with the class-balanced Eq. 8). To compare supervised terms:
-``--arms dice_ce/chan_vese/1,active_contour_balanced/chan_vese/1,active_contour/chan_vese/1``.
+The default arms (issue 12): supervised only (area-normalized Eq. 8), the paper's loss as
+written (Eq. 7 + Eq. 8), the paper's loss as fixed (Eq. 7 on local contrast + area-normalized
+Eq. 8) and the mean teacher (with the area-normalized Eq. 8). To compare supervised terms:
+``--arms dice_ce/chan_vese/1,active_contour_normalized/chan_vese/1,active_contour/chan_vese/1``.
 
 label_fraction is the share of original training scans; the paper counts its L_label over
 all scans (train and test): the table prints both (budget.json of each run).
@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from machine import describe  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-ARMS = ("active_contour_balanced/chan_vese/0,active_contour/chan_vese/1,"
-        "active_contour_balanced/chan_vese_local/1,active_contour_balanced/mean_teacher/1")
+ARMS = ("active_contour_normalized/chan_vese/0,active_contour/chan_vese/1,"
+        "active_contour_normalized/chan_vese_local/1,active_contour_normalized/mean_teacher/1")
 # Eq. 7 on local contrast is priced in its own units (loss.SemiSupervisedLoss): nu 0.015,
 # measured by bench/chan_vese_optimum.py on crops of another cohort seed, not on this test split.
 LOCAL_NU = 0.015

@@ -89,7 +89,7 @@ def test_a_mean_teacher_epoch_trains_every_student_parameter_and_moves_the_teach
     student = build_model(TINY)
     teacher = MeanTeacher(student, decay=0.5)
     start = [p.clone() for p in teacher.model.parameters()]
-    loss_fn = SemiSupervisedLoss(unsupervised="mean_teacher", supervised="active_contour_balanced")
+    loss_fn = SemiSupervisedLoss(unsupervised="mean_teacher", supervised="active_contour_normalized")
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
     seen = {n: False for n, _ in student.named_parameters()}
 

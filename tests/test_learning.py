@@ -1,5 +1,5 @@
 """The model with the paper's loss learns: bright blobs on a structured background, DSC > 0.9;
-and on lesions of a bone scan's size (a few pixels, ~0.15 % of the image) only the class-balanced
+and on lesions of a bone scan's size (a few pixels, ~0.15 % of the image) only the area-normalized
 Eq. 8 does, where Eq. 8 as written predicts nothing."""
 
 import numpy as np
@@ -53,8 +53,8 @@ def test_model_learns_lesions_on_cpu_within_bounded_steps():
     assert best > 0.9, f"DSC {best:.3f} after {step + 1} steps"
 
 
-@pytest.mark.parametrize("supervised, learns", [("active_contour_balanced", True), ("active_contour", False)])
-def test_only_the_balanced_eq8_learns_lesions_of_real_size(supervised, learns):
+@pytest.mark.parametrize("supervised, learns", [("active_contour_normalized", True), ("active_contour", False)])
+def test_only_the_normalized_eq8_learns_lesions_of_real_size(supervised, learns):
     # 96 x 96 images with 1-2 lesions of radius 1.2-2.2 pixels (5-15 pixels each, 0.15 % of
     # the image; the synthetic cohort's are 2-67 pixels of a 256 x 256 crop). Eq. 6 in full
     # (l_U on), only the supervised term differs.
@@ -73,5 +73,5 @@ def test_only_the_balanced_eq8_learns_lesions_of_real_size(supervised, learns):
                 break
     if learns:
         assert best > 0.8, f"DSC {best:.3f} after {step + 1} steps"
-    else:  # Eq. 8 as written: "predict nothing" (DSC 0), the failure the balanced form fixes
+    else:  # Eq. 8 as written: "predict nothing" (DSC 0), the failure the normalized form fixes
         assert best < 0.1, f"DSC {best:.3f} after {step + 1} steps"

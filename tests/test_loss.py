@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
+from bonescan_model.network import LESION_PRIOR_LOGIT
 from bonescan_model.loss import (
     LENGTH_EPS,
     SemiSupervisedLoss,
     SUPERVISED_KINDS,
     active_contour_loss,
-    balanced_region_loss,
     chan_vese_loss,
     contour_length,
     dice_ce_loss,
@@ -88,39 +88,44 @@ def test_region_term_equals_eq8_region_plus_label_constant():
     torch.testing.assert_close(region_loss(u, v) - eq8, v.flatten(1).mean(1))
 
 
-def test_balanced_region_term_known_values():
+def _soft_dice_loss(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    u, v = u.flatten(1), v.flatten(1)
+    return 1 - (2 * (u * v).sum(1) + 1) / (u.sum(1) + v.sum(1) + 1)
+
+
+def test_normalized_eq8_known_values_and_its_region_term_is_one_minus_soft_dice():
     v = torch.zeros(1, 1, 6, 5, dtype=torch.float64)
     v[..., 1:3, 1:4] = 1  # 6 lesion pixels, 24 background
-    assert balanced_region_loss(v, v).item() == 0.0
-    assert balanced_region_loss(torch.zeros_like(v), v).item() == pytest.approx(1.0)  # every lesion pixel missed
-    assert balanced_region_loss(torch.ones_like(v), v).item() == pytest.approx(1.0)  # every background pixel hit
-    half = v.clone()
-    half[..., 1, 1:4] = 0  # 3 of 6 missed
-    half[..., 5, :] = 1  # 5 of 24 false
-    assert balanced_region_loss(half, v).item() == pytest.approx(3 / 6 + 5 / 24)
+    loss = lambda u: active_contour_loss(u, v, length_weight=0.0, normalized=True).item()  # noqa: E731
+    assert loss(v) == 0.0
+    assert loss(torch.zeros_like(v)) == pytest.approx(6 / 7)  # every lesion pixel missed
+    assert loss(torch.ones_like(v)) == pytest.approx(24 / 37)  # every background pixel hit
+    logits, _, target = _batch()
+    u = torch.sigmoid(logits)
+    torch.testing.assert_close(active_contour_loss(u, target, 0.0, normalized=True), _soft_dice_loss(u, target))
 
 
-def test_balanced_region_term_on_a_lesion_free_image_is_its_false_positive_rate():
+def test_normalized_eq8_on_a_lesion_free_image_pushes_every_false_positive_down():
     v = torch.zeros(2, 1, 4, 5, dtype=torch.float64)
     u = torch.rand(2, 1, 4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).requires_grad_(True)
-    got = balanced_region_loss(u, v)
-    torch.testing.assert_close(got, u.flatten(1).mean(1))
+    got = active_contour_loss(u, v, length_weight=0.0, normalized=True)
+    torch.testing.assert_close(got, u.flatten(1).sum(1) / (u.flatten(1).sum(1) + 1))
     got.sum().backward()
-    assert torch.isfinite(u.grad).all()
-    assert balanced_region_loss(torch.zeros_like(v), v).abs().max().item() == 0.0
+    assert torch.isfinite(u.grad).all() and (u.grad > 0).all()
+    assert active_contour_loss(torch.zeros_like(v), v, normalized=True).abs().max().item() == 0.0
 
 
-@pytest.mark.parametrize("balanced, expected", [(False, 65536 / 25 - 1), (True, 1.0)])
-def test_region_gradient_balance_at_the_start(balanced, expected):
-    # A 256 x 256 crop with one 5 x 5 lesion (0.04 %), every logit at the head's start: the
-    # total pull on the background against that on the lesion. The paper's form pushes
-    # "predict nothing" 2,620x harder; the class-balanced one pulls both alike.
+@pytest.mark.parametrize("normalized, low, high", [(False, 2620, 2621), (True, 1.5, 3.0)])
+def test_region_gradient_balance_at_the_start(normalized, low, high):
+    # A 256 x 256 crop with one 5 x 5 lesion (0.04 %), every logit at the head's start
+    # (network.LESION_PRIOR_LOGIT): the total pull on the background against that on the
+    # lesion. Eq. 8 as written pushes "predict nothing" 2,620x harder; normalized, ~2x.
     v = torch.zeros(1, 1, 256, 256, dtype=torch.float64)
     v[..., 100:105, 100:105] = 1
-    z = torch.full_like(v, -4.0).requires_grad_(True)
-    active_contour_loss(torch.sigmoid(z), v, length_weight=0.0, balanced=balanced).sum().backward()
+    z = torch.full_like(v, LESION_PRIOR_LOGIT).requires_grad_(True)
+    active_contour_loss(torch.sigmoid(z), v, length_weight=0.0, normalized=normalized).sum().backward()
     pull = z.grad.abs()
-    assert ((pull * (1 - v)).sum() / (pull * v).sum()).item() == pytest.approx(expected)
+    assert low < ((pull * (1 - v)).sum() / (pull * v).sum()).item() < high
 
 
 def test_length_term_known_values():
@@ -140,8 +145,9 @@ def test_active_contour_combines_length_and_region():
     logits, _, v = _batch()
     u = torch.sigmoid(logits)
     torch.testing.assert_close(active_contour_loss(u, v, 0.3), 0.3 * contour_length(u) + region_loss(u, v))
-    torch.testing.assert_close(active_contour_loss(u, v, 0.3, balanced=True),
-                               0.3 * contour_length(u) + balanced_region_loss(u, v))
+    area = u.flatten(1).sum(1) + v.flatten(1).sum(1) + 1
+    torch.testing.assert_close(active_contour_loss(u, v, 0.3, normalized=True),
+                               (0.3 * contour_length(u) + region_loss(u, v)) * u[0, 0].numel() / area)
 
 
 @pytest.mark.parametrize("side", [1, 2])
@@ -169,7 +175,7 @@ def test_gradcheck_pure_terms():
     logits.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda x: chan_vese_loss(torch.sigmoid(x), g, 0.004), (logits,))
     assert torch.autograd.gradcheck(lambda x: active_contour_loss(torch.sigmoid(x), v, 0.1), (logits,))
-    assert torch.autograd.gradcheck(lambda x: active_contour_loss(torch.sigmoid(x), v, 0.1, balanced=True), (logits,))
+    assert torch.autograd.gradcheck(lambda x: active_contour_loss(torch.sigmoid(x), v, 0.1, normalized=True), (logits,))
     assert torch.autograd.gradcheck(lambda x: dice_ce_loss(x, v), (logits,))
 
 

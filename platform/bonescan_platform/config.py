@@ -38,7 +38,7 @@ class TrainConfig:
     alpha: float = 0.4  # weight of l_S, Eq. 6
     unsupervised_weight: float = 1.0  # weight of l_U (the paper: 1); 0 trains on the labels alone
     nu: float = 0.004  # area weight of l_U, Eq. 7
-    supervised: str = "active_contour"  # or "active_contour_balanced", "dice_ce" (loss.SUPERVISED_KINDS)
+    supervised: str = "active_contour"  # or "active_contour_normalized", "dice_ce" (loss.SUPERVISED_KINDS)
     # The unsupervised term, weighted by unsupervised_weight (0: supervised only):
     # "chan_vese" (Eq. 7, the paper), "chan_vese_local" (Eq. 7 on local contrast) or
     # "mean_teacher" (consistency with an EMA teacher: bonescan_model.consistency).
