@@ -105,6 +105,12 @@ def main() -> int:
     return summarize(out, args)
 
 
+def ratio(value: float, baseline: float) -> str:
+    """value / baseline, or why there is none: a baseline that found nothing (DSC < 0.01) has
+    no meaningful ratio, the paired difference says it all."""
+    return f"{value / baseline:.2f}x" if baseline >= 0.01 else "n/a (baseline ~0)"
+
+
 def summarize(out: Path, args) -> int:
     """The table, from the run folders of every experiment under ``out`` whose trials have
     their test score (test.json): a sweep cut short still shows what it measured."""
@@ -142,7 +148,7 @@ def summarize(out: Path, args) -> int:
             diff = (f"{np.mean(paired):+.3f} ({', '.join(f'{d:+.3f}' for d in paired)})"
                     if paired and arm != baseline else "-")
             print(f"{fraction:.2f} ({share_all:.0%}) | {labeled:.0f} | {arm} | {np.mean(dsc):.3f} ± {np.std(dsc):.3f} "
-                  f"(n={len(dsc)}) | {np.mean(dsc) / base_mean if base_mean else float('nan'):.2f}x | {diff} | "
+                  f"(n={len(dsc)}) | {ratio(float(np.mean(dsc)), base_mean)} | {diff} | "
                   f"{sens:.2f}")
     return 0
 
