@@ -115,14 +115,17 @@ def test_normalized_eq8_on_a_lesion_free_image_pushes_every_false_positive_down(
     assert active_contour_loss(torch.zeros_like(v), v, normalized=True).abs().max().item() == 0.0
 
 
-@pytest.mark.parametrize("normalized, low, high", [(False, 2620, 2621), (True, 1.5, 3.0)])
-def test_region_gradient_balance_at_the_start(normalized, low, high):
+@pytest.mark.parametrize("normalized, logit, low, high", [
+    (False, LESION_PRIOR_LOGIT, 2620, 2621), (True, LESION_PRIOR_LOGIT, 1.5, 3.0),
+    (True, -7.6, 20, 26),  # a start at the true lesion share is worse for the normalized form
+])
+def test_region_gradient_balance_at_the_start(normalized, logit, low, high):
     # A 256 x 256 crop with one 5 x 5 lesion (0.04 %), every logit at the head's start
     # (network.LESION_PRIOR_LOGIT): the total pull on the background against that on the
     # lesion. Eq. 8 as written pushes "predict nothing" 2,620x harder; normalized, ~2x.
     v = torch.zeros(1, 1, 256, 256, dtype=torch.float64)
     v[..., 100:105, 100:105] = 1
-    z = torch.full_like(v, LESION_PRIOR_LOGIT).requires_grad_(True)
+    z = torch.full_like(v, logit).requires_grad_(True)
     active_contour_loss(torch.sigmoid(z), v, length_weight=0.0, normalized=normalized).sum().backward()
     pull = z.grad.abs()
     assert low < ((pull * (1 - v)).sum() / (pull * v).sum()).item() < high
