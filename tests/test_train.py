@@ -34,6 +34,12 @@ def _config(tmp_path: Path, **overrides) -> Path:
     return path
 
 
+def _checkpoints(run: Path) -> list[Path]:
+    """Ray Train's checkpoint folders of a run (not its checkpoint_manager_snapshot.json, which
+    the same pattern matches and which appears with the first checkpoint)."""
+    return [p for p in (run / "train").glob("checkpoint_*") if p.is_dir()]
+
+
 def _history(run: Path) -> list[dict]:
     with open(run / "history.csv") as f:
         return list(csv.DictReader(f))
@@ -184,9 +190,9 @@ def test_killed_worker_resumes_from_its_checkpoint(data, tmp_path, ray_local):
     # A second checkpoint folder means the first one was committed (a folder appears while
     # its upload is still in flight): kill the worker during epoch 3.
     deadline = time.time() + 300
-    while len(list((run / "train").glob("checkpoint_*"))) < 2 and time.time() < deadline:
+    while len(_checkpoints(run)) < 2 and time.time() < deadline:
         time.sleep(0.2)
-    assert len(list((run / "train").glob("checkpoint_*"))) >= 2, "no checkpoint was written"
+    assert len(_checkpoints(run)) >= 2, "no checkpoint was written"
     # This session's cluster (others may run on the machine) and this test's own worker
     # (another driver on the same cluster may be training too).
     from ray._private.worker import global_worker
@@ -219,7 +225,7 @@ def test_resume_continues_a_run_whose_driver_was_killed(data, tmp_path, ray_loca
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         deadline = time.time() + 300
-        while len(list((run / "train").glob("checkpoint_*"))) < 2 and time.time() < deadline:
+        while len(_checkpoints(run)) < 2 and time.time() < deadline:
             time.sleep(0.2)
     finally:
         os.kill(driver.pid, signal.SIGKILL)
@@ -231,7 +237,7 @@ def test_resume_continues_a_run_whose_driver_was_killed(data, tmp_path, ray_loca
     assert any(r.get("resumed") == "True" for r in history)
     from bonescan_model.checkpoint import read_file
 
-    last = max(p for p in (run / "train").glob("checkpoint_*") if p.is_dir())
+    last = max(_checkpoints(run))
     teacher = read_file(last / train.STATE)["teacher"]
     assert teacher["decay"] == 0.99 and teacher["model"].keys() == read_file(last / "model.pt")["state_dict"].keys()
 
