@@ -133,13 +133,13 @@ def summarize(out: Path, args) -> int:
           f"{len(rows)} trials with a test score. Arm = supervised term / semi method / its weight; baseline {baseline}")
     print("label share of training scans (of all scans) | labeled scans | arm | test DSC (mean ± std, n) "
           "| ratio to baseline | paired difference to baseline (per seed) | lesion sensitivity")
+    order = list(dict.fromkeys(r["arm"] for r in rows))  # arms in the order they were found
     for fraction in sorted({r["label_fraction"] for r in rows}):
         here = [r for r in rows if r["label_fraction"] == fraction]
         share_all = np.mean([r["labeled_share_of_all"] for r in here])
         labeled = np.mean([r["labeled_scans"] for r in here])
         base = {r["seed"]: r["dsc"] for r in here if r["arm"] == baseline}
         base_mean = float(np.mean(list(base.values()))) if base else float("nan")
-        order = [a for a in dict.fromkeys(r["arm"] for r in rows)]
         for arm in sorted({r["arm"] for r in here}, key=lambda a: (a != baseline, order.index(a))):
             mine = sorted((r for r in here if r["arm"] == arm), key=lambda r: r["seed"])
             dsc = [r["dsc"] for r in mine]

@@ -43,7 +43,7 @@ SUPERVISED_KINDS = ("active_contour", "active_contour_normalized", "dice_ce")
 REDUCTIONS = ("mean", "sum", "none")
 # chan_vese: Eq. 7 on g as written; chan_vese_local: Eq. 7 on local_contrast(g); mean_teacher:
 # consistency with an EMA teacher's prediction (bonescan_model.consistency).
-UNSUPERVISED_KINDS = ("chan_vese", "chan_vese_local", "mean_teacher")
+SEMI_KINDS = ("chan_vese", "chan_vese_local", "mean_teacher")
 # local_contrast: a Gaussian of the camera's blur (~1 pixel at 2.26 mm/pixel), and a window
 # a few lesion diameters wide for the local background. Measured, not tuned on test: the
 # fixed points of Eq. 7 on synthetic lesion crops (bench/chan_vese_optimum.py).
@@ -230,7 +230,7 @@ class SemiSupervisedLoss(nn.Module):
     """l = l_U + alpha * l_S (Eq. 6), defaults from the paper: alpha = 0.4, nu = 0.004.
 
     l_U is applied to every image, l_S only to the images marked labeled. supervised: one of
-    SUPERVISED_KINDS; unsupervised: one of UNSUPERVISED_KINDS (for chan_vese_local, nu is in
+    SUPERVISED_KINDS; semi: one of SEMI_KINDS (for chan_vese_local, nu is in
     the units of the local-contrast image, whose values are ~10x smaller than g's: its
     measured nu is ~0.015, see bench/chan_vese_optimum.py).
 
@@ -254,7 +254,7 @@ class SemiSupervisedLoss(nn.Module):
         alpha: float = 0.4,
         nu: float = 0.004,
         supervised: str = "active_contour",
-        unsupervised: str = "chan_vese",
+        semi: str = "chan_vese",
         length_weight: float = 0.1,
         unsupervised_weight: float = 1.0,
         reduction: str = "mean",
@@ -268,21 +268,21 @@ class SemiSupervisedLoss(nn.Module):
             raise ValueError("alpha and unsupervised_weight are both 0: nothing would be learned")
         if supervised not in SUPERVISED_KINDS:
             raise ValueError(f"supervised must be one of {SUPERVISED_KINDS}, got {supervised!r}")
-        if unsupervised not in UNSUPERVISED_KINDS:
-            raise ValueError(f"unsupervised must be one of {UNSUPERVISED_KINDS}, got {unsupervised!r}")
+        if semi not in SEMI_KINDS:
+            raise ValueError(f"semi must be one of {SEMI_KINDS}, got {semi!r}")
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self.alpha = float(alpha)
         self.nu = float(nu)
         self.supervised = supervised
-        self.unsupervised = unsupervised
+        self.semi = semi
         self.length_weight = float(length_weight)
         self.unsupervised_weight = float(unsupervised_weight)
         self.reduction = reduction
 
     def extra_repr(self) -> str:
         return (
-            f"alpha={self.alpha}, nu={self.nu}, supervised={self.supervised!r}, unsupervised={self.unsupervised!r}, "
+            f"alpha={self.alpha}, nu={self.nu}, supervised={self.supervised!r}, semi={self.semi!r}, "
             f"length_weight={self.length_weight}, unsupervised_weight={self.unsupervised_weight}, "
             f"reduction={self.reduction!r}"
         )
@@ -320,12 +320,12 @@ class SemiSupervisedLoss(nn.Module):
                 f"labeled must be a bool tensor of shape ({logits.shape[0]},), "
                 f"got {labeled.dtype} {tuple(labeled.shape)}"
             )
-        if self.unsupervised == "mean_teacher":
+        if self.semi == "mean_teacher":
             if teacher_logits is None:
-                raise ValueError("unsupervised='mean_teacher' needs teacher_logits")
+                raise ValueError("semi='mean_teacher' needs teacher_logits")
             unsupervised = consistency_loss(logits, teacher_logits)  # (B,)
         else:
-            image = local_contrast(g) if self.unsupervised == "chan_vese_local" else g
+            image = local_contrast(g) if self.semi == "chan_vese_local" else g
             unsupervised = chan_vese_loss(torch.sigmoid(logits), image, self.nu)  # (B,)
         w_u = self.unsupervised_weight * float(unsupervised_scale)
         # Select the labeled images before computing l_S: whatever an unlabeled target holds

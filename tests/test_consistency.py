@@ -76,7 +76,7 @@ def test_consistency_known_values_and_no_gradient_to_the_teacher():
     assert got.item() == pytest.approx(0.25)
     got.sum().backward()
     assert teacher.grad is None and logits.grad.abs().sum() > 0
-    loss = SemiSupervisedLoss(unsupervised="mean_teacher", alpha=0.4, unsupervised_weight=2.0)
+    loss = SemiSupervisedLoss(semi="mean_teacher", alpha=0.4, unsupervised_weight=2.0)
     mask, labeled = torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.bool)
     out = loss(logits, mask, mask, labeled, teacher_logits=teacher, unsupervised_scale=0.5)
     assert out["unsupervised"].item() == pytest.approx(0.25) and out["loss"].item() == pytest.approx(0.25)
@@ -89,7 +89,7 @@ def test_a_mean_teacher_epoch_trains_every_student_parameter_and_moves_the_teach
     student = build_model(TINY)
     teacher = MeanTeacher(student, decay=0.5)
     start = [p.clone() for p in teacher.model.parameters()]
-    loss_fn = SemiSupervisedLoss(unsupervised="mean_teacher", supervised="active_contour_normalized")
+    loss_fn = SemiSupervisedLoss(semi="mean_teacher", supervised="active_contour_normalized")
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
     seen = {n: False for n, _ in student.named_parameters()}
 

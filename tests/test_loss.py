@@ -269,7 +269,7 @@ def test_unsupervised_weight_zero_learns_from_labels_alone():
         {"alpha": float("nan")},
         {"nu": float("inf")},
         {"supervised": "focal"},
-        {"unsupervised": "snake"},
+        {"semi": "snake"},
         {"reduction": "max"},
     ],
 )
@@ -312,7 +312,7 @@ def test_eq7_as_written_prefers_the_bone_and_on_local_contrast_the_lesion():
     assert chan_vese_loss(lesion, h, 0.015) < 0.5 * chan_vese_loss(bone, h, 0.015)
     assert chan_vese_loss(lesion, h, 0.015) < chan_vese_loss(torch.zeros_like(g), h, 0.015)
     # and the module applies it when asked
-    loss = SemiSupervisedLoss(unsupervised="chan_vese_local", nu=0.015)
+    loss = SemiSupervisedLoss(semi="chan_vese_local", nu=0.015)
     logits = (2 * lesion - 1) * 20
     none = torch.zeros(1, dtype=torch.bool)
     torch.testing.assert_close(loss(logits, g, g, none)["unsupervised"],

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from bonescan_model.errors import InputError
-from bonescan_model.loss import SUPERVISED_KINDS, UNSUPERVISED_KINDS
+from bonescan_model.loss import SUPERVISED_KINDS, SEMI_KINDS
 from bonescan_model.network import ModelConfig
 
 
@@ -82,7 +82,7 @@ class TrainConfig:
             "unsupervised_weight": self.unsupervised_weight >= 0,
             "nu": self.nu >= 0,
             "supervised": self.supervised in SUPERVISED_KINDS,
-            "semi": self.semi in UNSUPERVISED_KINDS,
+            "semi": self.semi in SEMI_KINDS,
             "ema_decay": 0 <= self.ema_decay < 1,
             "rampup_epochs": self.rampup_epochs >= 0,
             "length_weight": self.length_weight >= 0,

@@ -115,7 +115,7 @@ def _label_files(folder: Path, nested: bool) -> list[Path]:
 
 def _by_image_path(path: Path, by_file: dict[Path, int]) -> list[int]:
     """The scan whose file the label's imagePath leads to, if any. A label that cannot be
-    read is matched by its path or name instead; reading it for the scan reports why."""
+    read is matched by its path alone; reading it for the scan reports why."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         image = data.get("imagePath") if isinstance(data, dict) else None

@@ -94,7 +94,7 @@ def train_loop(loop_config: dict) -> None:
 
 
 def loss_for(cfg: TrainConfig) -> SemiSupervisedLoss:
-    return SemiSupervisedLoss(alpha=cfg.alpha, nu=cfg.nu, supervised=cfg.supervised, unsupervised=cfg.semi,
+    return SemiSupervisedLoss(alpha=cfg.alpha, nu=cfg.nu, supervised=cfg.supervised, semi=cfg.semi,
                               length_weight=cfg.length_weight, unsupervised_weight=cfg.unsupervised_weight)
 
 
