@@ -20,13 +20,15 @@ from torch import nn
 from bonescan_model import metrics
 from bonescan_model.consistency import MeanTeacher, flipped_forward, perturb
 from bonescan_model.loss import SemiSupervisedLoss
+from bonescan_model.views import as_samples
 
 
 def intensity_image(image: torch.Tensor) -> torch.Tensor:
     """The image g the Chan–Vese term segments: the mean of ANT and mirrored POST.
 
     image: (B, 2, H, W) -> (B, 1, H, W). A lesion shows in g whichever view it is brighter
-    in (Eq. 4's aggregation, halved to stay in the normalized range).
+    in (Eq. 4's aggregation, halved to stay in the normalized range). A single view
+    (B, 1, H, W), a sample of ``aggregation: views``, is its own g.
     """
     return image.mean(dim=1, keepdim=True)
 
@@ -50,9 +52,14 @@ def train_epoch(
     scaler: torch.amp.GradScaler | None = None,
     teacher: MeanTeacher | None = None,
     unsupervised_scale: float = 1.0,
+    max_steps: int | None = None,
 ) -> dict[str, float]:
-    """One pass over ``batches``. Returns means of the loss parts per image, the image count,
+    """One pass over ``batches``, or its first ``max_steps`` batches (a step budget's last
+    epoch). Returns means of the loss parts per sample, the sample and optimizer-step counts,
     the epoch's seconds and the seconds spent waiting for the next batch (data-bound time).
+
+    A single-view model (``aggregation: views``) trains each view of a batch's pairs as its own
+    sample (``views.as_samples``): a batch of B scans is 2B samples, each with its view's mask.
 
     teacher: a mean teacher (``semi: mean_teacher``): the student then sees a perturbed
     view (``consistency.perturb``, half the images mirrored and mirrored back), the teacher
@@ -60,15 +67,21 @@ def train_epoch(
     factor on the weight of l_U for this epoch (the teacher's ramp-up)."""
     device = torch.device(device)
     model.train()
+    config = getattr(getattr(model, "module", model), "config", None)  # a ModelConfig; none on a bare nn.Module
+    single_view = getattr(config, "aggregation", None) == "views"
     totals = {"loss": 0.0, "unsupervised": 0.0, "supervised": 0.0}
-    images = labeled_images = 0
+    images = labeled_images = steps = 0
     wait = 0.0
     start = tick = time.perf_counter()
+    if max_steps is not None and max_steps <= 0:
+        batches = ()
     for batch in batches:
         wait += time.perf_counter() - tick
         image = batch["image"].to(device, non_blocking=True)
         mask = batch["mask"].to(device, non_blocking=True)
         labeled = batch["labeled"].to(device, non_blocking=True).bool()
+        if single_view:
+            image, mask, labeled = as_samples(image, mask, labeled)  # (2B, 1, H, W), (2B, 1, H, W), (2B,)
         teacher_logits = None
         with _autocast(device, amp):
             if teacher is None:
@@ -97,7 +110,10 @@ def train_epoch(
         totals["supervised"] += parts["supervised"].item() * n_lab
         images += n
         labeled_images += n_lab
+        steps += 1
         tick = time.perf_counter()
+        if steps == max_steps:  # before pulling a batch that would not be used
+            break
     seconds = time.perf_counter() - start
     return {
         "loss": totals["loss"] / max(images, 1),
@@ -105,6 +121,7 @@ def train_epoch(
         "supervised": totals["supervised"] / max(labeled_images, 1),
         "images": images,
         "labeled_images": labeled_images,
+        "steps": steps,
         "seconds": seconds,
         "data_wait_seconds": wait,
     }

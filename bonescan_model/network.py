@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from bonescan_model.frozen import from_mapping
+from bonescan_model.views import as_samples, merge_logits
 
 ARCHS = ("recurrent", "unet")
 RECURRENT_WEIGHTS = ("shared", "unrolled")
-AGGREGATIONS = ("none", "input", "features")
+AGGREGATIONS = ("none", "input", "features", "views")
 # Table 4 of the paper studies t = 1..4; outside that range nothing has been measured.
 MAX_RECURRENCE = 4
 
@@ -47,9 +48,17 @@ def _check_bool(owner: str, name: str, value: Any) -> None:
         raise ValueError(f"{owner}: {name} must be a bool, got {value!r}")
 
 
-def _check_views(x: torch.Tensor) -> None:
+def _check_views(x: torch.Tensor, config: "ModelConfig") -> None:
+    if config.aggregation == "views" and x.ndim == 4 and x.shape[1] == 1:
+        return  # one view, in its own orientation (bonescan_model.views)
     if x.ndim != 4 or x.shape[1] != 2:
-        raise ValueError(f"expected views of shape (B, 2, H, W) (ANT, mirrored POST), got {tuple(x.shape)}")
+        single = " or (B, 1, H, W) (one view)" if config.aggregation == "views" else ""
+        raise ValueError(f"expected views of shape (B, 2, H, W) (ANT, mirrored POST){single}, got {tuple(x.shape)}")
+
+
+def _is_pair_to_split(x: torch.Tensor, config: "ModelConfig") -> bool:
+    """A single-view model ("views") given a pair: it segments each view (``views``)."""
+    return config.aggregation == "views" and x.shape[1] == 2
 
 
 # sigmoid(-4) = 1.8 %: the share of lesion pixels the head starts from (see _init_lesion_prior).
@@ -79,9 +88,14 @@ class ModelConfig:
     long_skip:         the stem's full-resolution features joined before the head (our
                        departure from Fig. 1, see RecurrentSegNet). false: the paper's network,
                        as the Table 5 cases train it.
-    aggregation:       Eq. 4. "none" feeds ANT and POST as two channels; "input" sums them
-                       before the network; "features" runs one shared stem on each view and
-                       adds the feature maps. The U-Net takes "none" or "input".
+    aggregation:       Eq. 4. "none" feeds ANT and POST as two channels (an early fusion of
+                       ours); "input" sums them before the network (the paper's D2_Agg);
+                       "features" runs one shared stem on each view and adds the feature
+                       maps; "views" trains each view as its own sample, in its own
+                       orientation (the paper's D2, ``bonescan_model.views``): the model
+                       takes one view (B, 1, H, W), and on a pair it segments both views and
+                       averages their logits in the ANT frame. The U-Net takes "none",
+                       "input" or "views".
     dilations:         dilation rate of each encoder level's residual block, full resolution
                        first; its length is the number of encoder levels.
     unet_depth:        number of 2x downsamplings of the U-Net (arch "unet" only).
@@ -336,14 +350,16 @@ class RecurrentSegNet(nn.Module):
         _init_lesion_prior(self.head[-1])
 
     def forward(self, views: torch.Tensor) -> torch.Tensor:
-        _check_views(views)
+        _check_views(views, self.config)
+        if _is_pair_to_split(views, self.config):
+            return merge_logits(self(as_samples(views)[0]))  # (2B, 1, H, W) views -> (B, 1, H, W)
         ant, post = views[:, :1], views[:, 1:]  # (B, 1, H, W) each
         if self.config.aggregation == "input":
             x = self.stem(ant + post)  # Eq. 4 on images: (B, w, H, W)
         elif self.config.aggregation == "features":
             x = self.stem(ant) + self.stem(post)  # Eq. 4 on features: (B, w, H, W)
         else:
-            x = self.stem(views)  # (B, w, H, W)
+            x = self.stem(views)  # (B, 2 or 1 for "views", H, W) -> (B, w, H, W)
         skip = x
         sizes = [x.shape[-2:]]
         for down in self.down:
@@ -388,7 +404,7 @@ class UNet(nn.Module):
         self.config = config
         depth = config.unet_depth
         widths = [config.width * 2**i for i in range(depth + 1)]
-        in_channels = 1 if config.aggregation == "input" else 2
+        in_channels = 2 if config.aggregation == "none" else 1
         self.encoder = nn.ModuleList(
             _double_conv(in_channels if i == 0 else widths[i - 1], widths[i]) for i in range(depth + 1)
         )
@@ -401,7 +417,9 @@ class UNet(nn.Module):
         _init_lesion_prior(self.head)
 
     def forward(self, views: torch.Tensor) -> torch.Tensor:
-        _check_views(views)
+        _check_views(views, self.config)
+        if _is_pair_to_split(views, self.config):
+            return merge_logits(self(as_samples(views)[0]))  # (2B, 1, H, W) views -> (B, 1, H, W)
         x = views.sum(dim=1, keepdim=True) if self.config.aggregation == "input" else views  # (B, 1 or 2, H, W)
         skips = []
         for i, block in enumerate(self.encoder):

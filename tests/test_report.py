@@ -52,24 +52,30 @@ def laid_out_experiment(root: Path, data: Path, space_file: str, seeds: int = 2)
     grid = list(itertools.product(*(p.values for p in exp.space.parameters)))
     for i, (values, seed) in enumerate(itertools.product(grid, range(seeds))):
         params = {**dict(zip(names, values)), "seed": seed}
-        cfg = dataclasses.replace(exp.space.trial_config(params), test_runs=2)
+        cfg = exp.space.trial_config(params)
+        # A space's step budget, cut to a few steps: a laid-out history has a row per epoch.
+        cfg = dataclasses.replace(cfg, test_runs=2, **({"max_steps": 6} if cfg.max_steps else {}))
         run = exp.runs / f"laidout_{i:05d}"
         run.mkdir(parents=True)
         save_train_config(cfg, run / "config.yaml")
         (run / "run.json").write_text(json.dumps({"data": str(data), "workers": 1, "gpus": False}))
         (run / "trial.json").write_text(json.dumps(
             {"trial_id": run.name, "params": params, "label": tune.trial_label(params)}))
-        splits.for_config(data, cfg).save(run)
+        selection = splits.for_config(data, cfg)
+        selection.save(run)
         torch.manual_seed(i)
         save_checkpoint(run / "model.pt", build_model(cfg.model), cfg.model, epoch=cfg.epochs,
                         threshold=cfg.threshold)
+        plan = {k: selection.budget[f"planned_{k}"] for k in ("epochs", "steps_per_epoch", "steps")}
         with open(run / "history.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["epoch", "train_loss", "train_seconds", "val_dsc", "val_cpa",
-                                                   "val_recall"])
+            writer = csv.DictWriter(f, fieldnames=["epoch", "steps", "samples", "train_loss", "train_seconds",
+                                                   "val_dsc", "val_cpa", "val_recall"])
             writer.writeheader()
-            for epoch in range(1, cfg.epochs + 1):
-                writer.writerow({"epoch": epoch, "train_loss": 1.0 / (epoch + i), "train_seconds": 3.0,
-                                 "val_dsc": epoch / (cfg.epochs + i), "val_cpa": 0.2, "val_recall": 0.3})
+            for epoch in range(1, plan["epochs"] + 1):
+                steps = min(epoch * plan["steps_per_epoch"], plan["steps"])
+                writer.writerow({"epoch": epoch, "steps": steps, "samples": steps * cfg.batch_size,
+                                 "train_loss": 1.0 / (epoch + i), "train_seconds": 3.0,
+                                 "val_dsc": epoch / (plan["epochs"] + i), "val_cpa": 0.2, "val_recall": 0.3})
     rows = tune.collect(root)
     assert len(rows) == len(grid) * seeds and all(r["status"] == "finished" for r in rows)
     assert sorted({r["seed"] for r in rows}) == list(range(seeds))
@@ -159,6 +165,29 @@ def test_report_shows_the_paper_beside_the_measured_numbers(baselines, tmp_path)
                              row), row
     (nnunet,) = [r for r in rows if "nnU-Net" in r]
     assert nnunet.count("not run") >= 3 and "<td class='paper'>0.757</td>" in nnunet
+
+
+def test_report_marks_what_differs_from_the_papers_arm(data, tmp_path):
+    # Fig. 9: the paper's D2 (views as samples) and D2_Agg rows state their samples; our fusions have none.
+    exp = laid_out_experiment(tmp_path / "exp", data, "aggregation.yaml", seeds=1)
+    page = tmp_path / "report.html"
+    assert main(["report", "--experiment", str(exp), "--out", str(page)]) == 0
+    table = re.search(r"<table id='paper-table'>.*?</table>", page.read_text(), re.S).group(0)
+    assert "differs from the paper&#x27;s arm" in table
+    rows = {re.search(r"<td>([^<]*)</td>", r).group(1): r for r in re.findall(r"<tr>(.*?)</tr>", table, re.S)[2:]}
+    budgets = {json.loads((run / "trial.json").read_text())["params"]["arm"]["name"]: splits.load_budget(run)
+               for run in (exp / "runs").iterdir()}
+    views, summed = budgets["D2: views as samples"], budgets["D2_Agg: ANT + POST"]
+    assert views["training_samples"] == 2 * summed["training_samples"] > 0
+    for arm, paper_samples in (("D2: views as samples", "1,596"), ("D2_Agg: ANT + POST", "798")):
+        cell = re.search(r"<td class='differs'>(.*?)</td>", rows[arm]).group(1)
+        ours = budgets[arm]
+        assert f"training samples: {ours['training_samples']:,} (paper {paper_samples})" in cell, cell
+        assert f"data: {ours['all_scans']} scans" in cell and "112 clinical images" in cell
+        assert "training: 6 optimizer steps" in cell and "(paper 400 epochs, steps not stated)" in cell
+        # The measured samples sit beside the paper's, in the table's own columns too.
+        assert f"<td>{ours['training_samples']}</td><td class='paper'>{paper_samples.replace(',', '')}</td>" in rows[arm]
+    assert "no published number" in rows["two channels (ours)"]
 
 
 def test_report_of_a_folder_that_is_neither_names_it(tmp_path, capsys):

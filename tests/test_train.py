@@ -124,6 +124,25 @@ def _other_test_split(data: Path, out: Path) -> Path:
     return out
 
 
+def test_arms_given_the_same_step_budget_take_the_same_optimizer_steps(data, first_run, tmp_path):
+    # first_run: 2 epochs of view pairs. The same budget in steps, for an arm whose samples are the
+    # single views (twice the samples per scan, half the scans per batch): as many optimizer steps.
+    budget = json.loads((first_run / "budget.json").read_text())
+    steps = int(_history(first_run)[-1]["steps"])
+    assert steps == budget["planned_steps"] == 2 * budget["planned_steps_per_epoch"]
+    run = tmp_path / "views"
+    config = _config(tmp_path, max_steps=steps, model={**TINY["model"], "aggregation": "views"}, seed=3)
+    assert main(["train", "--data", str(data), "--config", str(config), "--out", str(run)]) == 0
+    history, views_budget = _history(run), json.loads((run / "budget.json").read_text())
+    assert int(history[-1]["steps"]) == steps
+    assert views_budget["training_samples"] == 2 * views_budget["training_rows"] == 2 * budget["training_samples"]
+    assert views_budget["labeled_samples"] == 2 * budget["labeled_samples"] > 0
+    # Half the scans per step: more steps to an epoch, so the budget ends in the epoch it planned.
+    assert views_budget["planned_steps_per_epoch"] > budget["planned_steps_per_epoch"]
+    assert len(history) == views_budget["planned_epochs"]
+    assert int(history[-1]["samples"]) == sum(int(r["train_images"]) for r in history) <= steps * TINY["batch_size"]
+
+
 def test_same_seed_same_metrics_and_the_test_split_chooses_nothing(data, first_run, tmp_path):
     # Two epochs: the second one's stream is started early, on a thread (train.started_early).
     # Run b trains with run a's config (seed 3) on the same shards but for the test split, and

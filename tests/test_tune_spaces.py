@@ -52,8 +52,18 @@ def test_spaces_hold_the_papers_settings():
     assert _values("recurrence", "model.recurrence") == [1, 2, 3, 4]  # Fig. 8, Table 4
     alpha, nu = _values("loss_weights", "alpha"), _values("loss_weights", "nu")
     assert alpha[0] < 0.4 < alpha[1] and nu[0] < 0.004 < nu[1]
-    assert _values("datasets", "dataset") == ["D1", "D2", "D3", "D4"]  # Table 3
-    assert {"none", "input"} <= set(_values("aggregation", "model.aggregation"))  # Fig. 9
+    # Table 3: arms that differ in their data alone: one step budget, no on-the-fly augmentation
+    space = load_space(REPO / "tune_spaces" / "datasets.yaml")
+    assert _values("datasets", "dataset") == ["D1", "D2", "D3", "D4"]
+    arms = [space.trial_config({"dataset": d}) for d in _values("datasets", "dataset")]
+    assert {(c.max_steps, c.augment) for c in arms} == {(arms[0].max_steps, False)} and arms[0].max_steps
+    # Fig. 9: the paper's D2 (views as samples) and D2_Agg (summed), our two-channel fusion, one step budget
+    space = load_space(REPO / "tune_spaces" / "aggregation.yaml")
+    arms = {case_name(c): space.trial_config({"arm": c}) for c in _values("aggregation", "arm")}
+    assert {"views", "input", "none"} <= {c.model.aggregation for c in arms.values()}
+    assert arms["D2: views as samples"].model.aggregation == "views"
+    assert arms["D2_Agg: ANT + POST"].model.aggregation == "input"
+    assert len({c.max_steps for c in arms.values()}) == 1 and arms["D2_Agg: ANT + POST"].max_steps
     cases = {case_name(c): c for c in _values("ablation", "case")}  # Table 5
     switches = {n: tuple(c[f"model.{k}"] for k in ("dilated", "inception", "residual")) for n, c in cases.items()}
     assert switches == {"1#": (False, False, False), "2#": (True, False, False), "3#": (True, True, False),
@@ -88,6 +98,9 @@ def test_spaces_hold_the_papers_settings():
     ({"scheduler": {"reduction_factor": 1}}, "scheduler.reduction_factor"),
     ({"scheduler": {"grace": 1}}, "scheduler.grace"),
     ({"scheduler": {"grace_period": 1.5}}, "scheduler.grace_period"),
+    ({"scheduler": {"type": "asha"}, "fixed": {"max_steps": 100}}, "scheduler"),  # ASHA counts epochs
+    ({"fixed": {"max_steps": 0}}, "max_steps"),
+    ({"parameters": {"model.aggregation": {"grid": ["views", "both"]}}}, "model.aggregation=both"),
     ({"search": {"type": "optuna"}}, "search.type"),
     ({"search": {"seed": 1}}, "search.seed"),
     ({"resources": {"gpu": 1}}, "resources.gpu"),

@@ -30,6 +30,13 @@ class TrainConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     epochs: int = 400
+    # The training budget in optimizer steps, in place of epochs: the run trains the epochs
+    # these steps take, the last one cut short at the budget (``plan``), so that arms whose
+    # data differ in size (D1 against D2, views as samples against aggregated pairs) train
+    # the same number of steps. None: `epochs` epochs, however many steps they take.
+    max_steps: int | None = None
+    # Samples per optimizer step. A sample is a scan (its view pair), or one view under the
+    # model's aggregation "views": a batch then reads batch_size / 2 scans (rounded up).
     batch_size: int = 8
     lr: float = 0.0005
     beta1: float = 0.9  # Table 2's "learning momentum"
@@ -73,6 +80,7 @@ class TrainConfig:
     def __post_init__(self):
         checks = {
             "epochs": self.epochs >= 1,
+            "max_steps": self.max_steps is None or self.max_steps >= 1,
             "batch_size": self.batch_size >= 1,
             "lr": self.lr > 0,
             "beta1": 0 <= self.beta1 < 1,
@@ -102,6 +110,28 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def samples_per_scan(self) -> int:
+        """Training samples one scan gives: its two views under aggregation "views", else 1."""
+        return 2 if self.model.aggregation == "views" else 1
+
+    @property
+    def scans_per_batch(self) -> int:
+        return -(-self.batch_size // self.samples_per_scan)
+
+    def plan(self, training_rows: int, workers: int = 1) -> dict[str, int]:
+        """The run's epochs and optimizer steps for ``training_rows`` scans split over
+        ``workers`` (Ray Train splits them equally, each worker a whole share, so a step is one
+        batch on every worker). With max_steps the epochs are those the steps take; without,
+        the steps are those the epochs take."""
+        per_worker = max(1, training_rows // max(1, workers))
+        steps_per_epoch = -(-per_worker // self.scans_per_batch)
+        if self.max_steps is None:
+            return {"epochs": self.epochs, "steps_per_epoch": steps_per_epoch,
+                    "steps": self.epochs * steps_per_epoch}
+        return {"epochs": -(-self.max_steps // steps_per_epoch), "steps_per_epoch": steps_per_epoch,
+                "steps": self.max_steps}
 
     @classmethod
     def from_dict(cls, data: dict, source: str | os.PathLike = "<config>") -> TrainConfig:

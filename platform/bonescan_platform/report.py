@@ -49,6 +49,10 @@ LABEL_COLOR, PREDICTION_COLOR = "#00b000", "#e00000"
 CONFIG_HEADERS = {"label_fraction": "L_label (share)", "model.recurrence": "t", "dataset": "data set",
                   "model.dilated": "dilated conv.", "model.inception": "inception",
                   "model.residual": "residual unit", "model.aggregation": "aggregation", "model.arch": "model"}
+# The paper's own setting where a space's paper row does not state it: Table 1 (112 original
+# images in D1), Table 2 (400 epochs; no batch size is given, so no step count).
+PAPER_DEFAULTS = {"all_scans": 112, "epochs": 400}
+DIFFERS = "differs from the paper's arm"
 PAPER_NOTE = ("Paper: the numbers Lin et al. (2022) published, measured on their private clinical scans "
               "(Gansu Provincial Hospital, 400 epochs, GPUs); shown for orientation, not comparable one "
               "to one with scores measured here.")
@@ -195,6 +199,8 @@ def paper_table(groups: list[dict], space: SearchSpace) -> str:
             head2 += ["<th>measured</th>", "<th class='paper'>paper</th>"]
         else:
             head1.append(f"<th rowspan='2'>{_e(_header(c, spec))}</th>")
+    if spec["paper"]:
+        head1.append(f"<th rowspan='2'>{_e(DIFFERS)}</th>")
     lines = []
     matched = set()
     for group in groups:
@@ -206,6 +212,9 @@ def paper_table(groups: list[dict], space: SearchSpace) -> str:
             cells.append(_cell(group, c, space, bold=c in METRICS and _mean(group["rows"], c) == best[c]))
             if c in published:
                 cells.append(_paper_cell(spec["paper"][paper] if paper is not None else {}, c))
+        if spec["paper"]:
+            notes = differences(group["rows"], spec["paper"][paper]) if paper is not None else ["no published number"]
+            cells.append(f"<td class='differs'>{'<br>'.join(_e(n) for n in notes)}</td>")
         lines.append("<tr>" + "".join(cells) + "</tr>")
     for i, paper in enumerate(spec["paper"]):  # published rows with no trial here (nnU-Net)
         if i in matched:
@@ -216,6 +225,7 @@ def paper_table(groups: list[dict], space: SearchSpace) -> str:
                          else "<td class='none'>not run</td>")
             if c in published:
                 cells.append(_paper_cell(paper, c))
+        cells.append("<td class='none'>not run here</td>")
         lines.append("<tr class='paper-only'>" + "".join(cells) + "</tr>")
     return (f"<table id='paper-table'><thead><tr>{''.join(head1)}</tr><tr>{''.join(head2)}</tr></thead>"
             f"<tbody>{''.join(lines)}</tbody></table>"
@@ -238,6 +248,34 @@ def _cell(group: dict, column: str, space: SearchSpace, bold: bool = False) -> s
     if len(values) > 1 and column in METRICS:
         text += f" ± {float(np.std(values)):.3f}"
     return f"<td><b>{text}</b></td>" if bold else f"<td>{text}</td>"
+
+
+def differences(rows: list[dict], paper: dict) -> list[str]:
+    """Where a measured arm (its trials' ``rows``) differs from the paper's arm it sits beside:
+    its data, its labels and its training length, each with the paper's value, so that a reader
+    never compares unlike with unlike without being told. The paper's values: the row's own
+    (search_space.PAPER_SETTING keys), else PAPER_DEFAULTS."""
+    paper = {**PAPER_DEFAULTS, **paper}
+    notes = [f"data: {_count(rows, 'all_scans')} scans of this experiment's cohort, not the paper's "
+             f"{paper['all_scans']:,} clinical images"]
+    for key, what in (("training_samples", "training samples"), ("labeled_samples", "labeled samples"),
+                      ("labeled_scans", "labeled scans"), ("labeled_share_of_all", "labeled share of all scans")):
+        ours = _mean(rows, key)
+        if key in paper and not (_finite(ours) and math.isclose(ours, paper[key], rel_tol=0.005)):
+            text = (lambda v: f"{v:.0%}") if key.startswith("labeled_share") else (lambda v: f"{v:,.0f}")
+            notes.append(f"{what}: {text(ours) if _finite(ours) else 'n/a'} (paper {text(paper[key])})")
+    paper_steps = f", {paper['steps']:,} steps" if "steps" in paper else ", steps not stated"
+    notes.append(f"training: {_count(rows, 'steps')} optimizer steps, {_count(rows, 'epochs')} epochs "
+                 f"(paper {paper['epochs']:,} epochs{paper_steps})")
+    return notes
+
+
+def _count(rows: list[dict], key: str) -> str:
+    """A count over a configuration's trials: one number, or their range where seeds differ."""
+    values = sorted({int(r[key]) for r in rows if _finite(r.get(key)) and r[key] >= 0})
+    if not values:
+        return "n/a"
+    return f"{values[0]:,}" if len(values) == 1 else f"{values[0]:,}-{values[-1]:,}"
 
 
 def _paper_cell(paper: dict, column: str) -> str:
@@ -478,7 +516,18 @@ def _budget_line(run: Path) -> str:
             f"({budget['labeled_share_of_train']:.0%}); {budget['labeled_share_of_all']:.0%} of all "
             f"{budget['all_scans']} scans (the paper's L_label counts this way). Validation: "
             f"{budget['val_scans']} scans of {budget['val_patients']} patients; test: {budget['test_scans']} "
-            f"scans of {budget['test_patients']} patients.</p>")
+            f"scans of {budget['test_patients']} patients.{_training_sentence(run, budget)}</p>")
+
+
+def _training_sentence(run: Path, budget: dict) -> str:
+    """Samples and optimizer steps: what makes two runs' training comparable, or not."""
+    history = _history(run)
+    if "training_samples" not in budget or not history:
+        return ""
+    last = history[-1]
+    return (f" Training: {budget['training_samples']} samples ({budget['labeled_samples']} labeled; "
+            f"{budget['samples_per_scan']} per scan), {last.get('steps', 'n/a')} optimizer steps over "
+            f"{last['epoch']} epochs, {last.get('samples', 'n/a')} samples seen.")
 
 
 # ---------------------------------------------------------------- HTML and formatting
@@ -490,6 +539,7 @@ table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: center; }
 th { background: #f3f3f3; } td.paper, th.paper { background: #fff7e0; color: #6a4a00; }
 td.none { color: #999; } tr.paper-only td { font-style: italic; }
+td.differs { font-size: 0.8em; color: #444; max-width: 28em; }
 table.facts td { text-align: left; border: none; padding: 0.1em 0.8em 0.1em 0; }
 table.facts td:first-child { color: #666; }
 img { max-width: 100%; display: block; margin: 0.5em 0; }

@@ -27,8 +27,10 @@ A space file (every key but ``base`` and ``parameters`` is optional)::
       x: label_fraction     # the figures' x axis (default: the first parameter)
       columns: [labeled_scans, dsc, cpa, recall]   # the paper-layout table, after the parameters
       headers: {label_fraction: "L_label"}         # optional: a column's header in the table
-      paper:                # the published numbers: keys are parameters (to match) or columns;
-                            # values in the units the table shows (parameters in millions)
+      paper:                # the published numbers: keys are parameters (to match), columns or the
+                            # paper's setting (PAPER_SETTING: its data, labels and training, which
+                            # the report compares with each arm's); values in the units the table
+                            # shows (parameters in millions)
         - {label_fraction: 0.37, dsc: 0.683, cpa: 0.715, recall: 0.601}
       paper_source: "Lin et al. 2022, Section 3.4.1"
 
@@ -77,7 +79,12 @@ RESULT_COLUMNS = {
     "labeled_share_of_train": "labeled share of training scans",
     "train_scans": "training scans",
     "val_scans": "validation scans",
-    "training_rows": "training samples",
+    "training_rows": "training scans with their copies",
+    # Samples: a scan, or each of its views under aggregation "views" (TrainConfig.samples_per_scan).
+    "training_samples": "training samples",
+    "labeled_samples": "labeled samples",
+    "steps": "optimizer steps",
+    "samples_seen": "samples seen in training",
     "dsc": "test DSC",
     "cpa": "test CPA",
     "recall": "test Recall",
@@ -98,6 +105,12 @@ RESULT_COLUMNS = {
     "train_seconds": "training time (s)",
     "trial_seconds": "trial time (s)",
 }
+
+
+# What a paper row may state of the paper's own arm besides its scores, shown or not: the report
+# marks where the measured arm differs from it (report.differences).
+PAPER_SETTING = ("all_scans", "training_samples", "labeled_samples", "labeled_scans", "labeled_share_of_all",
+                 "epochs", "steps")
 
 
 @dataclass(frozen=True)
@@ -268,6 +281,11 @@ def parse_space(raw: dict, source: str | os.PathLike, base: TrainConfig) -> Sear
     for params in combos:
         key = "parameters." + ", ".join(f"{n}={case_name(v)}" for n, v in params.items())
         _build(base_dict, {**fixed, **overrides(params)}, source, key)
+    if space.scheduler and any(_build(base_dict, {**fixed, **overrides(params)}, source).max_steps is not None
+                               for params in _first_combos(parameters)):
+        # ASHA stops trials at epoch milestones, and a step budget's epochs depend on the data.
+        fail("scheduler", "ASHA counts epochs, but trials here train a step budget (max_steps): "
+                          "drop the scheduler or train by epochs")
     if space.scheduler and space.scheduler["grace_period"] > space.max_epochs():
         fail("scheduler.grace_period", f"{space.scheduler['grace_period']} exceeds the trials' "
              f"{space.max_epochs()} epochs")
@@ -275,6 +293,11 @@ def parse_space(raw: dict, source: str | os.PathLike, base: TrainConfig) -> Sear
 
 
 # ---------------------------------------------------------------- pieces
+def _first_combos(parameters) -> list[dict]:
+    """No parameter set, then each candidate value alone: where a key set anywhere shows."""
+    return [{}] + [{p.name: v} for p in parameters for v in p.candidates()]
+
+
 def _parameter(name, spec, fail) -> Parameter:
     key = f"parameters.{name}"
     if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in KINDS:
@@ -404,8 +427,9 @@ def _report(raw, parameters: tuple[Parameter, ...], fail) -> dict:
         if not isinstance(row, dict):
             fail(f"report.paper[{i}]", "must be a mapping")
         for key, value in row.items():
-            if key not in names and key not in out["columns"]:
-                fail(f"report.paper[{i}].{key}", "neither a parameter nor a column of report.columns")
+            if key not in names and key not in out["columns"] and key not in PAPER_SETTING:
+                fail(f"report.paper[{i}].{key}", "neither a parameter, a column of report.columns nor one of "
+                                                 f"the paper's settings ({', '.join(PAPER_SETTING)})")
             if key not in names and not (isinstance(value, (int, float)) and math.isfinite(value)):
                 fail(f"report.paper[{i}].{key}", f"a published value must be a number, got {value!r}")
     return out

@@ -157,8 +157,8 @@ def select(shard_dir: str | Path, *, val_fraction: float, val_seed: int, seed: i
         count += scans_of[key]
     chosen = set(labeled)
     all_scans = len(originals)
-    training_rows = sum(r.split == "train" and r.patient_key not in val and in_dataset(r.source, dataset)
-                        for r in rows)
+    training = [r for r in rows if r.split == "train" and r.patient_key not in val and in_dataset(r.source, dataset)]
+    training_rows = len(training)
     budget = {
         "label_fraction": label_fraction, "labeled_scans_asked": labeled_scans,
         "labeled_scans": count, "labeled_patients": len(chosen),
@@ -170,14 +170,25 @@ def select(shard_dir: str | Path, *, val_fraction: float, val_seed: int, seed: i
         # The paper's L_label: labeled scans over every scan, train and test together.
         "labeled_share_of_all": count / all_scans if all_scans else 0.0,
         "dataset": dataset, "training_rows": training_rows,
+        # Rows whose mask trains: the labeled patients' scans with their copies in `dataset`.
+        "labeled_rows": sum(r.patient_key in chosen and r.has_mask for r in training),
     }
     return Selection(splits=splits, labeled=tuple(sorted(chosen)), budget=budget)
 
 
-def for_config(shard_dir: str | Path, cfg) -> Selection:
-    """``select`` with a TrainConfig's keys."""
-    return select(shard_dir, val_fraction=cfg.val_fraction, val_seed=cfg.val_seed, seed=cfg.seed,
-                  label_fraction=cfg.label_fraction, labeled_scans=cfg.labeled_scans, dataset=cfg.dataset)
+def for_config(shard_dir: str | Path, cfg, workers: int = 1) -> Selection:
+    """``select`` with a TrainConfig's keys; the budget also counts the training samples (a
+    scan gives two under aggregation "views") and the run's epochs and optimizer steps
+    (``TrainConfig.plan``) for ``workers`` training workers."""
+    selection = select(shard_dir, val_fraction=cfg.val_fraction, val_seed=cfg.val_seed, seed=cfg.seed,
+                       label_fraction=cfg.label_fraction, labeled_scans=cfg.labeled_scans, dataset=cfg.dataset)
+    budget = selection.budget
+    per_scan = cfg.samples_per_scan
+    plan = cfg.plan(budget["training_rows"], workers)
+    budget.update({"samples_per_scan": per_scan, "training_samples": budget["training_rows"] * per_scan,
+                   "labeled_samples": budget["labeled_rows"] * per_scan, "batch_size": cfg.batch_size,
+                   **{f"planned_{k}": v for k, v in plan.items()}})
+    return selection
 
 
 def load(run: Path) -> Splits:

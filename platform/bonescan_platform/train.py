@@ -71,16 +71,23 @@ def train_loop(loop_config: dict) -> None:
     tracker = tracking.Tracker.from_dict(loop_config.get("mlflow")) if rank == 0 else None
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     shuffle_rows = loop_config["shuffle_rows"]
+    epochs = loop_config["epochs"]  # cfg.epochs, or those cfg.max_steps take (TrainConfig.plan)
+    steps = history[-1].get("steps", 0) if history else 0
     upcoming = epoch_batches(train_shard, cfg, start, rank, shuffle_rows)
-    for epoch in range(start, cfg.epochs):
+    for epoch in range(start, epochs):
         stats = engine.train_epoch(model, upcoming, loss_fn, optimizer, device=device, amp=cfg.amp, scaler=scaler,
-                                   teacher=teacher, unsupervised_scale=rampup(epoch, cfg.rampup_epochs) if teacher else 1.0)
-        if epoch + 1 < cfg.epochs:
+                                   teacher=teacher, unsupervised_scale=rampup(epoch, cfg.rampup_epochs) if teacher else 1.0,
+                                   max_steps=None if cfg.max_steps is None else cfg.max_steps - steps)
+        steps += stats["steps"]
+        if epoch + 1 < epochs:
             # Ray Data re-executes the dataset every epoch and its first batch takes 2-3 s to
             # arrive whatever the data's size (bench/RESULTS.md): start it now, behind validation
             # and the checkpoint, not in front of the next epoch's first step.
             upcoming = started_early(epoch_batches(train_shard, cfg, epoch + 1, rank, shuffle_rows))
-        metrics = {"epoch": epoch + 1, "train_workers": ray.train.get_context().get_world_size(),
+        world = ray.train.get_context().get_world_size()
+        # steps: optimizer steps so far (each a batch on every worker); samples: what they saw.
+        metrics = {"epoch": epoch + 1, "train_workers": world, "steps": steps,
+                   "samples": (history[-1].get("samples", 0) if history else 0) + stats["images"] * world,
                    **{f"train_{k}": v for k, v in stats.items()}}
         if rank == 0:  # validation on one rank: the split is small, and DDP needs no sync for it
             per_image = engine.evaluate(getattr(model, "module", model), val_shard.iter_torch_batches(
@@ -102,7 +109,7 @@ def epoch_batches(train_shard, cfg: TrainConfig, epoch: int, rank: int, shuffle_
     """One epoch of this worker's training batches, shuffled (over ``shuffle_rows``: the whole
     epoch up to SHUFFLE_ROWS) and augmented, seeded by (seed, epoch, rank)."""
     batches = train_shard.iter_torch_batches(
-        batch_size=cfg.batch_size, prefetch_batches=2,
+        batch_size=cfg.scans_per_batch, prefetch_batches=2,
         local_shuffle_buffer_size=shuffle_rows, local_shuffle_seed=cfg.seed * 100_003 + epoch * 101 + rank)
     if cfg.augment:
         batches = augmenting(batches, np.random.default_rng([cfg.seed, epoch, rank]))
@@ -273,7 +280,7 @@ def trainer_for(run: Path, cfg: TrainConfig, data: str | Path, workers: int, gpu
     else:
         torch_threads = max(1, int(cpu_per_worker))
     DataContext.get_current().enable_progress_bars = False
-    selection = splits.for_config(data, cfg)
+    selection = splits.for_config(data, cfg, workers)
     selection.save(run)
     chosen = selection.splits
     if not chosen.val:
@@ -286,7 +293,7 @@ def trainer_for(run: Path, cfg: TrainConfig, data: str | Path, workers: int, gpu
         torch_config=LoopbackTorchConfig() if cluster.on_loopback_ray() else None,
         train_loop_config={"train": _plain(cfg.to_dict()), "run": run.name,  # the dashboards' run tag
                            "mlflow": json.loads((run / "run.json").read_text()).get("mlflow"),
-                           "torch_threads": torch_threads,
+                           "torch_threads": torch_threads, "epochs": selection.budget["planned_epochs"],
                            "shuffle_rows": max(cfg.batch_size, min(rows_per_worker, SHUFFLE_ROWS))},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus,
                                      resources_per_worker={"CPU": cpu_per_worker}),
@@ -375,7 +382,7 @@ def finish_run(run: Path, result, location: str | None = None) -> int:
     if tracker is not None:
         tracker.finish(run, tested, {"epochs": last["epoch"],
                                      "best_val_dsc": max(r.get("val_dsc", 0.0) for r in history)})
-    print(f"trained {last['epoch']} epochs: validation DSC {last.get('val_dsc', float('nan')):.3f} "
+    print(f"trained {last['epoch']} epochs ({last.get('steps', 0)} optimizer steps): validation DSC {last.get('val_dsc', float('nan')):.3f} "
           f"(best {max(r.get('val_dsc', 0.0) for r in history):.3f}, chooses the kept model); "
           f"kept model on the test split: DSC {tested.get('dsc', float('nan')):.3f}; "
           f"model: {storage.join(home, FILENAME)}, history: {storage.join(home, 'history.csv')}, "

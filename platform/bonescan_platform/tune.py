@@ -173,8 +173,8 @@ def _trial(exp: Experiment, config: dict, trial_id: str, run: Path, location: st
     from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = exp.space.trial_config(config, f"trial {trial_id}")
-    if not (run / "history.csv").exists():
-        finish_from_checkpoints(run, cfg.epochs, location)  # its last epoch was saved, its model.pt not yet
+    if not (run / "history.csv").exists():  # its last epoch was saved, its model.pt not yet
+        finish_from_checkpoints(run, splits.load_budget(run).get("planned_epochs", cfg.epochs), location)
     if (run / "history.csv").exists():
         # Trained to the end before the sweep's driver stopped, after Tune last saved its
         # state: give Tune the epochs again instead of training again.
@@ -368,19 +368,23 @@ def _row(exp: Experiment, run: Path) -> dict:
     budget = splits.load_budget(run)
     params = trial["params"]
     epochs = int(history[-1]["epoch"]) if history else 0
+    max_epochs = budget.get("planned_epochs", cfg.epochs)  # cfg.epochs, or those its max_steps take
     best = max(history, key=lambda r: r.get("val_dsc", -1.0)) if history else {}
     nan = float("nan")
     row = {
         "trial_id": trial["trial_id"],
-        "status": "error" if not history else ("stopped" if epochs < cfg.epochs else "finished"),
+        "status": "error" if not history else ("stopped" if epochs < max_epochs else "finished"),
         "label": trial["label"],
         **{name: (case_name(params[name]) if isinstance(params.get(name), dict) else params.get(name))
            for name in exp.space.names},
         "seed": cfg.seed,
         **{k: budget.get(k, -1) for k in ("labeled_scans", "labeled_patients", "train_scans", "train_patients",
-                                          "val_scans", "val_patients", "test_scans", "all_scans", "training_rows")},
+                                          "val_scans", "val_patients", "test_scans", "all_scans", "training_rows",
+                                          "training_samples", "labeled_samples")},
         **{k: budget.get(k, nan) for k in ("labeled_share_of_train", "labeled_share_of_all")},
-        "epochs": epochs, "max_epochs": cfg.epochs,
+        "epochs": epochs, "max_epochs": max_epochs,
+        "steps": int(history[-1].get("steps", -1)) if history else 0,
+        "samples_seen": int(history[-1].get("samples", -1)) if history else 0,
         # Test split, kept model, scored once: run 0 is the headline; protocol_*: the paper's runs.
         **{k: tested.get(k, nan) for k in HEADLINE},
         "lesion_images": tested.get("lesion_images", 0),
