@@ -65,7 +65,7 @@ def test_a_pipe_gets_no_bar(tmp_path):
 
 @pytest.mark.ray
 def test_ingest_and_evaluate_write_no_bar_into_a_log(ray_local, deid_secret, tmp_path, capfd):
-    """Ingest (a Ray Data job) and evaluate's runs, their output captured as a log captures it."""
+    """Ingest (Ray tasks) and evaluate's runs, their output captured as a log captures it."""
     from bonescan_model.checkpoint import save_checkpoint
     from bonescan_model.network import ModelConfig, build_model
 
