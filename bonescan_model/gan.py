@@ -1,6 +1,7 @@
 """The DCGAN that makes the paper's D3 samples (Lin et al. 2022, Section 3.2.2, Fig. 6; Radford
-et al. 2015), in plain PyTorch. Reads top to bottom: config, networks, losses, one training
-epoch, back to counts, sampling, checkpoints, the Fréchet distance that tracks training.
+et al. 2015), in plain PyTorch. Reads top to bottom: losses, one training epoch, back to counts, sampling,
+checkpoints, the sample sheet. The config and the networks are in ``gan_network``, the
+Fréchet distance that tracks training with the metrics (``metrics.frechet_distance``).
 
 The GAN sees and makes normalized counts shifted into tanh's range:
     images: (B, C, H, W) float32 in [-1, 1] = preprocess.normalize_counts(counts) - 1
@@ -16,160 +17,24 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import math
 import os
 import time
-import warnings
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import linalg
 from torch import nn
 
 from bonescan_model import checkpoint
 from bonescan_model.errors import InputError
-from bonescan_model.frozen import from_mapping
-from bonescan_model.preprocess import CROP_SIZE, count_scale
+from bonescan_model.gan_network import VIEWS, Discriminator, GanConfig, Generator
+from bonescan_model.preprocess import count_scale
 
-VIEWS = ("both", "aggregated")
 FILENAME = "gan.pt"
 # Normalized counts live in [0, 2] (normalize_counts clips there); tanh's range is [-1, 1].
 _SHIFT = 1.0
-
-# ----------------------------------------------------------------------------------------------
-# Config
-
-
-@dataclass(frozen=True)
-class GanConfig:
-    """The whole GAN recipe, saved into every GAN checkpoint (dataclasses.asdict).
-
-    Architecture (enough to rebuild the generator from a checkpoint):
-    views:  "both" (2 channels: ANT, mirrored POST) or "aggregated" (1 channel, their mean).
-    size:   crop side in pixels, a power of two >= 16; the shards hold 256 x 256 crops.
-    latent: length of the noise vector z.
-    width:  channels of the discriminator's first level and of the generator's last; each
-            level towards 4 x 4 doubles them, up to 8 * width (Radford et al.'s 64-128-256-512
-            is width 64 at 64 x 64).
-    Training (the paper gives only k; the rest are Radford et al.'s):
-    d_steps: k of Fig. 6, discriminator updates per generator update (the paper's 3).
-    lr, beta1, beta2: Adam, both networks; beta1 0.5 as Radford et al. found stable.
-    batch_size, epochs, seed; checkpoint_every: epochs between checkpoints (and Fréchet
-            distances), the last epoch always included.
-    """
-
-    views: str = "both"
-    size: int = CROP_SIZE
-    latent: int = 100
-    width: int = 32
-    d_steps: int = 3
-    lr: float = 0.0002
-    beta1: float = 0.5
-    beta2: float = 0.999
-    batch_size: int = 16
-    epochs: int = 200
-    checkpoint_every: int = 5
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.views not in VIEWS:
-            raise ValueError(f"GanConfig: views must be one of {VIEWS}, got {self.views!r}")
-        minimum = {"size": 16, "latent": 1, "width": 1, "d_steps": 1, "batch_size": 1, "epochs": 1,
-                   "checkpoint_every": 1, "seed": 0}
-        for name, low in minimum.items():
-            value = getattr(self, name)
-            # bool is an int subclass: `width: true` in a YAML file must not become width 1.
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"GanConfig: {name} must be an int >= {low}, got {value!r}")
-        if self.size & (self.size - 1):
-            raise ValueError(f"GanConfig: size must be a power of two, got {self.size}")
-        for name, low, high in (("lr", 0.0, math.inf), ("beta1", 0.0, 1.0), ("beta2", 0.0, 1.0)):
-            value = getattr(self, name)
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value < high
-            if not ok or (name == "lr" and value == 0):
-                raise ValueError(f"GanConfig: {name} must be a number in [{low}, {high}), got {value!r}")
-
-    @property
-    def channels(self) -> int:
-        return 2 if self.views == "both" else 1
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> GanConfig:
-        """Rebuild from dataclasses.asdict output (or a YAML mapping); unknown keys are errors."""
-        return from_mapping(cls, d)
-
-
-def _level_channels(config: GanConfig) -> list[int]:
-    """Channels of the feature maps at 4 x 4, 8 x 8, ..., size/2 x size/2 (the generator's order)."""
-    sides = [4 * 2**i for i in range(int(math.log2(config.size)) - 2)]  # 4 .. size/2
-    return [min(config.width * config.size // (2 * side), 8 * config.width) for side in sides]
-
-
-# ----------------------------------------------------------------------------------------------
-# Networks (Radford et al. 2015: strided convolutions, BatchNorm, ReLU / LeakyReLU, tanh out)
-
-
-def _dcgan_init(module: nn.Module) -> None:
-    """Weights from N(0, 0.02), BatchNorm scales from N(1, 0.02), as Radford et al."""
-    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
-        nn.init.normal_(module.weight, 0.0, 0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.BatchNorm2d):
-        nn.init.normal_(module.weight, 1.0, 0.02)
-        nn.init.zeros_(module.bias)
-
-
-class Generator(nn.Module):
-    """z: (B, latent) -> images (B, C, size, size) in [-1, 1]."""
-
-    def __init__(self, config: GanConfig):
-        super().__init__()
-        self.latent = config.latent
-        channels = _level_channels(config)
-        # No conv bias before BatchNorm: its shift replaces it.
-        layers: list[nn.Module] = [nn.ConvTranspose2d(config.latent, channels[0], 4, 1, 0, bias=False),
-                                   nn.BatchNorm2d(channels[0]), nn.ReLU(inplace=True)]
-        for c_in, c_out in zip(channels, channels[1:]):
-            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out),
-                       nn.ReLU(inplace=True)]
-        layers += [nn.ConvTranspose2d(channels[-1], config.channels, 4, 2, 1), nn.Tanh()]
-        self.net = nn.Sequential(*layers)
-        self.apply(_dcgan_init)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        if z.ndim != 2 or z.shape[1] != self.latent:
-            raise ValueError(f"expected noise of shape (B, {self.latent}), got {tuple(z.shape)}")
-        return self.net(z[:, :, None, None])  # (B, latent, 1, 1) -> (B, C, size, size)
-
-
-class Discriminator(nn.Module):
-    """images (B, C, size, size) in [-1, 1] -> (B,) logits, > 0 for "real"."""
-
-    def __init__(self, config: GanConfig):
-        super().__init__()
-        self.shape = (config.channels, config.size, config.size)
-        channels = _level_channels(config)[::-1]  # size/2 .. 4
-        # No BatchNorm on the input layer (Radford et al.: it made samples oscillate).
-        layers: list[nn.Module] = [nn.Conv2d(config.channels, channels[0], 4, 2, 1), nn.LeakyReLU(0.2, inplace=True)]
-        for c_in, c_out in zip(channels, channels[1:]):
-            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out),
-                       nn.LeakyReLU(0.2, inplace=True)]
-        layers += [nn.Conv2d(channels[-1], 1, 4, 1, 0)]  # (B, c, 4, 4) -> (B, 1, 1, 1)
-        self.net = nn.Sequential(*layers)
-        self.apply(_dcgan_init)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.ndim != 4 or tuple(images.shape[1:]) != self.shape:
-            raise ValueError(f"expected images of shape (B, {', '.join(map(str, self.shape))}), "
-                             f"got {tuple(images.shape)}")
-        return self.net(images).flatten()  # (B,)
-
 
 # ----------------------------------------------------------------------------------------------
 # Losses
@@ -441,77 +306,6 @@ def generator_digest(generator: nn.Module) -> str:
         h.update(name.encode())
         h.update(value.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------------------------
-# Fréchet distance between real and generated crops
-
-
-FEATURE_SEED = 0
-FEATURE_CHANNELS = 16
-FEATURES = 2 * FEATURE_CHANNELS
-
-
-class FrechetFeatures(nn.Module):
-    """A fixed, randomly initialized conv net (seed FEATURE_SEED): images (B, C, H, W) in
-    [-1, 1] -> (B, FEATURES) features, the mean and the standard deviation over the image of
-    each of its last FEATURE_CHANNELS feature maps.
-
-    Not Inception: no downloadable weights exist for bone scans, and none can be fetched on a
-    cluster without internet. Random conv features still respond to intensity, texture and
-    structure at several scales (random-network FIDs rank generators much like the Inception
-    one, Naeem et al. 2020), and fixed weights make distances comparable across checkpoints
-    and runs. The means alone mostly follow the mean intensity, so a flat grey crop would
-    score close to real ones; the standard deviations tell it from a skeleton.
-    """
-
-    def __init__(self, channels: int):
-        super().__init__()
-        widths = [channels, 16, 32, 32, FEATURE_CHANNELS]
-        layers: list[nn.Module] = []
-        for c_in, c_out in zip(widths, widths[1:]):
-            layers += [nn.Conv2d(c_in, c_out, 3, 2, 1), nn.ReLU()]
-        self.net = nn.Sequential(*layers[:-1])
-        rng = torch.Generator().manual_seed(FEATURE_SEED)
-        for conv in self.net:
-            if isinstance(conv, nn.Conv2d):
-                # He initialization keeps the features' scale through the ReLUs; PyTorch's
-                # default shrinks it about 3x per layer, and the distance with it.
-                nn.init.kaiming_normal_(conv.weight, nonlinearity="relu", generator=rng)
-                nn.init.zeros_(conv.bias)
-        self.requires_grad_(False)
-        self.eval()
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        maps = self.net(images).flatten(2)  # (B, FEATURE_CHANNELS, h * w)
-        return torch.cat([maps.mean(2), maps.std(2)], dim=1)  # (B, FEATURES)
-
-
-@torch.no_grad()
-def frechet_features(images: np.ndarray | torch.Tensor, batch_size: int = 32) -> np.ndarray:
-    """images (B, C, H, W) in [-1, 1] -> (B, FEATURES) float64."""
-    images = torch.as_tensor(images, dtype=torch.float32).cpu()
-    net = FrechetFeatures(images.shape[1])
-    return torch.cat([net(images[i: i + batch_size]) for i in range(0, len(images), batch_size)]).double().numpy()
-
-
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to feature sets a (N, F) and b (M, F):
-    |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)). 0 for equal sets; N, M >= 2."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
-        raise ValueError(f"expected two (N, F) feature sets with N >= 2, got {a.shape} and {b.shape}")
-    mu = a.mean(0) - b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    with warnings.catch_warnings():
-        # Fewer samples than features make the covariances singular: expected, and harmless
-        # to the square root's trace, which is all that is used.
-        warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        root = linalg.sqrtm(cov_a @ cov_b)
-    # Rounding leaves tiny imaginary parts (and few samples make the covariances singular).
-    trace = np.trace(cov_a) + np.trace(cov_b) - 2 * float(np.real(np.trace(root)))
-    return float(mu @ mu + max(trace, 0.0))
-
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 import yaml
 from skimage import io as skio
 
-from bonescan_model import gan
+from bonescan_model import gan, gan_network, metrics
 from bonescan_model.errors import InputError
 from bonescan_model.preprocess import crop, mirror, model_input, thoracic_crop_box
 from bonescan_model.synth import synth_patient
@@ -29,8 +29,8 @@ REAL_KEY = re.compile(r"[0-9a-f]{64}")  # what keyed_hash (HMAC-SHA256 hex) give
 
 def _nets(**overrides):
     torch.manual_seed(0)
-    cfg = gan.GanConfig(**{**SMALL, "size": 32, **overrides})
-    return cfg, gan.Generator(cfg), gan.Discriminator(cfg)
+    cfg = gan_network.GanConfig(**{**SMALL, "size": 32, **overrides})
+    return cfg, gan_network.Generator(cfg), gan_network.Discriminator(cfg)
 
 
 def _adam(net, lr=0.001):
@@ -76,21 +76,21 @@ def test_adversarial_loss_on_known_logits():
 
 
 def test_config_is_validated_and_round_trips():
-    cfg = gan.GanConfig(views="aggregated", width=8)
-    assert gan.GanConfig.from_dict(dataclasses.asdict(cfg)) == cfg
-    assert (cfg.channels, gan.GanConfig().channels, gan.GanConfig().d_steps) == (1, 2, 3)  # k = 3, the paper's
+    cfg = gan_network.GanConfig(views="aggregated", width=8)
+    assert gan_network.GanConfig.from_dict(dataclasses.asdict(cfg)) == cfg
+    assert (cfg.channels, gan_network.GanConfig().channels, gan_network.GanConfig().d_steps) == (1, 2, 3)  # k = 3, the paper's
     for key, value in [("views", "three"), ("size", 100), ("size", 8), ("width", True), ("d_steps", 0),
                        ("lr", 0), ("beta1", 1.0), ("epochs", 2.5)]:
         with pytest.raises(ValueError, match=key):
-            gan.GanConfig(**{key: value})
+            gan_network.GanConfig(**{key: value})
     with pytest.raises(ValueError, match="widht"):
-        gan.GanConfig.from_dict({"widht": 8})
+        gan_network.GanConfig.from_dict({"widht": 8})
 
 
 def test_gan_config_file_errors_name_the_file_and_key(tmp_path):
     path = tmp_path / "gan.yaml"
     path.write_text(yaml.safe_dump({"width": 8, "epochs": 3}))
-    assert gan_job.load_gan_config(path) == gan.GanConfig(width=8, epochs=3)
+    assert gan_job.load_gan_config(path) == gan_network.GanConfig(width=8, epochs=3)
     for body, key in [({"epoch": 3}, "epoch"), ({"lr": "fast"}, "lr"), ({"size": 128}, "size")]:
         path.write_text(yaml.safe_dump(body))
         with pytest.raises(InputError, match=key) as info:
@@ -218,14 +218,14 @@ def test_generated_keys_never_look_like_real_ones():
 
 def test_frechet_distance_on_known_gaussians():
     a = np.random.default_rng(0).normal(size=(500, 3))
-    assert gan.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert metrics.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
     shift = np.array([1.0, -2.0, 0.5])
-    assert gan.frechet_distance(a, a + shift) == pytest.approx(shift @ shift, abs=1e-6)
+    assert metrics.frechet_distance(a, a + shift) == pytest.approx(shift @ shift, abs=1e-6)
     # b = 2a: S_b = 4 S_a, so the trace term is tr(S_a + 4 S_a - 4 S_a) = tr(S_a).
     expected = a.mean(0) @ a.mean(0) + np.trace(np.cov(a, rowvar=False))
-    assert gan.frechet_distance(a, 2 * a) == pytest.approx(expected, rel=1e-6)
+    assert metrics.frechet_distance(a, 2 * a) == pytest.approx(expected, rel=1e-6)
     with pytest.raises(ValueError, match="feature sets"):
-        gan.frechet_distance(a, a[:, :2])
+        metrics.frechet_distance(a, a[:, :2])
 
 
 def test_frechet_features_are_fixed_and_tell_blank_from_structure():
@@ -233,13 +233,13 @@ def test_frechet_features_are_fixed_and_tell_blank_from_structure():
     structured = np.clip(rng.normal(-0.8, 0.3, size=(8, 2, 64, 64)), -1, 1).astype(np.float32)
     structured[:, :, 20:40, 30:34] = 0.5  # a bright "spine"
     torch.manual_seed(1)
-    first = gan.frechet_features(structured)
+    first = metrics.frechet_features(structured)
     torch.manual_seed(2)  # the global seed must not matter
-    np.testing.assert_array_equal(gan.frechet_features(structured), first)
-    assert first.shape == (8, gan.FEATURES)
+    np.testing.assert_array_equal(metrics.frechet_features(structured), first)
+    assert first.shape == (8, metrics.FEATURES)
     blank = np.zeros_like(structured)
     noisy = structured + rng.normal(0, 0.02, size=structured.shape).astype(np.float32)
-    near, far = (gan.frechet_distance(first, gan.frechet_features(x)) for x in (noisy, blank))
+    near, far = (metrics.frechet_distance(first, metrics.frechet_features(x)) for x in (noisy, blank))
     assert far > 10 * near
 
 
@@ -290,11 +290,11 @@ def _rows(shard_dir):
 
 @pytest.mark.parametrize("views", ["both", "aggregated"])
 def test_generated_rows_follow_the_shard_schema(views, tmp_path):
-    cfg = gan.GanConfig(views=views, **SMALL)
+    cfg = gan_network.GanConfig(views=views, **SMALL)
     torch.manual_seed(0)
     levels = np.array([[150.0, 90.0], [400.0, 380.0]], np.float32)[:, : cfg.channels]
-    path = gan.save_gan_checkpoint(tmp_path / "gan.pt", gan.calibrated(gan.Generator(cfg)),
-                                   gan.Discriminator(cfg), cfg, levels)
+    path = gan.save_gan_checkpoint(tmp_path / "gan.pt", gan.calibrated(gan_network.Generator(cfg)),
+                                   gan_network.Discriminator(cfg), cfg, levels)
     (table,) = gan_job.generated_tables(path, 3, seed=1, pixel_spacing_mm=2.5)
     assert table.schema == shards.SCHEMA
     rows = table.to_pylist()

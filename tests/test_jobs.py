@@ -136,6 +136,6 @@ def test_training_job_submitted_to_the_job_server_succeeds_and_logs_its_metrics(
     # Its logs carry the run's metrics, the same the run folder on (shared) storage holds.
     with open(run / "history.csv") as f:
         (row,) = list(csv.DictReader(f))
-    (reported,) = re.findall(r"trained 1 epochs: validation DSC (\d\.\d{3})", logs)
+    (reported,) = re.findall(r"trained 1 epochs \(\d+ optimizer steps\): validation DSC (\d\.\d{3})", logs)
     assert reported == f"{float(row['val_dsc']):.3f}"
     assert (run / "model.pt").is_file()

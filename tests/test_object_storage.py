@@ -119,7 +119,7 @@ def test_ingest_train_resume_evaluate_predict_report_all_in_object_storage(s3, i
 
     # train, its driver killed once Ray Train has two checkpoints in the bucket; then --resume
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(epochs=4)))
+    config.write_text(yaml.safe_dump(tiny_config(epochs=3)))
     log = open(tmp_path / "driver.log", "w")
     driver = subprocess.Popen(_command(env, "train", "--data", shards_uri, "--config", str(config), "--out", run_uri),
                               env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -142,7 +142,7 @@ def test_ingest_train_resume_evaluate_predict_report_all_in_object_storage(s3, i
     resumed = _run(env, "train", "--resume", run_uri)
     assert f"{run_uri}/model.pt" in resumed.stdout
     history = list(csv.DictReader(io.StringIO(_read(fs, f"{BUCKET}/runs/a/history.csv").decode())))
-    assert [int(r["epoch"]) for r in history] == [1, 2, 3, 4]
+    assert [int(r["epoch"]) for r in history] == [1, 2, 3]
     assert any(r.get("resumed") == "True" for r in history)
     after = _files(fs, f"{BUCKET}/runs/a")
     assert {"model.pt", "test.json", "history.csv"} <= after
@@ -188,14 +188,14 @@ def test_a_sweep_in_object_storage_runs_to_its_table_and_report(s3, ingested, tm
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny_config(epochs=1, supervised="dice_ce")))
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({"base": "tiny.yaml", "evaluate_runs": 1,
-                                     "parameters": {"label_fraction": {"grid": [0.3, 0.6]}}}))
+                                     "parameters": {"label_fraction": {"grid": [0.6]}}}))  # one trial: the suite's time
     exp_uri = f"s3://{BUCKET}/experiments/sweep"
     _run(ingested["env"], "tune", "--data", ingested["shards"], "--space", str(space), "--out", exp_uri)
     files = _files(fs, f"{BUCKET}/experiments/sweep")
     assert {"experiment.json", "space.yaml", "base.yaml", "results.parquet", "results.csv"} <= files
     assert any(f.startswith("tune/") for f in files), "Ray Tune kept its state elsewhere"
     rows = pq.read_table(f"{BUCKET}/experiments/sweep/results.parquet", filesystem=fs).to_pylist()
-    assert sorted(r["label_fraction"] for r in rows) == [0.3, 0.6]
+    assert [r["label_fraction"] for r in rows] == [0.6]
     for row in rows:
         assert row["status"] == "finished" and row["run"] == f"{exp_uri}/runs/{row['trial_id']}"
         assert {f"runs/{row['trial_id']}/{name}" for name in ("model.pt", "test.json", "history.csv")} <= files

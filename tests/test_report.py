@@ -25,7 +25,7 @@ from bonescan_model.network import build_model
 from bonescan_platform import splits, tune
 from bonescan_platform.cli import main
 from bonescan_platform.config import save_train_config
-from bonescan_platform.tune import Experiment, Plan
+from bonescan_platform.runs import Experiment, Plan
 from tiny import ingested_cohort
 
 pytestmark = pytest.mark.ray  # experiments are laid out on shards that Ray ingests
@@ -201,3 +201,12 @@ def test_report_of_an_unfinished_sweep_says_how_to_finish_it(data, tmp_path, cap
     exp = Experiment.create(tmp_path / "exp", data, REPO / "tune_spaces" / "ablation.yaml")
     assert main(["report", "--experiment", str(exp.root), "--out", str(tmp_path / "r.html")]) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_the_report_reads_folders_through_their_owner_not_through_the_sweep():
+    import ast
+
+    source = (REPO / "platform" / "bonescan_platform" / "report.py").read_text()
+    imported = {node.module for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom)}
+    assert "bonescan_platform.runs" in imported
+    assert not imported & {"bonescan_platform.tune", "bonescan_platform.train"}

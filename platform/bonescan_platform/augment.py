@@ -179,19 +179,13 @@ def _expand_batch(batch: pa.Table, copies: int, seed: int) -> pa.Table:
 
 
 def _augmented_row(row: dict, transform: geometric.Transform, scan_key: str) -> dict:
-    ant = shards.decode_image(row["ant"], "<u2")
-    has_post = row["post"] is not None
-    views = np.stack([ant, shards.decode_image(row["post"], "<u2")]) if has_post else ant  # (2, H, W) or (H, W)
-    mask = None if row["mask"] is None else shards.decode_image(row["mask"], "u1")
+    ant, post, mask = shards.row_images(row)
+    views = ant if post is None else np.stack([ant, post])  # (H, W) or (2, H, W)
     views, mask = geometric.apply(transform, views, mask)
-    return {
-        **row,
-        "scan_key": scan_key,
-        "ant": shards.encode_image(views[0] if has_post else views, "<u2"),
-        "post": shards.encode_image(views[1], "<u2") if has_post else None,
-        "mask": None if mask is None else shards.encode_image(mask, "u1"),
-        "source": f"augmented:{transform.name}",
-    }
+    kept = {k: row[k] for k in ("patient_key", "crop_box", "pixel_spacing_mm", "readers_agree", "split", "views")}
+    return shards.shard_row(**kept, scan_key=scan_key, source=f"augmented:{transform.name}",
+                            ant=views if post is None else views[0], post=None if post is None else views[1],
+                            mask=mask)
 
 
 def _check_shard(path: str) -> None:

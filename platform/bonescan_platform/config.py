@@ -7,21 +7,19 @@ resolved config (``config.yaml``) beside its outputs, so a run can be repeated o
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from bonescan_model.errors import InputError
+from bonescan_model.frozen import from_mapping
 from bonescan_model.loss import SUPERVISED_KINDS, SEMI_KINDS
 from bonescan_model.network import ModelConfig
 
 
 DATASETS = ("all", "D1", "D2", "D3", "D4")
-MAX_INT = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -135,64 +133,12 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict, source: str | os.PathLike = "<config>") -> TrainConfig:
-        """Validate a mapping (YAML, a Tune trial's config) into a TrainConfig."""
-        if not isinstance(data, dict):
-            raise InputError(source, "a training config must be a mapping of keys to values")
-        values = {}
-        hints = typing.get_type_hints(cls)
-        for key, value in data.items():
-            if key not in hints:
-                raise InputError(source, f"unknown key {key!r}; known keys: {', '.join(sorted(hints))}")
-            if key == "model":
-                values[key] = _model_config(value, source)
-            else:
-                values[key] = _typed(key, value, hints[key], source)
+        """Validate a mapping (YAML, a Tune trial's config) into a TrainConfig
+        (``frozen.from_mapping``, the one route for every config); errors name the file and key."""
         try:
-            return cls(**values)
+            return from_mapping(cls, data)
         except ValueError as err:
             raise InputError(source, str(err)) from None
-
-
-def _model_config(value, source) -> ModelConfig:
-    if isinstance(value, ModelConfig):
-        return value
-    if not isinstance(value, dict):
-        raise InputError(source, "model: must be a mapping")
-    try:  # ModelConfig validates its own keys and values, naming them
-        return ModelConfig.from_dict(value)
-    except (TypeError, ValueError) as err:
-        raise InputError(source, f"model: {err}") from None
-
-
-def _typed(key: str, value, hint, source):
-    """Check ``value`` against a scalar field's type; ints are accepted where floats are, and
-    null where the field is optional (``int | None``). Numbers must be finite, and ints within
-    MAX_INT: no count, size or seed is larger, and a value beyond it would fail (or run for
-    ever) long after the config was accepted."""
-    args = typing.get_args(hint)
-    if type(None) in args:
-        if value is None:
-            return None
-        hint = next(a for a in args if a is not type(None))
-    ok = {
-        bool: isinstance(value, bool),
-        int: _is_int(value),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        str: isinstance(value, str),
-    }[hint]
-    if not ok:
-        raise InputError(source, f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
-    if hint is int and abs(value) > MAX_INT:
-        raise InputError(source, f"{key}: {value} is out of range (at most {MAX_INT})")
-    if hint is float:
-        value = float(value) if abs(value) <= 1e300 else math.inf  # a huge int: too large for a float
-        if not math.isfinite(value):
-            raise InputError(source, f"{key}: must be a finite number, got {value!r}")
-    return value
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

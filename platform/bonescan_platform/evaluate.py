@@ -27,11 +27,12 @@ import torch
 
 from bonescan_model import engine, metrics
 from bonescan_model.augment import augment_batch
-from bonescan_model.checkpoint import FILENAME, load_model
+from bonescan_model.checkpoint import load_model
 from bonescan_model.errors import InputError
 from bonescan_model.network import count_parameters
 from bonescan_model.progress import progress
 from bonescan_platform import shards, storage, stream
+from bonescan_platform.runs import kept_model
 
 HEADLINE = ("dsc", "cpa", "recall", "pooled_dsc", "lesion_sensitivity", "fp_per_image", "lesion_free_fp_per_image")
 BATCH = 8
@@ -95,7 +96,7 @@ def score_test(run: Path, data: Path, runs: int, crops: dict[str, np.ndarray] | 
 
     Called when a run (or a sweep's trial) has chosen its model on validation, never before.
     crops: the decoded test split, when the caller already holds it (a sweep scores many runs)."""
-    trained = load_model(run / FILENAME)
+    trained = kept_model(run)
     crops = stream.crops(data, "test") if crops is None else crops
     body = score_runs(trained.model, crops, runs, trained.threshold)
     body = {"split": "test", **body, "epoch": trained.meta.get("epoch"), "threshold": trained.threshold,

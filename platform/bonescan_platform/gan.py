@@ -33,19 +33,21 @@ import torch
 import yaml
 
 from bonescan_model import gan as dcgan
+from bonescan_model import metrics
+from bonescan_model.gan_network import Discriminator, GanConfig, Generator
 from bonescan_model.checkpoint import read_file, write_file
 from bonescan_model.errors import InputError
 from bonescan_model.preprocess import CROP_SIZE, model_input, normalize_counts
 from bonescan_model.progress import progress
 from bonescan_platform import cluster, shards, stream
 from bonescan_platform.config import read_yaml
-from bonescan_platform.train import split_train, worker_cpus, worker_resources, write_history
+from bonescan_platform.runs import RUN_NAME, write_history
+from bonescan_platform.train import split_train, worker_cpus, worker_resources
 
 # The GAN run's folder and the sample sheet inside the augment output folder: "_" names, which
 # Parquet readers of the shard folder skip (shards.py).
 RUN_DIR = "_dcgan"
 LEGACY_RUN_DIR = "dcgan"  # where an earlier bonescan put it
-RUN_NAME = "train"  # fixed, so a rerun with the same folder resumes instead of starting over
 STATE = "gan_state.pt"
 CONFIG = "gan.yaml"
 SHEET = "_samples.png"
@@ -67,14 +69,14 @@ def gan_loop(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    cfg = dcgan.GanConfig.from_dict(loop_config["gan"])
+    cfg = GanConfig.from_dict(loop_config["gan"])
     levels = np.asarray(loop_config["levels"], np.float32)
     context = ray.train.get_context()
     rank = context.get_world_rank()
     torch.set_num_threads(loop_config["torch_threads"])
     torch.manual_seed(cfg.seed)
-    generator = ray.train.torch.prepare_model(dcgan.Generator(cfg))
-    discriminator = ray.train.torch.prepare_model(dcgan.Discriminator(cfg))
+    generator = ray.train.torch.prepare_model(Generator(cfg))
+    discriminator = ray.train.torch.prepare_model(Discriminator(cfg))
     opt_g, opt_d = (torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
                     for net in (generator, discriminator))
     device = ray.train.torch.get_device()
@@ -97,14 +99,14 @@ def gan_loop(loop_config: dict) -> None:
         if rank == 0:  # on one rank: the reference set is small, and sampling needs no sync
             frozen = dcgan.calibrated(generator)  # what the checkpoint keeps and samples come from
             samples = dcgan.sample_images(frozen, range(len(reference)), FRECHET_SEED)
-            metrics["frechet"] = dcgan.frechet_distance(reference, dcgan.frechet_features(samples))
+            metrics["frechet"] = metrics.frechet_distance(reference, metrics.frechet_features(samples))
         history.append(metrics)
         _report(metrics, history, frozen, discriminator, opt_g, opt_d, cfg, levels, rank)
 
 
 def _reference_features(shard) -> np.ndarray:
     images = [b["image"] for b in shard.iter_torch_batches(batch_size=REFERENCE_CROPS, dtypes=torch.float32)]
-    return dcgan.frechet_features(torch.cat(images)[:REFERENCE_CROPS])
+    return metrics.frechet_features(torch.cat(images)[:REFERENCE_CROPS])
 
 
 def _report(metrics, history, frozen, discriminator, opt_g, opt_d, cfg, levels, rank: int) -> None:
@@ -139,16 +141,16 @@ def _restore(checkpoint, generator, discriminator, opt_g, opt_d) -> tuple[int, l
 
 
 # ---------------------------------------------------------------- the driver
-def load_gan_config(path: str | os.PathLike | None) -> dcgan.GanConfig:
+def load_gan_config(path: str | os.PathLike | None) -> GanConfig:
     """A GanConfig from YAML (any GanConfig key; the rest keep their defaults); None: defaults."""
     if path is None:
-        return dcgan.GanConfig()
+        return GanConfig()
     path = Path(path)
     data = read_yaml(path, "GAN config") or {}
     if not isinstance(data, dict):
         raise InputError(path, "a GAN config must be a mapping of keys to values")
     try:
-        cfg = dcgan.GanConfig.from_dict(data)
+        cfg = GanConfig.from_dict(data)
     except (TypeError, ValueError) as err:
         raise InputError(path, str(err)) from None
     if cfg.size != CROP_SIZE:
@@ -173,7 +175,7 @@ def gan_summary(gan_path: Path) -> dict:
             "frechet": meta.get("metrics", {}).get("frechet")}
 
 
-def train_gan(data: Path, run: Path, cfg: dcgan.GanConfig, workers: int = 1, gpus: bool = False) -> Path:
+def train_gan(data: Path, run: Path, cfg: GanConfig, workers: int = 1, gpus: bool = False) -> Path:
     """Train (or resume, or reuse) the GAN of ``data`` in ``run``; returns its gan.pt.
 
     Needs a Ray session. A run folder that already holds a finished GAN of this config and
@@ -237,7 +239,7 @@ def _gan_batch(batch: dict[str, np.ndarray], views: str) -> dict[str, np.ndarray
     rows = zip(batch["ant"], batch["post"], batch["source"])
     counts = [np.stack(_both_views(ant, post)) for ant, post, source in rows if str(source) in stream.ORIGINAL_SOURCES]
     if not counts:
-        channels = dcgan.GanConfig(views=views).channels
+        channels = GanConfig(views=views).channels
         return {"image": np.zeros((0, channels, CROP_SIZE, CROP_SIZE), np.float32),
                 "levels": np.zeros((0, channels), np.float32)}
     counts = np.stack(counts)  # (B, 2, H, W) uint16
@@ -252,7 +254,7 @@ def _both_views(ant: bytes | None, post: bytes | None) -> tuple[np.ndarray, np.n
     return (post if ant is None else ant), (ant if post is None else post)
 
 
-def trainer_for(run: Path, cfg: dcgan.GanConfig, originals, levels: np.ndarray, workers: int, gpus: bool):
+def trainer_for(run: Path, cfg: GanConfig, originals, levels: np.ndarray, workers: int, gpus: bool):
     """The TorchTrainer of one GAN run: the resources, failure and checkpoint policy of
     train.trainer_for, checkpoints ranked by the lowest Fréchet distance.
 
@@ -291,7 +293,7 @@ def finish_gan_run(run: Path, result) -> Path:
         shutil.copy(Path(folder) / dcgan.FILENAME, run / ".gan.pt.tmp")
     with result.checkpoint.as_directory() as folder:
         history = read_file(Path(folder) / STATE)["history"]
-    write_history(run / "history.csv", history, first=("epoch", "frechet"))
+    write_history(run, history, first=("epoch", "frechet"))
     # Last: gan.pt is what tells a rerun that this GAN is finished.
     os.replace(run / ".gan.pt.tmp", run / dcgan.FILENAME)
     distances = ", ".join(f"{row['frechet']:.3f}" for row in history)
@@ -326,21 +328,14 @@ def generated_tables(gan_path: Path, samples: int, seed: int, pixel_spacing_mm: 
 
 def _generated_table(digest: str, seed: int, indices: range, counts: np.ndarray, views: str,
                      pixel_spacing_mm: float) -> pa.Table:
-    rows = [{
-        "patient_key": sample_key(digest, seed, i, "patient"),
-        "scan_key": sample_key(digest, seed, i, "scan"),
-        "ant": shards.encode_image(crop[0], "<u2"),
+    rows = [shards.shard_row(
+        patient_key=sample_key(digest, seed, i, "patient"), scan_key=sample_key(digest, seed, i, "scan"),
         # An aggregated sample is one image: stored as a one-view crop, which the stream
         # repeats into both input channels.
-        "post": shards.encode_image(crop[1], "<u2") if views == "both" else None,
-        "mask": None,
-        "crop_box": [0, 0, CROP_SIZE, CROP_SIZE],
-        "pixel_spacing_mm": pixel_spacing_mm,
-        "readers_agree": None,
-        "source": SOURCE,
-        "split": "train",
-        "views": "ANT+POST" if views == "both" else "ANT",
-    } for i, crop in zip(indices, counts)]
+        ant=crop[0], post=crop[1] if views == "both" else None, mask=None,
+        crop_box=[0, 0, CROP_SIZE, CROP_SIZE], pixel_spacing_mm=pixel_spacing_mm, readers_agree=None,
+        source=SOURCE, split="train", views="ANT+POST" if views == "both" else "ANT",
+    ) for i, crop in zip(indices, counts)]
     return pa.Table.from_pylist(rows, schema=shards.SCHEMA)
 
 

@@ -13,7 +13,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from bonescan_model.cases import prepare_case
 from bonescan_model.errors import InputError, describe
@@ -154,19 +153,10 @@ def write_shard_task(task: dict, out_dir: str | Path, secret: bytes) -> dict:
 
 
 def _row(case, split: str) -> dict:
-    return {
-        "patient_key": case.patient_key,
-        "scan_key": case.scan_key,
-        "ant": None if case.ant is None else shards.encode_image(case.ant, "<u2"),
-        "post": None if case.post is None else shards.encode_image(case.post, "<u2"),
-        "mask": None if case.mask is None else shards.encode_image(case.mask, "u1"),
-        "crop_box": list(case.crop_box),
-        "pixel_spacing_mm": case.pixel_spacing_mm,
-        "readers_agree": case.readers_agree,
-        "source": "dicom",
-        "split": split,
-        "views": "+".join(case.views),
-    }
+    return shards.shard_row(
+        patient_key=case.patient_key, scan_key=case.scan_key, ant=case.ant, post=case.post, mask=case.mask,
+        crop_box=case.crop_box, pixel_spacing_mm=case.pixel_spacing_mm, readers_agree=case.readers_agree,
+        source="dicom", split=split, views="+".join(case.views))
 
 
 def _report(results: list[dict], plan: IngestPlan) -> dict:

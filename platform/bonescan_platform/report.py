@@ -27,7 +27,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-from bonescan_model.checkpoint import FILENAME, load_model
+from bonescan_model.checkpoint import FILENAME
 from bonescan_model.engine import predict_masks
 from bonescan_model.errors import InputError
 from bonescan_model.metrics import dsc as dice
@@ -37,8 +37,7 @@ from bonescan_platform.search_space import RESULT_COLUMNS, SearchSpace, case_nam
 from bonescan_platform.splits import load_budget
 from bonescan_platform.stream import crops as split_crops
 from bonescan_platform import storage
-from bonescan_platform.train import RUN_NAME
-from bonescan_platform.tune import TUNE_NAME, Experiment, read_history
+from bonescan_platform.runs import RUN_NAME, TUNE_NAME, Experiment, is_experiment, is_run, kept_model, read_history
 
 METRICS = ("dsc", "cpa", "recall")
 METRIC_NAMES = {"dsc": "DSC", "cpa": "CPA", "recall": "Recall"}  # as the paper writes them
@@ -106,9 +105,9 @@ _NEITHER = ("neither an experiment folder (experiment.json, from `bonescan tune`
 
 
 def _page_of(path: Path, shown: str) -> str:
-    if (path / "experiment.json").is_file():
+    if is_experiment(path):
         return experiment_page(path, shown)
-    if (path / "history.csv").is_file() and (path / "config.yaml").is_file():
+    if is_run(path):
         return run_page(path, shown)
     raise InputError(shown, _NEITHER)
 
@@ -406,7 +405,7 @@ def prediction_panel(data: str | Path, models: Sequence[tuple[str, Path]]) -> st
     predictions = []
     for label, run in models:
         if (run / FILENAME).is_file():
-            trained = load_model(run / FILENAME)
+            trained = kept_model(run)
             masks = predict_masks(trained.model, torch.from_numpy(images), trained.threshold).numpy()  # (B, H, W) bool
             predictions.append((label, masks, dice(masks, truths)))
     cols = 2 + len(predictions)
@@ -616,7 +615,7 @@ def _format(column: str, value: float, paper: bool = False) -> str:
 
 
 def _history(run: Path) -> list[dict]:
-    return read_history(run) if (run / "history.csv").is_file() else []
+    return read_history(run)
 
 
 def _mean(rows: list[dict], column: str) -> float:

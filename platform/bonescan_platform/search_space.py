@@ -53,14 +53,13 @@ from typing import Any
 
 
 from bonescan_model.errors import InputError
+from bonescan_model.frozen import from_mapping
 from bonescan_model.network import ModelConfig
 from bonescan_platform.config import TrainConfig, load_train_config, read_yaml
 
 KINDS = ("grid", "choice", "uniform", "loguniform")
 TOP_KEYS = ("base", "fixed", "parameters", "num_samples", "metric", "mode", "scheduler", "search",
             "resources", "max_concurrent_trials", "evaluate_runs", "report")
-SCHEDULER_KEYS = {"type": str, "grace_period": int, "reduction_factor": (int, float)}
-SEARCH_KEYS = {"type": str, "random_state": int}
 RESOURCE_KEYS = ("workers", "cpus_per_worker", "gpus")
 REPORT_KEYS = ("title", "x", "columns", "headers", "paper", "paper_source")
 AUTO = "auto"
@@ -142,6 +141,38 @@ class Parameter:
 
 
 @dataclass(frozen=True)
+class Scheduler:
+    """`scheduler`: Ray Tune's ASHA, its time in epochs (max_t: the trials' epochs)."""
+
+    type: str = "asha"
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+
+    def __post_init__(self):
+        if self.type != "asha":
+            raise ValueError(f"scheduler.type: only 'asha' is supported, got {self.type!r}")
+        if self.grace_period < 1:
+            raise ValueError(f"scheduler.grace_period: must be >= 1 epoch, got {self.grace_period}")
+        if self.reduction_factor <= 1:
+            raise ValueError(f"scheduler.reduction_factor: must be > 1, got {self.reduction_factor}")
+
+
+@dataclass(frozen=True)
+class Search:
+    """`search`: Ray's own variant generator (grids expanded, the rest drawn). The others
+    (Optuna, HyperOpt, ...) are extra installs and cannot expand the grids the paper's
+    experiments are."""
+
+    type: str = "random"
+    random_state: int | None = None
+
+    def __post_init__(self):
+        if self.type != "random":
+            raise ValueError(f"search.type: only 'random' (Ray's grid + random variant generator) is "
+                             f"supported, got {self.type!r}")
+
+
+@dataclass(frozen=True)
 class SearchSpace:
     source: str
     base: dict  # the resolved base TrainConfig, as TrainConfig.to_dict() gives it
@@ -150,8 +181,8 @@ class SearchSpace:
     num_samples: int = 1
     metric: str = "val_dsc"
     mode: str = "max"
-    scheduler: dict | None = None
-    search: dict = field(default_factory=lambda: {"type": "random"})
+    scheduler: Scheduler | None = None
+    search: Search = field(default_factory=lambda: Search())
     resources: dict = field(default_factory=lambda: {"workers": 1, "cpus_per_worker": AUTO, "gpus": AUTO})
     max_concurrent_trials: int | str = AUTO
     evaluate_runs: int | None = None
@@ -286,8 +317,8 @@ def parse_space(raw: dict, source: str | os.PathLike, base: TrainConfig) -> Sear
         # ASHA stops trials at epoch milestones, and a step budget's epochs depend on the data.
         fail("scheduler", "ASHA counts epochs, but trials here train a step budget (max_steps): "
                           "drop the scheduler or train by epochs")
-    if space.scheduler and space.scheduler["grace_period"] > space.max_epochs():
-        fail("scheduler.grace_period", f"{space.scheduler['grace_period']} exceeds the trials' "
+    if space.scheduler and space.scheduler.grace_period > space.max_epochs():
+        fail("scheduler.grace_period", f"{space.scheduler.grace_period} exceeds the trials' "
              f"{space.max_epochs()} epochs")
     return dataclasses.replace(space, report=_report(raw.get("report") or {}, parameters, fail))
 
@@ -340,40 +371,21 @@ def _touches(p: Parameter, path: str) -> bool:
     return p.name == path or (p.is_case and any(path in v for v in p.values))
 
 
-def _known_and_typed(name: str, out: dict, known: dict, fail) -> dict:
-    """``out`` if every key is one of ``known`` and its value of the type ``known`` names."""
-    for key, value in out.items():
-        if key not in known:
-            fail(f"{name}.{key}", f"unknown key; known keys: {', '.join(known)}")
-        if not isinstance(value, known[key]) or isinstance(value, bool):
-            fail(f"{name}.{key}", f"wrong type: {value!r}")
-    return out
+def _scheduler(raw, fail) -> Scheduler | None:
+    return None if raw is None else _built(Scheduler, raw, "scheduler", fail)
 
 
-def _scheduler(raw, fail) -> dict | None:
-    if raw is None:
-        return None
-    if not isinstance(raw, dict):
-        fail("scheduler", "must be a mapping like {type: asha, grace_period: 4, reduction_factor: 2}")
-    out = _known_and_typed("scheduler", {"type": "asha", "grace_period": 1, "reduction_factor": 2, **raw},
-                           SCHEDULER_KEYS, fail)
-    if out["type"] != "asha":
-        fail("scheduler.type", f"only 'asha' is supported, got {out['type']!r}")
-    if out["grace_period"] < 1:
-        fail("scheduler.grace_period", f"must be >= 1 epoch, got {out['grace_period']}")
-    if out["reduction_factor"] <= 1:
-        fail("scheduler.reduction_factor", f"must be > 1, got {out['reduction_factor']}")
-    return out
+def _search(raw, fail) -> Search:
+    return _built(Search, raw or {}, "search", fail)
 
 
-def _search(raw, fail) -> dict:
-    out = _known_and_typed("search", {"type": "random", **(raw or {})}, SEARCH_KEYS, fail)
-    # Only Ray's own variant generator: the others (Optuna, HyperOpt, ...) are extra installs
-    # and cannot expand the grids the paper's experiments are.
-    if out["type"] != "random":
-        fail("search.type", f"only 'random' (Ray's grid + random variant generator) is supported, "
-                            f"got {out['type']!r}")
-    return out
+def _built(cls, raw, key: str, fail):
+    """A config dataclass from its mapping (``frozen.from_mapping``), errors naming the key."""
+    try:
+        return from_mapping(cls, raw, prefix=f"{key}.")
+    except ValueError as err:
+        name, _, reason = str(err).partition(": ")
+        fail(name, reason)
 
 
 def _resources(raw, fail) -> dict:

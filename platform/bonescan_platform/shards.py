@@ -58,6 +58,40 @@ def decode_image(data: bytes, dtype: str) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype).reshape(CROP_SIZE, CROP_SIZE)
 
 
+SPLITS = ("train", "test")
+
+
+def shard_row(*, patient_key: str, scan_key: str, ant: np.ndarray, post: np.ndarray | None,
+              mask: np.ndarray | None, crop_box, pixel_spacing_mm: float, readers_agree: bool | None,
+              source: str, split: str, views: str) -> dict:
+    """One row of SCHEMA from its arrays: the one place a crop becomes a row (ingest, augment
+    and the DCGAN samples all build theirs here). ant, post: (256, 256) raw counts, post
+    mirrored into ANT orientation or None (one view); mask: (256, 256) 0/1 or None (unlabeled)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return {
+        "patient_key": patient_key,
+        "scan_key": scan_key,
+        "ant": encode_image(ant, "<u2"),
+        "post": None if post is None else encode_image(post, "<u2"),
+        "mask": None if mask is None else encode_image(mask, "u1"),
+        "crop_box": [int(v) for v in crop_box],
+        "pixel_spacing_mm": float(pixel_spacing_mm),
+        "readers_agree": readers_agree,
+        "source": source,
+        "split": split,
+        "views": views,
+    }
+
+
+def row_images(row: dict) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(ant, post, mask) of a SCHEMA row, decoded (None where the row has none)."""
+    ant = decode_image(row["ant"], "<u2")
+    post = None if row["post"] is None else decode_image(row["post"], "<u2")
+    mask = None if row["mask"] is None else decode_image(row["mask"], "u1")
+    return ant, post, mask
+
+
 @dataclass(frozen=True)
 class ShardInfo:
     file: str

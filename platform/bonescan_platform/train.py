@@ -4,18 +4,16 @@
 engine.train_epoch -> ray.train.report (with a checkpoint). Everything about the model, the
 loss and the metrics lives in bonescan_model; this file only wires it to Ray.
 
-A run folder holds: config.yaml (the resolved config), run.json (data, workers, devices),
-splits.json and budget.json (the patients of each split, the label budget: ``splits``),
-train/ (Ray Train's checkpoints), model.pt (the best checkpoint by validation DSC, with its
-threshold), history.csv (one row per epoch, ``val_*`` on the validation patients) and test.json
-(the kept model scored once on the test split, at the end: ``evaluate.score_test``).
+It writes a run folder (what it holds: ``runs``): the resolved config, the run's record, its
+splits and budget (``splits``), Ray Train's checkpoints, the kept model (best by validation
+DSC, with its threshold), the history (``val_*`` on the validation patients) and the kept
+model's score on the test split, computed once at the end (``evaluate.score_test``).
 The folder is local or in object storage (``storage``): for a URI the job works in a local
 stage of the folder and Ray Train keeps train/ at the URI itself.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -40,8 +38,8 @@ from bonescan_platform import cluster, shards, splits, storage, stream, tracking
 from bonescan_platform.evaluate import score_test
 from bonescan_platform.cluster import ray_session
 from bonescan_platform.config import TrainConfig, load_train_config, save_train_config
+from bonescan_platform.runs import RUN_NAME, write_history
 
-RUN_NAME = "train"  # fixed, so a rerun with the same folder resumes instead of starting over
 STATE = "train_state.pt"
 # Rows a worker's shuffle buffer holds at most (a decoded row is 768 KiB: 512 rows ~ 0.4 GB).
 # Up to that the buffer holds the worker's whole epoch, so each epoch is one seeded global
@@ -373,7 +371,7 @@ def finish_run(run: Path, result, location: str | None = None) -> int:
         shutil.copy(Path(folder) / FILENAME, run / FILENAME)
     with result.checkpoint.as_directory() as folder:
         history = read_file(Path(folder) / STATE)["history"]
-    write_history(run / "history.csv", history)
+    write_history(run, history)
     last, home = history[-1], location or str(run)
     cfg = load_train_config(run / "config.yaml")
     record = json.loads((run / "run.json").read_text())
@@ -388,12 +386,3 @@ def finish_run(run: Path, result, location: str | None = None) -> int:
           f"model: {storage.join(home, FILENAME)}, history: {storage.join(home, 'history.csv')}, "
           f"test: {storage.join(home, 'test.json')}")
     return 0
-
-
-def write_history(path: Path, history: list[dict], first: tuple[str, ...] = ("epoch",)) -> None:
-    """One CSV row per epoch; columns ``first`` in that order, then the rest by name."""
-    keys = sorted({k for row in history for k in row}, key=lambda k: (*(k != f for f in first), k))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(history)

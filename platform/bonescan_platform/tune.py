@@ -6,41 +6,32 @@ calls ``fit()``; ``TuneReportCallback`` forwards every epoch's metrics to Tune, 
 them. A trial's run folder is named after its trial id, so a resumed sweep resumes each
 unfinished trial's own Train run from its latest checkpoint.
 
-An experiment folder holds:
-
-    experiment.json   data path, space path, resources plan (the report reads the data path)
-    space.yaml        the space file as given;  base.yaml: its resolved base training config
-    tune/             Ray Tune's experiment: state for --resume, per-trial results, TensorBoard events
-    runs/<trial id>/  one training run per trial (config.yaml, run.json, trial.json, splits.json,
-                      budget.json, history.csv, model.pt: kept by validation DSC, test.json: the
-                      kept model scored once on the test split when the trial ends)
-    results.parquet, results.csv   one row per trial: parameters, config, metrics, size, timings
+The experiment folder and its trials' run folders are ``runs``'s: what they hold, and how they
+are read. This module runs the sweep and writes results.parquet / results.csv (one row per
+trial: parameters, config, metrics, size, timings).
 """
 
 from __future__ import annotations
 
-import csv
 import functools
 import json
 import math
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.csv
 import pyarrow.parquet as pq
 
-from bonescan_model.checkpoint import FILENAME, read_file
+from bonescan_model.checkpoint import FILENAME
 from bonescan_model.errors import InputError
 from bonescan_platform import splits, storage, stream, tracking
 from bonescan_platform.cluster import ray_session
-from bonescan_platform.config import TrainConfig, load_train_config, read_yaml, save_train_config
+from bonescan_platform.config import TrainConfig, load_train_config, save_train_config
 from bonescan_platform.evaluate import HEADLINE, TEST_FILE, score_test
-from bonescan_platform.search_space import AUTO, SearchSpace, case_name, load_space, parse_space
-from bonescan_platform.train import RUN_NAME, STATE, own_file, check_data, finish_run, trainer_for
+from bonescan_platform.search_space import AUTO, SearchSpace, case_name
+from bonescan_platform.runs import RUN_NAME, TUNE_NAME, Experiment, Plan, read_history, train_result
+from bonescan_platform.train import own_file, check_data, finish_run, trainer_for
 
-TUNE_NAME = "tune"  # fixed, so `tune/` is where --resume finds Ray Tune's state
 DRIVER_CPU = 0.25  # each trial's Tune function only waits on its TorchTrainer
 # Ray Data's read-and-decode tasks take 1 CPU each: a CPU left free keeps the streams of all
 # trials flowing (docs/ray.md, "2-CPU deadlock").
@@ -48,16 +39,6 @@ DATA_CPU = 1.0
 
 
 # ---------------------------------------------------------------- resources
-@dataclass(frozen=True)
-class Plan:
-    """How trials share the cluster: ``trials`` at once, each ``workers`` Train workers."""
-
-    trials: int
-    workers: int
-    cpu_per_worker: float
-    gpus: bool
-
-
 def plan_resources(space: SearchSpace, cluster: dict) -> Plan:
     """Trials at once and CPUs per worker for ``ray.cluster_resources()``-like ``cluster``.
 
@@ -86,69 +67,6 @@ def plan_resources(space: SearchSpace, cluster: dict) -> Plan:
             f"{cpus:g} CPUs: each trial takes {DRIVER_CPU} CPU for its driver plus its workers' CPUs, "
             f"and {DATA_CPU:g} CPU stays free for Ray Data"))
     return Plan(trials=trials, workers=workers, cpu_per_worker=cpu, gpus=gpus)
-
-
-# ---------------------------------------------------------------- the experiment folder
-@dataclass(frozen=True)
-class Experiment:
-    """An experiment folder. root: the folder as this process reads and writes it (a local
-    stage of it when it lives in object storage: ``storage``); location: where it lives."""
-
-    root: Path
-    data: str
-    space: SearchSpace
-    record: dict
-    location: str = ""
-
-    @property
-    def home(self) -> str:
-        return self.location or str(self.root)
-
-    def run_location(self, trial_id: str) -> str:
-        return storage.join(self.home, "runs", trial_id)
-
-    @property
-    def runs(self) -> Path:
-        return self.root / "runs"
-
-    @property
-    def tracker(self) -> tracking.Tracker | None:
-        return tracking.Tracker.from_dict(self.record.get("mlflow"))
-
-    @classmethod
-    def create(cls, root: Path, data: str, space_path: Path, mlflow: str | None = None,
-               location: str = "") -> Experiment:
-        """mlflow: a tracking URI; the sweep becomes a parent MLflow run (its id kept here)."""
-        space = load_space(space_path)
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "space.yaml").write_text(space_path.read_text())
-        save_train_config(TrainConfig.from_dict(space.base), root / "base.yaml")
-        record = {"data": str(data), "space": str(space_path), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        if mlflow:
-            record["mlflow"] = tracking.start(mlflow, root.name, {"space": space_path.name, "metric": space.metric,
-                                                                  "mode": space.mode, "base": space.base},
-                                              tags={"bonescan.job": "tune"}).to_dict()
-        (root / "experiment.json").write_text(json.dumps(record, indent=2))
-        return cls.open(root, location)
-
-    @classmethod
-    def open(cls, root: str | Path, location: str = "") -> Experiment:
-        root = Path(root).resolve()
-        try:
-            record = json.loads((root / "experiment.json").read_text())
-        except FileNotFoundError:
-            raise InputError(root, "not an experiment folder (no experiment.json; see `bonescan tune`)") from None
-        space = parse_space(read_yaml(root / "space.yaml", "space"), root / "space.yaml",
-                            load_train_config(root / "base.yaml"))
-        return cls(root=root, data=record["data"], space=space, record=record, location=location)
-
-    def plan(self) -> Plan:
-        return Plan(**self.record["plan"])
-
-    def save_plan(self, plan: Plan) -> Experiment:
-        record = {**self.record, "plan": plan.__dict__}
-        (self.root / "experiment.json").write_text(json.dumps(record, indent=2))
-        return Experiment(self.root, self.data, self.space, record, self.location)
 
 
 # ---------------------------------------------------------------- the Tune function: one trial
@@ -314,8 +232,8 @@ def _new_tuner(exp: Experiment, plan: Plan, trainable):
         # time is the epoch each report carries; stop_last_trials=False lets a trial that
         # reaches max_t return from fit() and keep its model like any run.
         scheduler = ASHAScheduler(time_attr="epoch", max_t=space.max_epochs(),
-                                  grace_period=space.scheduler["grace_period"],
-                                  reduction_factor=space.scheduler["reduction_factor"], stop_last_trials=False)
+                                  grace_period=space.scheduler.grace_period,
+                                  reduction_factor=space.scheduler.reduction_factor, stop_last_trials=False)
     return ray_tune.Tuner(
         trainable,
         param_space=space.param_space(),
@@ -323,7 +241,7 @@ def _new_tuner(exp: Experiment, plan: Plan, trainable):
             metric=space.metric, mode=space.mode, scheduler=scheduler, num_samples=1,
             # The limit goes to the generator itself: Tune ignores max_concurrent_trials when
             # it is handed a BasicVariantGenerator, and trials beyond the plan starve Ray Data.
-            search_alg=BasicVariantGenerator(random_state=space.search.get("random_state"),
+            search_alg=BasicVariantGenerator(random_state=space.search.random_state,
                                              max_concurrent=plan.trials),
             trial_dirname_creator=_trial_dirname),
         run_config=ray_tune.RunConfig(
@@ -343,7 +261,7 @@ def collect(experiment: str | Path, location: str = "") -> list[dict]:
     older version) is scored here, once. Nothing reads the test split before a model is kept.
     location: where the experiment lives when ``experiment`` is its local stage."""
     exp = Experiment.open(experiment, location)
-    runs = sorted(p for p in exp.runs.glob("*") if (p / "trial.json").is_file()) if exp.runs.is_dir() else []
+    runs = exp.trial_runs()
     crops = None
     rows = []
     for run in runs:
@@ -363,7 +281,7 @@ def collect(experiment: str | Path, location: str = "") -> list[dict]:
 def _row(exp: Experiment, run: Path) -> dict:
     trial = json.loads((run / "trial.json").read_text())
     cfg = load_train_config(run / "config.yaml")
-    history = read_history(run) if (run / "history.csv").exists() else []
+    history = read_history(run)
     tested = json.loads((run / TEST_FILE).read_text()) if (run / TEST_FILE).exists() else {}
     budget = splits.load_budget(run)
     params = trial["params"]
@@ -405,22 +323,6 @@ def _row(exp: Experiment, run: Path) -> dict:
     return row
 
 
-def read_history(run: Path) -> list[dict]:
-    """history.csv -> rows of numbers (True/False kept as bools, empty cells dropped)."""
-    with open(run / "history.csv") as f:
-        return [{k: _number(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
-
-
-def _number(text: str):
-    if text in ("True", "False"):
-        return text == "True"
-    try:
-        value = float(text)
-    except ValueError:
-        return text
-    return int(value) if value.is_integer() and "." not in text and "e" not in text else value
-
-
 def _trial_seconds(results: str) -> float:
     """The trial's wall time in Ray Tune (its ``result.json``, a path or a URI): its
     time_total_s, summed over the sessions of a resumed sweep (a trial started again counts
@@ -435,42 +337,15 @@ def _trial_seconds(results: str) -> float:
 
 
 # ---------------------------------------------------------------- trials ASHA stopped
-class _CheckpointFolders:
-    """What ``train.finish_run`` reads of a Ray Train Result, from a run's checkpoint folders:
-    a trial that ASHA stopped (or whose driver died) never got its Result."""
-
-    def __init__(self, folders: list[Path]):
-        from ray.train import Checkpoint
-
-        metas = []
-        for folder in folders:
-            try:
-                state = read_file(folder / STATE)
-                blob = read_file(folder / FILENAME)
-            except InputError:  # a folder whose upload the stop cut short
-                continue
-            metas.append((state["epoch"], blob["meta"].get("metrics", {}).get("val_dsc", -1.0),
-                          Checkpoint.from_directory(str(folder))))
-        self.epochs = max((m[0] for m in metas), default=0)
-        if not metas:
-            self.checkpoint = None
-            return
-        self.checkpoint = max(metas, key=lambda m: m[0])[2]
-        self._best = max(metas, key=lambda m: m[1])[2]
-
-    def get_best_checkpoint(self, metric: str, mode: str):
-        return self._best
-
-
 def finish_from_checkpoints(run: Path, epochs: int = 1, location: str | None = None) -> bool:
-    """model.pt and history.csv of a run that did not return from fit(), from its checkpoints,
-    if they reach ``epochs``. False: nothing written. location: where the run lives when
-    ``run`` is its local stage; its checkpoints are fetched from there first."""
+    """model.pt and history.csv of a run that did not return from fit(), from Ray Train's
+    Result of its checkpoints (``runs.train_result``), if they reach ``epochs``. False:
+    nothing written. location: where the run lives when ``run`` is its local stage; its
+    checkpoints are fetched from there first."""
     if location and storage.is_uri(location):
         storage.download(storage.join(location, RUN_NAME), run / RUN_NAME)
-    folders = [p for p in (run / "train").glob("checkpoint_*") if (p / STATE).is_file()]
-    result = _CheckpointFolders(folders)
-    if result.checkpoint is None or result.epochs < epochs:
+    result = train_result(run)
+    if result is None or result.metrics.get("epoch", 0) < epochs:
         return False
     finish_run(run, result, location)
     return True
