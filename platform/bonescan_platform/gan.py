@@ -33,7 +33,7 @@ import torch
 import yaml
 
 from bonescan_model import gan as dcgan
-from bonescan_model import metrics
+from bonescan_model.metrics import frechet_distance, frechet_features
 from bonescan_model.gan_network import Discriminator, GanConfig, Generator
 from bonescan_model.checkpoint import read_file, write_file
 from bonescan_model.errors import InputError
@@ -99,14 +99,14 @@ def gan_loop(loop_config: dict) -> None:
         if rank == 0:  # on one rank: the reference set is small, and sampling needs no sync
             frozen = dcgan.calibrated(generator)  # what the checkpoint keeps and samples come from
             samples = dcgan.sample_images(frozen, range(len(reference)), FRECHET_SEED)
-            metrics["frechet"] = metrics.frechet_distance(reference, metrics.frechet_features(samples))
+            metrics["frechet"] = frechet_distance(reference, frechet_features(samples))
         history.append(metrics)
         _report(metrics, history, frozen, discriminator, opt_g, opt_d, cfg, levels, rank)
 
 
 def _reference_features(shard) -> np.ndarray:
     images = [b["image"] for b in shard.iter_torch_batches(batch_size=REFERENCE_CROPS, dtypes=torch.float32)]
-    return metrics.frechet_features(torch.cat(images)[:REFERENCE_CROPS])
+    return frechet_features(torch.cat(images)[:REFERENCE_CROPS])
 
 
 def _report(metrics, history, frozen, discriminator, opt_g, opt_d, cfg, levels, rank: int) -> None:
