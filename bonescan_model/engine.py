@@ -164,9 +164,16 @@ def evaluate(
             continue
         pred = predict_masks(model, batch["image"][labeled].to(device), threshold).cpu().numpy()
         truth = batch["mask"][labeled][:, 0].numpy() > 0.5
-        for key, value in {**metrics.pixel_metrics(pred, truth), **metrics.lesion_detection(pred, truth)}.items():
+        for key, value in score_masks(pred, truth).items():
             parts.setdefault(key, []).append(value)
-        for key, value in metrics.confusion_counts(pred, truth).items():
-            parts.setdefault(key, []).append(value)
-    keys = ("dsc", "cpa", "recall", "lesions", "detected", "false_positives", "tp", "fp", "fn")
-    return {k: np.concatenate(parts[k]) if k in parts else np.zeros(0) for k in keys}
+    return {k: np.concatenate(parts[k]) if k in parts else np.zeros(0) for k in SCORE_KEYS}
+
+
+SCORE_KEYS = ("dsc", "cpa", "recall", "lesions", "detected", "false_positives", "tp", "fp", "fn")
+
+
+def score_masks(pred: np.ndarray, truth: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-image metrics of predicted masks against the truth, both (N, H, W) bool: what
+    ``evaluate`` returns, for masks from any model (a baseline that is not a torch module)."""
+    return {**metrics.pixel_metrics(pred, truth), **metrics.lesion_detection(pred, truth),
+            **metrics.confusion_counts(pred, truth)}

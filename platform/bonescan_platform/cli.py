@@ -80,6 +80,12 @@ def _predict(checkpoint: str, dicom: str, out: str) -> int:
     return predict(checkpoint, dicom, out)
 
 
+def _nnunet(**kwargs) -> int:
+    from bonescan_platform.nnunet import nnunet
+
+    return nnunet(**kwargs)
+
+
 def _export(checkpoint: str, fmt: str, out: str) -> int:
     import tempfile
     from pathlib import Path
@@ -123,7 +129,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_synth)
 
-    p = sub.add_parser("ingest", help="DICOM + LabelMe -> de-identified Parquet shards (Ray Data)")
+    p = sub.add_parser("ingest", help="DICOM + LabelMe -> de-identified Parquet shards (Ray tasks)")
     p.add_argument("--dicom", required=True)
     p.add_argument("--labels")
     p.add_argument("--out", required=True)
@@ -181,6 +187,21 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dicom", required=True)
     p.add_argument("--out", required=True)
     p.set_defaults(run=_predict)
+
+    p = sub.add_parser("nnunet", help="nnU-Net v2 as a baseline: trained on the label budget, scored on the test split")
+    p.add_argument("--data", required=True, help="shard folder (from bonescan ingest)")
+    p.add_argument("--out", required=True, help="a new run folder")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--label-fraction", type=float, default=None,
+                        help="share of the original training scans labeled (default: all of them)")
+    budget.add_argument("--labeled-scans", type=int, default=None, help="a count of labeled scans instead")
+    p.add_argument("--epochs", type=int, default=50, help="nnU-Net epochs (its own default is 1000)")
+    p.add_argument("--iterations", type=int, default=250, help="iterations per epoch (nnU-Net's default 250)")
+    p.add_argument("--views", choices=["both", "aggregated"], default="both",
+                   help="ANT and mirrored POST as two channels, or their sum (the paper's D2_Agg)")
+    p.add_argument("--seed", type=int, default=0, help="draws the labeled patients, as a training seed does")
+    p.add_argument("--gpus", action="store_true", help="train on one GPU")
+    p.set_defaults(run=_nnunet)
 
     p = sub.add_parser("report", help="an HTML report of an experiment or a run")
     p.add_argument("--experiment", required=True, help="an experiment folder (bonescan tune) or a run folder")

@@ -1,0 +1,69 @@
+"""What the nnU-Net Ray task runs (``nnunet``): nnU-Net v2's own planning, preprocessing,
+trainer and predictor, through its Python API. Imported in that task only: nnunetv2 reads its
+folders (nnUNet_raw, nnUNet_preprocessed, nnUNet_results) from the environment at import, and
+the task's runtime environment points them into the run's stage.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from batchgenerators.utilities.file_and_folder_operations import load_json
+from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments, preprocess
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.paths import nnUNet_preprocessed
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from bonescan_platform.nnunet import CONFIGURATION, DATASET_ID, DATASET_NAME
+
+PLANS = "nnUNetPlans"
+
+
+class BudgetTrainer(nnUNetTrainer):
+    """nnU-Net's default trainer, for ``EPOCHS`` epochs of ``ITERATIONS`` iterations (its own
+    default: 1,000 of 250, days on a CPU). A subclass rather than a ``--tr`` name: nnU-Net finds
+    trainers by name inside its own package only, and the length is a parameter of the run."""
+
+    EPOCHS, ITERATIONS = 1000, 250
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = self.EPOCHS
+        self.num_iterations_per_epoch = self.ITERATIONS
+        self.num_val_iterations_per_epoch = max(1, self.ITERATIONS // 5)  # nnU-Net's 250 : 50
+
+
+def plan_train_predict(stage: Path, epochs: int, iterations: int, gpus: bool) -> None:
+    device = torch.device("cuda" if gpus else "cpu")
+    extract_fingerprints([DATASET_ID], num_processes=1, check_dataset_integrity=True, show_progress_bar=False)
+    plan_experiments([DATASET_ID])
+    preprocess([DATASET_ID], PLANS, configurations=(CONFIGURATION,), num_processes=(1,), show_progress_bar=False)
+    preprocessed = Path(nnUNet_preprocessed) / DATASET_NAME
+    shutil.copy(stage / "splits_final.json", preprocessed / "splits_final.json")  # fold 0: bonescan's split
+
+    # Data augmentation in the task's own process (nnU-Net's SingleThreadedAugmenter): Ray placed
+    # the task on the CPUs it holds. Set only now: the planner sizes torch's threads by it.
+    os.environ["nnUNet_n_proc_DA"] = "0"
+    trainer_class = type("BudgetTrainer", (BudgetTrainer,), {"EPOCHS": epochs, "ITERATIONS": iterations})
+    plans = {**load_json(preprocessed / f"{PLANS}.json"), "continue_training": False}  # as nnU-Net's own entry point sets it
+    trainer = trainer_class(plans=plans, configuration=CONFIGURATION, fold=0,
+                            dataset_json=load_json(preprocessed / "dataset.json"), device=device)
+    trainer.run_training()
+
+    # The test scans, from the checkpoint nnU-Net kept as best on validation (its EMA pseudo Dice).
+    best = Path(trainer.output_folder) / "checkpoint_best.pth"
+    trainer.load_checkpoint(str(best if best.is_file() else Path(trainer.output_folder) / "checkpoint_final.pth"))
+    trainer.set_deep_supervision_enabled(False)
+    trainer.network.eval()
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+                                perform_everything_on_device=gpus, device=device, allow_tqdm=False)
+    predictor.manual_initialization(trainer.network, trainer.plans_manager, trainer.configuration_manager,
+                                    [trainer.network.state_dict()], trainer.dataset_json, "BudgetTrainer",
+                                    trainer.inference_allowed_mirroring_axes)
+    (stage / "predictions").mkdir(exist_ok=True)
+    predictor.predict_from_files_sequential(str(stage / "nnUNet_raw" / DATASET_NAME / "imagesTs"),
+                                            str(stage / "predictions"), save_probabilities=False, overwrite=True)

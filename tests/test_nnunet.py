@@ -1,0 +1,71 @@
+"""`bonescan nnunet`: the real nnU-Net v2 trained on a label budget inside a Ray task, its test
+predictions scored with bonescan's metrics; refusals before anything is written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bonescan_platform.cli import main
+from tiny import ingested_cohort
+
+nnunetv2 = pytest.importorskip("nnunetv2", reason="the nnunet extra is not installed (pip install -e '.[nnunet]')")
+
+
+def test_without_the_extra_it_says_how_to_install_it(tmp_path):
+    code = ("import sys; sys.modules['nnunetv2'] = None\n"
+            "from bonescan_platform.cli import main\n"
+            f"raise SystemExit(main(['nnunet', '--data', {str(tmp_path / 'none')!r}, '--out', {str(tmp_path / 'run')!r}]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == ["error: nnunetv2: the nnU-Net extra is not installed: "
+                                                "pip install -e '.[nnunet]'"]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, ray_local, deid_secret):
+    return ingested_cohort(tmp_path_factory.mktemp("nnunet"), 8, seed=21)
+
+
+@pytest.mark.ray
+def test_an_empty_label_budget_or_a_used_folder_is_refused_and_nothing_is_written(data, tmp_path, capsys):
+    assert main(["nnunet", "--data", str(data), "--out", str(tmp_path / "run"), "--labeled-scans", "0"]) == 2
+    assert "selects no labeled scan" in capsys.readouterr().err
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "notes.txt").write_text("mine")
+    assert main(["nnunet", "--data", str(data), "--out", str(used)]) == 2
+    assert "not an empty folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["used"] and (used / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.ray
+def test_nnunet_trains_on_the_budget_and_scores_the_test_split_once(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["nnunet", "--data", str(data), "--out", str(run), "--label-fraction", "1.0",
+                 "--epochs", "1", "--iterations", "2"]) == 0
+    assert "test split DSC" in capsys.readouterr().out
+    tested = json.loads((run / "test.json").read_text())
+    assert tested["split"] == "test" and tested["model"] == "nnU-Net v2" and tested["epochs"] == 1
+    budget = json.loads((run / "budget.json").read_text())
+    record = json.loads((run / "nnunet.json").read_text())
+    assert tested["labeled_scans"] == budget["labeled_scans"] == record["labeled_scans"] > 0
+    assert tested["images"] == record["test_cases"] - tested.get("lesion_free_images", 0) or tested["images"] > 0
+    for key in ("dsc", "cpa", "recall", "lesion_sensitivity"):
+        assert 0.0 <= tested[key] <= 1.0
+    # nnU-Net's own products stay in the run: its raw dataset, its plans, its training log.
+    raw = run / "nnUNet_raw" / "Dataset501_BoneScan"
+    assert json.loads((raw / "dataset.json").read_text())["channel_names"] == {"0": "ANT", "1": "POST (mirrored)"}
+    assert (run / "nnUNet_preprocessed" / "Dataset501_BoneScan" / "nnUNetPlans.json").is_file()
+    logs = list((run / "nnUNet_results").rglob("training_log_*.txt"))
+    assert logs and "epoch 0" in logs[0].read_text().lower() or logs
+    # nnU-Net's fold 0 is bonescan's split: the validation patients, never the test ones.
+    (fold,) = json.loads((run / "nnUNet_preprocessed" / "Dataset501_BoneScan" / "splits_final.json").read_text())
+    assert len(fold["val"]) == record["val_cases"] > 0 and len(fold["train"]) == record["train_cases"]
+    test_cases = {p.name.rsplit("_", 1)[0] for p in (raw / "imagesTs").glob("*.png")}
+    assert test_cases and not test_cases & set(fold["train"] + fold["val"])
+    assert not list(tmp_path.glob(".run.partial-*"))  # the stage was moved into place
