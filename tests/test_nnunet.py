@@ -49,6 +49,9 @@ def test_nnunet_trains_on_the_budget_and_scores_the_test_split_once(data, tmp_pa
     assert main(["nnunet", "--data", str(data), "--out", str(run), "--label-fraction", "1.0",
                  "--epochs", "1", "--iterations", "2"]) == 0
     assert "test split DSC" in capsys.readouterr().out
+    history = json.loads((run / "history.json").read_text())
+    assert [r["epoch"] for r in history] == [1] and history[-1]["steps"] == 2
+    assert 0.0 <= history[-1]["val_dsc"] <= 1.0 and "val_nnunet_pseudo_dice" in history[-1]
     tested = json.loads((run / "test.json").read_text())
     assert tested["split"] == "test" and tested["model"] == "nnU-Net v2" and tested["epochs"] == 1
     budget = json.loads((run / "budget.json").read_text())
@@ -69,3 +72,33 @@ def test_nnunet_trains_on_the_budget_and_scores_the_test_split_once(data, tmp_pa
     test_cases = {p.name.rsplit("_", 1)[0] for p in (raw / "imagesTs").glob("*.png")}
     assert test_cases and not test_cases & set(fold["train"] + fold["val"])
     assert not list(tmp_path.glob(".run.partial-*"))  # the stage was moved into place
+
+
+@pytest.mark.ray
+def test_a_sweep_runs_nnunet_as_a_trial_and_the_report_fills_its_row(data, tmp_path):
+    import re
+
+    import pyarrow.parquet as pq
+    import yaml
+
+    from tiny import tiny_config
+
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny_config(epochs=1)))
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({
+        "base": "tiny.yaml", "fixed": {"model.aggregation": "input"},
+        "parameters": {"case": {"grid": [{"name": "nnU-Net", "trainer": "nnunet", "nnunet_iterations": 2,
+                                          "label_fraction": 1.0}]}},
+        "report": {"x": "case", "columns": ["labeled_scans", "case", "dsc"],
+                   "paper": [{"case": "nnU-Net", "labeled_scans": 798, "dsc": 0.757}]}}))
+    exp = tmp_path / "exp"
+    assert main(["tune", "--data", str(data), "--space", str(space), "--out", str(exp)]) == 0
+    (row,) = pq.read_table(exp / "results.parquet").to_pylist()
+    assert row["status"] == "finished" and row["epochs"] == 1 and row["steps"] == 2 and 0.0 <= row["dsc"] <= 1.0
+    assert row["parameters"] > 1e6  # nnU-Net's own network, planned by nnU-Net
+    page = tmp_path / "report.html"
+    assert main(["report", "--experiment", str(exp), "--out", str(page)]) == 0
+    table = re.search(r"<table id='paper-table'>.*?</table>", page.read_text(), re.S).group(0)
+    (nnunet,) = [r for r in re.findall(r"<tr>(.*?)</tr>", table, re.S) if "<td>nnU-Net</td>" in r]
+    assert f"<td>{row['labeled_scans']}</td><td class='paper'>798</td>" in nnunet
+    assert "<td class='paper'>0.757</td>" in nnunet and "training: 2 optimizer steps, 1 epochs" in nnunet

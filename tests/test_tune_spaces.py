@@ -72,6 +72,8 @@ def test_spaces_hold_the_papers_settings():
     configs = {case_name(c): space.trial_config({"case": c}) for c in _values("baselines", "case")}
     assert (configs["U-Net"].model.arch, configs["U-Net"].label_fraction) == ("unet", 1.0)  # every training scan
     assert (configs["Proposed"].model.arch, configs["Proposed"].label_fraction) == ("recurrent", 0.62)
+    assert (configs["nnU-Net"].trainer, configs["nnU-Net"].label_fraction) == ("nnunet", 1.0)  # every training scan
+    assert {c.trainer for n, c in configs.items() if n != "nnU-Net"} == {"bonescan"}
     control = configs["Proposed, supervised only"]
     assert control.unsupervised_weight == 0 and control.label_fraction == 0.62
     assert control.model == configs["Proposed"].model and control.supervised == configs["Proposed"].supervised

@@ -20,12 +20,19 @@ from bonescan_model.network import ModelConfig
 
 
 DATASETS = ("all", "D1", "D2", "D3", "D4")
+TRAINERS = ("bonescan", "nnunet")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run. Defaults follow the paper's Table 2 where it has a value."""
 
+    # Which code trains the run: "bonescan" (this platform's model, loss and loop) or "nnunet"
+    # (nnU-Net v2 by its own planning, trainer and predictor, the nnunet extra: supervised on
+    # the label budget, `epochs` epochs of `nnunet_iterations` iterations; the model, loss and
+    # semi-supervision keys do not apply to it). A sweep runs both side by side (baselines.yaml).
+    trainer: str = "bonescan"
+    nnunet_iterations: int = 250  # nnU-Net's iterations per epoch (its default 250)
     model: ModelConfig = field(default_factory=ModelConfig)
     epochs: int = 400
     # The training budget in optimizer steps, in place of epochs: the run trains the epochs
@@ -77,6 +84,8 @@ class TrainConfig:
 
     def __post_init__(self):
         checks = {
+            "trainer": self.trainer in TRAINERS,
+            "nnunet_iterations": self.nnunet_iterations >= 1,
             "epochs": self.epochs >= 1,
             "max_steps": self.max_steps is None or self.max_steps >= 1,
             "batch_size": self.batch_size >= 1,

@@ -20,6 +20,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from bonescan_platform.nnunet import CONFIGURATION, DATASET_ID, DATASET_NAME
 
 PLANS = "nnUNetPlans"
+LOGGED = ("train_losses", "val_losses", "mean_fg_dice", "ema_fg_dice", "epoch_start_timestamps", "epoch_end_timestamps")
 
 
 class BudgetTrainer(nnUNetTrainer):
@@ -37,7 +38,10 @@ class BudgetTrainer(nnUNetTrainer):
         self.num_val_iterations_per_epoch = max(1, self.ITERATIONS // 5)  # nnU-Net's 250 : 50
 
 
-def plan_train_predict(stage: Path, epochs: int, iterations: int, gpus: bool) -> None:
+def plan_train_predict(stage: Path, epochs: int, iterations: int, gpus: bool) -> dict:
+    """nnU-Net's whole pipeline on the exported dataset; predictions of the test and validation
+    scans under stage/predictions and stage/predictions_val. Returns nnU-Net's per-epoch log
+    (LOGGED), its batch size and the network's parameter count."""
     device = torch.device("cuda" if gpus else "cpu")
     extract_fingerprints([DATASET_ID], num_processes=1, check_dataset_integrity=True, show_progress_bar=False)
     plan_experiments([DATASET_ID])
@@ -53,6 +57,8 @@ def plan_train_predict(stage: Path, epochs: int, iterations: int, gpus: bool) ->
     trainer = trainer_class(plans=plans, configuration=CONFIGURATION, fold=0,
                             dataset_json=load_json(preprocessed / "dataset.json"), device=device)
     trainer.run_training()
+    log = trainer.logger.local_logger.my_fantastic_logging  # every epoch's: loading the best checkpoint cuts it back
+    log = {k: [float(v) for v in log[k]] for k in LOGGED}
 
     # The test scans, from the checkpoint nnU-Net kept as best on validation (its EMA pseudo Dice).
     best = Path(trainer.output_folder) / "checkpoint_best.pth"
@@ -64,6 +70,9 @@ def plan_train_predict(stage: Path, epochs: int, iterations: int, gpus: bool) ->
     predictor.manual_initialization(trainer.network, trainer.plans_manager, trainer.configuration_manager,
                                     [trainer.network.state_dict()], trainer.dataset_json, "BudgetTrainer",
                                     trainer.inference_allowed_mirroring_axes)
-    (stage / "predictions").mkdir(exist_ok=True)
-    predictor.predict_from_files_sequential(str(stage / "nnUNet_raw" / DATASET_NAME / "imagesTs"),
-                                            str(stage / "predictions"), save_probabilities=False, overwrite=True)
+    for images, out in (("imagesTs", "predictions"), ("imagesVal", "predictions_val")):
+        (stage / out).mkdir(exist_ok=True)
+        predictor.predict_from_files_sequential(str(stage / "nnUNet_raw" / DATASET_NAME / images), str(stage / out),
+                                                save_probabilities=False, overwrite=True)
+    return {"log": log, "batch_size": int(trainer.batch_size),
+            "parameters": sum(p.numel() for p in trainer.network.parameters())}

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from bonescan_model.checkpoint import FILENAME
 from bonescan_model.errors import InputError
-from bonescan_platform import splits, storage, stream, tracking
+from bonescan_platform import nnunet, splits, storage, stream, tracking
 from bonescan_platform.cluster import ray_session
 from bonescan_platform.config import TrainConfig, load_train_config, save_train_config
 from bonescan_platform.evaluate import HEADLINE, TEST_FILE, score_test
@@ -101,7 +101,7 @@ def _trial(exp: Experiment, config: dict, trial_id: str, run: Path, location: st
         return
     plan = exp.plan()
     save_train_config(cfg, run / "config.yaml")
-    record = {"data": exp.data, "workers": plan.workers, "gpus": plan.gpus}
+    record = {"data": exp.data, "workers": plan.workers, "gpus": plan.gpus, "trainer": cfg.trainer}
     if exp.tracker is not None:  # a child run; a trial started again keeps its own
         earlier = json.loads((run / "run.json").read_text()).get("mlflow") if (run / "run.json").exists() else None
         record["mlflow"] = earlier or tracking.start(
@@ -110,6 +110,12 @@ def _trial(exp: Experiment, config: dict, trial_id: str, run: Path, location: st
     (run / "run.json").write_text(json.dumps(record, indent=2))
     (run / "trial.json").write_text(json.dumps(
         {"trial_id": trial_id, "params": config, "label": trial_label(config)}, indent=2))
+    if cfg.trainer == "nnunet":  # nnU-Net's own pipeline, in its own Ray task; its epochs reported after
+        nnunet.train_and_score(run, exp.data, cfg, plan.gpus)
+        storage.publish(run, location)
+        for row in read_history(run):
+            ray_tune.report(row)
+        return
     trainer = trainer_for(run, cfg, exp.data, plan.workers, plan.gpus, callbacks=[TuneReportCallback()],
                           cpu_per_worker=plan.cpu_per_worker, storage_path=location)
     storage.publish(run, location)
