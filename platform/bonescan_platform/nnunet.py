@@ -232,6 +232,8 @@ def score(predictions: Path, truth: dict[str, np.ndarray]) -> dict:
     """The test predictions scored -> the body of ``evaluate --json`` (run 0 only), named as
     the test split's."""
     first = summary(predictions, truth)
-    return {"split": "test", **{k: first[k] for k in HEADLINE}, "images": first["images"],
-            "lesion_images": first["lesion_images"], "runs": [{"run": 0, **first}],
+    headline = {k: first[k] for k in HEADLINE}
+    # One run, as `evaluate --runs 1` writes it: its mean is run 0, its spread 0.
+    return {"split": "test", **headline, "images": first["images"], "lesion_images": first["lesion_images"],
+            "runs_mean": headline, "runs_std": {k: 0.0 for k in HEADLINE}, "runs": [{"run": 0, **first}],
             "protocol": "run 0 only: nnU-Net's prediction of the test scans as they are"}

@@ -6,6 +6,7 @@ the task's runtime environment points them into the run's stage.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 from pathlib import Path
@@ -42,6 +43,10 @@ def plan_train_predict(stage: Path, epochs: int, iterations: int, gpus: bool) ->
     """nnU-Net's whole pipeline on the exported dataset; predictions of the test and validation
     scans under stage/predictions and stage/predictions_val. Returns nnU-Net's per-epoch log
     (LOGGED), its batch size and the network's parameter count."""
+    # nnU-Net's process pools start by fork unless told otherwise; a Ray worker runs threads
+    # (gRPC, its GC thread), and a forked child can hang on a lock one of them held (seen: a
+    # pool joining a child that never ran). Spawned children start clean.
+    multiprocessing.set_start_method("spawn", force=True)
     device = torch.device("cuda" if gpus else "cpu")
     extract_fingerprints([DATASET_ID], num_processes=1, check_dataset_integrity=True, show_progress_bar=False)
     plan_experiments([DATASET_ID])
@@ -72,7 +77,12 @@ def plan_train_predict(stage: Path, epochs: int, iterations: int, gpus: bool) ->
                                     trainer.inference_allowed_mirroring_axes)
     for images, out in (("imagesTs", "predictions"), ("imagesVal", "predictions_val")):
         (stage / out).mkdir(exist_ok=True)
-        predictor.predict_from_files_sequential(str(stage / "nnUNet_raw" / DATASET_NAME / images), str(stage / out),
+        # Lists of each case's channel files, not a folder: for a folder nnU-Net lists them in a
+        # process pool, which this predictor's "sequential" path otherwise avoids.
+        files = sorted((stage / "nnUNet_raw" / DATASET_NAME / images).glob("*.png"))
+        cases = sorted({f.name.rsplit("_", 1)[0] for f in files})
+        inputs = [[str(f) for f in files if f.name.rsplit("_", 1)[0] == case] for case in cases]
+        predictor.predict_from_files_sequential(inputs, [str(stage / out / case) for case in cases],
                                                 save_probabilities=False, overwrite=True)
     return {"log": log, "batch_size": int(trainer.batch_size),
             "parameters": sum(p.numel() for p in trainer.network.parameters())}

@@ -209,6 +209,10 @@ class SearchSpace:
         runs = {} if self.evaluate_runs is None else {"test_runs": self.evaluate_runs}
         return _build(self.base, {**runs, **self.fixed, **overrides(params)}, source)
 
+    def uses_trainer(self, trainer: str) -> bool:
+        """Whether a trial of this space can be trained by ``trainer`` (TrainConfig.trainer)."""
+        return any(self.trial_config(params).trainer == trainer for params in _first_combos(self.parameters))
+
     def max_epochs(self) -> int:
         """The most epochs any trial trains: ASHA's max_t."""
         values = [self.trial_config({}).epochs]

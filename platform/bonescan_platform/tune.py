@@ -189,6 +189,8 @@ def sweep(data: str, space: str, out: str, resume: bool = False, mlflow: str | N
         else:
             exp = Experiment.create(root, data_dir, space_path, uri, remote)  # validates the space before writing
 
+        if exp.space.uses_trainer("nnunet"):
+            nnunet.check_installed()  # before any trial starts, not as each nnU-Net trial's error
         with ray_session():
             import ray
 
