@@ -59,6 +59,12 @@ def score_runs(model: torch.nn.Module, crops: dict[str, np.ndarray], runs: int, 
     for run in progress(range(runs), desc=label, unit="run"):
         batches = transformed(stream.batches(crops, BATCH), run)
         per_run.append({"run": run, **metrics.summarize(engine.evaluate(model, batches, threshold=threshold))})
+    return runs_body(per_run)
+
+
+def runs_body(per_run: list[dict], protocol: str = PROTOCOL) -> dict:
+    """The --json body of scored runs (``metrics.summarize`` of each, run 0 first): run 0 is
+    the headline, runs_mean / runs_std over all of them."""
     first = per_run[0]
     if not first["images"]:
         return {"images": 0, "runs": per_run}
@@ -66,7 +72,7 @@ def score_runs(model: torch.nn.Module, crops: dict[str, np.ndarray], runs: int, 
         **{k: first[k] for k in HEADLINE}, "images": first["images"], "lesion_images": first["lesion_images"],
         "runs_mean": {k: _finite_stat(np.mean, [r[k] for r in per_run]) for k in HEADLINE},
         "runs_std": {k: _finite_stat(np.std, [r[k] for r in per_run]) for k in HEADLINE},
-        "runs": per_run, "protocol": PROTOCOL,
+        "runs": per_run, "protocol": protocol,
     }
 
 

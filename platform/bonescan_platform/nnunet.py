@@ -35,13 +35,13 @@ import numpy as np
 
 from bonescan_model import engine, metrics
 from bonescan_model.errors import InputError
+from bonescan_model.network import ModelConfig
 from bonescan_model.preprocess import aggregate_views
 from bonescan_platform import shards, splits
 from bonescan_platform.cluster import ray_session
-from bonescan_model.network import ModelConfig
 from bonescan_platform.config import TrainConfig, save_train_config
+from bonescan_platform.evaluate import HEADLINE, TEST_FILE, runs_body
 from bonescan_platform.runs import write_history
-from bonescan_platform.evaluate import HEADLINE, TEST_FILE
 
 INSTALL_HINT = "the nnU-Net extra is not installed: pip install -e '.[nnunet]'"
 DATASET_ID, DATASET_NAME = 501, "Dataset501_BoneScan"
@@ -229,11 +229,8 @@ def summary(predictions: Path, truth: dict[str, np.ndarray]) -> dict:
 
 
 def score(predictions: Path, truth: dict[str, np.ndarray]) -> dict:
-    """The test predictions scored -> the body of ``evaluate --json`` (run 0 only), named as
-    the test split's."""
-    first = summary(predictions, truth)
-    headline = {k: first[k] for k in HEADLINE}
-    # One run, as `evaluate --runs 1` writes it: its mean is run 0, its spread 0.
-    return {"split": "test", **headline, "images": first["images"], "lesion_images": first["lesion_images"],
-            "runs_mean": headline, "runs_std": {k: 0.0 for k in HEADLINE}, "runs": [{"run": 0, **first}],
-            "protocol": "run 0 only: nnU-Net's prediction of the test scans as they are"}
+    """The test predictions scored -> the body of ``evaluate --json`` for one run (as
+    ``evaluate --runs 1`` writes it), named as the test split's."""
+    body = runs_body([{"run": 0, **summary(predictions, truth)}],
+                     protocol="run 0 only: nnU-Net's prediction of the test scans as they are")
+    return {"split": "test", **body}

@@ -92,7 +92,7 @@ def _trial(exp: Experiment, config: dict, trial_id: str, run: Path, location: st
 
     cfg = exp.space.trial_config(config, f"trial {trial_id}")
     if not (run / "history.csv").exists():  # its last epoch was saved, its model.pt not yet
-        finish_from_checkpoints(run, splits.load_budget(run).get("planned_epochs", cfg.epochs), location)
+        finish_from_checkpoints(run, planned_epochs(run, cfg), location)
     if (run / "history.csv").exists():
         # Trained to the end before the sweep's driver stopped, after Tune last saved its
         # state: give Tune the epochs again instead of training again.
@@ -120,6 +120,12 @@ def _trial(exp: Experiment, config: dict, trial_id: str, run: Path, location: st
                           cpu_per_worker=plan.cpu_per_worker, storage_path=location)
     storage.publish(run, location)
     finish_run(run, trainer.fit(), location)
+
+
+def planned_epochs(run: Path, cfg: TrainConfig) -> int:
+    """The epochs the run was planned to train: cfg.epochs, or those its max_steps take
+    (budget.json; a folder of an earlier version has no plan there)."""
+    return splits.load_budget(run).get("planned_epochs", cfg.epochs)
 
 
 def config_params(cfg: TrainConfig) -> dict:
@@ -294,7 +300,7 @@ def _row(exp: Experiment, run: Path) -> dict:
     budget = splits.load_budget(run)
     params = trial["params"]
     epochs = int(history[-1]["epoch"]) if history else 0
-    max_epochs = budget.get("planned_epochs", cfg.epochs)  # cfg.epochs, or those its max_steps take
+    max_epochs = planned_epochs(run, cfg)
     best = max(history, key=lambda r: r.get("val_dsc", -1.0)) if history else {}
     nan = float("nan")
     row = {
