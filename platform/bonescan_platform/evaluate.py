@@ -27,7 +27,7 @@ import torch
 
 from bonescan_model import engine, metrics
 from bonescan_model.augment import augment_batch
-from bonescan_model.checkpoint import load_model
+from bonescan_model.checkpoint import FILENAME, load_model
 from bonescan_model.errors import InputError
 from bonescan_model.network import count_parameters
 from bonescan_model.progress import progress
@@ -110,6 +110,14 @@ def score_test(run: Path, data: Path, runs: int, crops: dict[str, np.ndarray] | 
             "test_seconds": test_seconds(trained.model, crops["image"], trained.threshold)}
     (run / TEST_FILE).write_text(json.dumps(body, indent=2))
     return body
+
+
+def kept_score(run: Path) -> dict | None:
+    """run/test.json where it scores the run's current model.pt (written after it), else None."""
+    tested, model = run / TEST_FILE, run / FILENAME
+    if tested.is_file() and model.is_file() and tested.stat().st_mtime >= model.stat().st_mtime:
+        return json.loads(tested.read_text())
+    return None
 
 
 def evaluate(checkpoint: str, data: str, runs: int = 10, json_path: str | None = None) -> int:

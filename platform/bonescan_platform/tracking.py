@@ -96,6 +96,9 @@ class Tracker:
                 mlflow.log_artifact(self.run_id, str(run / name), artifact_path="model")
         mlflow.set_terminated(self.run_id, "FINISHED")
 
+    def finished(self) -> bool:
+        return client(self.uri).get_run(self.run_id).info.status == "FINISHED"
+
     def register(self, name: str) -> str:
         """This run's model/ artifacts as a new version of the registered model ``name``; its version."""
         from mlflow.exceptions import MlflowException

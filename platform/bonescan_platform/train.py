@@ -35,10 +35,10 @@ from bonescan_model.metrics import summarize
 from bonescan_model.network import build_model
 from bonescan_platform import metrics as training_metrics
 from bonescan_platform import cluster, shards, splits, storage, stream, tracking
-from bonescan_platform.evaluate import score_test
+from bonescan_platform.evaluate import kept_score, score_test
 from bonescan_platform.cluster import ray_session
 from bonescan_platform.config import TrainConfig, load_train_config, save_train_config
-from bonescan_platform.runs import RUN_NAME, write_history
+from bonescan_platform.runs import RUN_NAME, read_history, write_history
 
 STATE = "train_state.pt"
 # Rows a worker's shuffle buffer holds at most (a decoded row is 768 KiB: 512 rows ~ 0.4 GB).
@@ -362,7 +362,7 @@ def _fit(run: Path, location: str, cfg: TrainConfig, data: str, workers: int, gp
 
 def finish_run(run: Path, result, location: str | None = None) -> int:
     """Keep the best checkpoint by validation DSC as run/model.pt and the epoch history as
-    run/history.csv; then, once, score the kept model on the test split (run/test.json).
+    run/history.csv; then ``conclude`` the run (its one test score, its MLflow run).
     location: where the run lives, when ``run`` is its local stage (named in the summary)."""
     best = result.get_best_checkpoint("val_dsc", "max") or result.checkpoint
     if best is None:
@@ -372,12 +372,21 @@ def finish_run(run: Path, result, location: str | None = None) -> int:
     with result.checkpoint.as_directory() as folder:
         history = read_file(Path(folder) / STATE)["history"]
     write_history(run, history)
+    return conclude(run, location)
+
+
+def conclude(run: Path, location: str | None = None) -> int:
+    """What a run does once its model is kept (model.pt, history): score it on the test split,
+    once (run/test.json), and close its MLflow run. A run killed part way through this (a
+    sweep's driver stopped as a trial ends) is concluded again when it resumes: the test score
+    is kept where it scores this model.pt, the MLflow run finished only where it is not yet."""
+    history = read_history(run)
     last, home = history[-1], location or str(run)
     cfg = load_train_config(run / "config.yaml")
     record = json.loads((run / "run.json").read_text())
-    tested = score_test(run, record["data"], cfg.test_runs)
+    tested = kept_score(run) or score_test(run, record["data"], cfg.test_runs)
     tracker = tracking.Tracker.from_dict(record.get("mlflow"))
-    if tracker is not None:
+    if tracker is not None and not tracker.finished():
         tracker.finish(run, tested, {"epochs": last["epoch"],
                                      "best_val_dsc": max(r.get("val_dsc", 0.0) for r in history)})
     print(f"trained {last['epoch']} epochs ({last.get('steps', 0)} optimizer steps): validation DSC {last.get('val_dsc', float('nan')):.3f} "

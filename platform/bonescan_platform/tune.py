@@ -27,10 +27,10 @@ from bonescan_model.errors import InputError
 from bonescan_platform import nnunet, splits, storage, stream, tracking
 from bonescan_platform.cluster import ray_session
 from bonescan_platform.config import TrainConfig, load_train_config, save_train_config
-from bonescan_platform.evaluate import HEADLINE, TEST_FILE, score_test
+from bonescan_platform.evaluate import HEADLINE, TEST_FILE, kept_score, score_test
 from bonescan_platform.search_space import AUTO, SearchSpace, case_name
 from bonescan_platform.runs import RUN_NAME, TUNE_NAME, Experiment, Plan, read_history, train_result
-from bonescan_platform.train import own_file, check_data, finish_run, trainer_for
+from bonescan_platform.train import check_data, conclude, finish_run, own_file, trainer_for
 
 DRIVER_CPU = 0.25  # each trial's Tune function only waits on its TorchTrainer
 # Ray Data's read-and-decode tasks take 1 CPU each: a CPU left free keeps the streams of all
@@ -95,7 +95,10 @@ def _trial(exp: Experiment, config: dict, trial_id: str, run: Path, location: st
         finish_from_checkpoints(run, planned_epochs(run, cfg), location)
     if (run / "history.csv").exists():
         # Trained to the end before the sweep's driver stopped, after Tune last saved its
-        # state: give Tune the epochs again instead of training again.
+        # state: give Tune the epochs again instead of training again (and finish what the
+        # stop cut short: its test score, its MLflow run).
+        if cfg.trainer == "bonescan":
+            conclude(run, location)
         for row in read_history(run):
             ray_tune.report(row)
         return
@@ -281,7 +284,7 @@ def collect(experiment: str | Path, location: str = "") -> list[dict]:
     for run in runs:
         if not (run / "history.csv").exists():
             finish_from_checkpoints(run, 1, exp.run_location(run.name) if location else None)
-        if (run / FILENAME).exists() and not _fresh(run / TEST_FILE, run / FILENAME):
+        if (run / FILENAME).exists() and kept_score(run) is None:
             crops = crops if crops is not None else stream.crops(exp.data, "test")
             score_test(run, exp.data, load_train_config(run / "config.yaml").test_runs, crops)
         rows.append(_row(exp, run))
@@ -363,10 +366,6 @@ def finish_from_checkpoints(run: Path, epochs: int = 1, location: str | None = N
         return False
     finish_run(run, result, location)
     return True
-
-
-def _fresh(product: Path, source: Path) -> bool:
-    return product.exists() and product.stat().st_mtime >= source.stat().st_mtime
 
 
 def print_summary(rows: list[dict], space: SearchSpace) -> None:
