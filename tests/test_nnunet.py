@@ -63,12 +63,17 @@ def test_nnunet_trains_on_the_budget_and_scores_the_test_split_once(data, tmp_pa
     # nnU-Net's own products stay in the run: its raw dataset, its plans, its training log.
     raw = run / "nnUNet_raw" / "Dataset501_BoneScan"
     assert json.loads((raw / "dataset.json").read_text())["channel_names"] == {"0": "ANT", "1": "POST (mirrored)"}
-    assert (run / "nnUNet_preprocessed" / "Dataset501_BoneScan" / "nnUNetPlans.json").is_file()
+    # z-scored per image, as nnU-Net does channels not named CT (what its smaller intensity sample relies on)
+    plans = json.loads((run / "nnUNet_preprocessed" / "Dataset501_BoneScan" / "nnUNetPlans.json").read_text())
+    assert set(plans["configurations"]["2d"]["normalization_schemes"]) == {"ZScoreNormalization"}
     logs = list((run / "nnUNet_results").rglob("training_log_*.txt"))
     assert logs and "epoch 0" in logs[0].read_text().lower() or logs
     # nnU-Net's fold 0 is bonescan's split: the validation patients, never the test ones.
     (fold,) = json.loads((run / "nnUNet_preprocessed" / "Dataset501_BoneScan" / "splits_final.json").read_text())
     assert len(fold["val"]) == record["val_cases"] > 0 and len(fold["train"]) == record["train_cases"]
+    listed = json.loads((raw / "dataset.json").read_text())["dataset"]  # every training case's files, listed
+    assert set(listed) == set(fold["train"] + fold["val"])
+    assert all((raw / f).is_file() for case in listed.values() for f in [*case["images"], case["label"]])
     test_cases = {p.name.rsplit("_", 1)[0] for p in (raw / "imagesTs").glob("*.png")}
     assert test_cases and not test_cases & set(fold["train"] + fold["val"])
     assert not list(tmp_path.glob(".run.partial-*"))  # the stage was moved into place

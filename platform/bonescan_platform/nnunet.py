@@ -151,7 +151,7 @@ def export(data: str, stage: Path, selection, views: str) -> dict:
         (raw / sub).mkdir(parents=True)
     labeled, val = set(selection.labeled), set(selection.splits.val)
     table = shards.read_table(shards.shard_paths(data), COLUMNS).sort_by("scan_key")
-    train_cases, val_cases, test = [], {}, {}
+    train_cases, val_cases, test, listed = [], {}, {}, {}
     for row in table.to_pylist():
         if row["source"] not in splits.ORIGINAL_SOURCES or row["mask"] is None:
             continue  # nnU-Net is supervised: only original scans with a mask
@@ -171,6 +171,8 @@ def export(data: str, stage: Path, selection, views: str) -> dict:
             test[case] = mask.astype(bool)
             continue
         io.imsave(raw / "labelsTr" / f"{case}.png", mask.astype(np.uint8), check_contrast=False)
+        listed[case] = {"images": [f"imagesTr/{case}_{c:04d}.png" for c in range(len(channels))],
+                        "label": f"labelsTr/{case}.png"}
         if is_val:
             val_cases[case] = mask.astype(bool)
         else:
@@ -182,6 +184,10 @@ def export(data: str, stage: Path, selection, views: str) -> dict:
         "channel_names": channel_names, "labels": {"background": 0, "lesion": 1},
         "numTraining": len(train_cases) + len(val_cases), "file_ending": ".png",
         "name": "bonescan thoracic crops",
+        # Each case's files listed (relative to the raw folder; nnU-Net's documented "dataset"
+        # key): without the list, every nnU-Net step that reads the dataset matches file names
+        # in a pool of 12 processes, which on a 2-CPU machine took ~15 s a step (4 steps).
+        "dataset": listed,
     }, indent=2))
     # nnU-Net's fold 0 is bonescan's split: validation chooses its best checkpoint.
     (stage / "splits_final.json").write_text(json.dumps([{"train": train_cases, "val": sorted(val_cases)}], indent=1))
@@ -198,7 +204,9 @@ def _run_in_ray(stage: Path, epochs: int, iterations: int, gpus: bool) -> dict:
     import ray
 
     env = {"nnUNet_raw": str(stage / "nnUNet_raw"), "nnUNet_preprocessed": str(stage / "nnUNet_preprocessed"),
-           "nnUNet_results": str(stage / "nnUNet_results"), "nnUNet_compile": "f"}
+           "nnUNet_results": str(stage / "nnUNet_results"), "nnUNet_compile": "f",
+           # nnU-Net's pools default to 8 processes: the task holds one CPU (or one GPU's worth).
+           "nnUNet_def_n_proc": "1"}
     with ray_session():
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 

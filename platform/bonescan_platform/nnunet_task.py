@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
-from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments, preprocess
+from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
+from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, plan_experiments, preprocess
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.paths import nnUNet_preprocessed
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -39,6 +40,19 @@ class BudgetTrainer(nnUNetTrainer):
         self.num_val_iterations_per_epoch = max(1, self.ITERATIONS // 5)  # nnU-Net's 250 : 50
 
 
+class SampledFingerprintExtractor(DatasetFingerprintExtractor):
+    """nnU-Net's dataset fingerprint with a foreground intensity sample of 1e5 voxels, not 1e8.
+
+    The sample feeds nnU-Net's CT normalization only (clipping to its percentiles); channels
+    not named CT are z-scored per image, and bonescan's are ANT and POST (the planned schemes
+    are checked below), so the plans and the training are nnU-Net's own either way. Sampling
+    and sorting 1e8 values per channel took ~18 s of a 40-s run on 2 CPUs whatever the cohort's size."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.num_foreground_voxels_for_intensitystats = 1e5
+
+
 def plan_train_predict(stage: Path, epochs: int, iterations: int, gpus: bool) -> dict:
     """nnU-Net's whole pipeline on the exported dataset; predictions of the test and validation
     scans under stage/predictions and stage/predictions_val. Returns nnU-Net's per-epoch log
@@ -48,10 +62,14 @@ def plan_train_predict(stage: Path, epochs: int, iterations: int, gpus: bool) ->
     # pool joining a child that never ran). Spawned children start clean.
     multiprocessing.set_start_method("spawn", force=True)
     device = torch.device("cuda" if gpus else "cpu")
-    extract_fingerprints([DATASET_ID], num_processes=1, check_dataset_integrity=True, show_progress_bar=False)
+    extract_fingerprint_dataset(DATASET_ID, SampledFingerprintExtractor, num_processes=1, check_dataset_integrity=True,
+                                show_progress_bar=False)
     plan_experiments([DATASET_ID])
-    preprocess([DATASET_ID], PLANS, configurations=(CONFIGURATION,), num_processes=(1,), show_progress_bar=False)
     preprocessed = Path(nnUNet_preprocessed) / DATASET_NAME
+    schemes = load_json(preprocessed / f"{PLANS}.json")["configurations"][CONFIGURATION]["normalization_schemes"]
+    if "CTNormalization" in schemes:  # what the smaller intensity sample would change
+        raise RuntimeError(f"nnU-Net planned CT normalization ({schemes}): its fingerprint needs the full intensity sample")
+    preprocess([DATASET_ID], PLANS, configurations=(CONFIGURATION,), num_processes=(1,), show_progress_bar=False)
     shutil.copy(stage / "splits_final.json", preprocessed / "splits_final.json")  # fold 0: bonescan's split
 
     # Data augmentation in the task's own process (nnU-Net's SingleThreadedAugmenter): Ray placed
