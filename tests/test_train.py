@@ -195,67 +195,59 @@ def test_bad_config_names_the_key(data, tmp_path):
         train.train(str(data), str(bad), str(tmp_path / "r"))
 
 
-def test_killed_worker_resumes_from_its_checkpoint(data, tmp_path, ray_local):
-    import os
-    import signal
-
-    from ray.util.state import list_actors
-
-    run = tmp_path / "run"
-    config = _config(tmp_path, epochs=4)
-    outcome = {}
-    thread = threading.Thread(target=lambda: outcome.update(code=train.train(str(data), str(config), str(run))))
-    thread.start()
-    # A second checkpoint folder means the first one was committed (a folder appears while
-    # its upload is still in flight): kill the worker during epoch 3.
-    deadline = time.time() + 300
-    while len(_checkpoints(run)) < 2 and time.time() < deadline:
-        time.sleep(0.2)
-    assert len(_checkpoints(run)) >= 2, "no checkpoint was written"
-    # This session's cluster (others may run on the machine) and this test's own worker
-    # (another driver on the same cluster may be training too).
-    from ray._private.worker import global_worker
-
-    dashboard = "http://" + global_worker.node.address_info["webui_url"]
-    job = ray_local.get_runtime_context().get_job_id()
-    (worker,) = list_actors(address=dashboard, filters=[
-        ("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE"), ("job_id", "=", job)])
-    os.kill(worker.pid, signal.SIGKILL)
-    thread.join(timeout=600)
-    assert outcome.get("code") == 0
-    history = _history(run)
-    assert [int(r["epoch"]) for r in history] == [1, 2, 3, 4]
-    assert any(r.get("resumed") == "True" for r in history), "the run did not resume from a checkpoint"
-
-
-def test_resume_continues_a_run_whose_driver_was_killed(data, tmp_path, ray_local):
+def test_a_killed_worker_and_then_a_killed_driver_both_resume_from_checkpoints(data, tmp_path, ray_local):
+    """One run (a train is ~25 s of the suite) through both failures: its worker killed, which
+    Ray Train replaces from the latest checkpoint; then its driver killed, and `--resume`."""
     import os
     import signal
     import subprocess
     import sys
 
+    from ray._private.worker import global_worker
+    from ray.util.state import list_actors
+
+    from bonescan_model.checkpoint import read_file
+
     run = tmp_path / "run"
     # With a mean teacher (issue 12): the teacher is in every checkpoint and comes back with it.
-    config = _config(tmp_path, epochs=3, semi="mean_teacher", rampup_epochs=1)
+    config = _config(tmp_path, epochs=6, semi="mean_teacher", rampup_epochs=1)
     # The driver joins the session's Ray through RAY_ADDRESS, as `bonescan train` does.
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    log = open(tmp_path / "driver.log", "w")
     driver = subprocess.Popen([sys.executable, "-m", "bonescan_platform.cli", "train", "--data", str(data),
-                               "--config", str(config), "--out", str(run)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    try:
+                               "--config", str(config), "--out", str(run)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    dashboard = "http://" + global_worker.node.address_info["webui_url"]
+
+    def workers() -> list:  # the driver's Train worker: its job's, not this session's own
+        own = ray_local.get_runtime_context().get_job_id()
+        return [a for a in list_actors(address=dashboard, filters=[("class_name", "=", "RayTrainWorker"),
+                                                                    ("state", "=", "ALIVE")]) if a.job_id != own]
+
+    def wait_for(done, what: str) -> None:
         deadline = time.time() + 300
-        while len(_checkpoints(run)) < 2 and time.time() < deadline:
+        while not done() and time.time() < deadline and driver.poll() is None:
             time.sleep(0.2)
+        assert done(), f"{what}: {(tmp_path / 'driver.log').read_text()[-3000:]}"
+
+    try:
+        # A second checkpoint folder means the first one was committed (a folder appears while
+        # its upload is still in flight): kill the worker during epoch 3.
+        wait_for(lambda: len(_checkpoints(run)) >= 2, "no checkpoint was written")
+        (worker,) = workers()
+        killed_at = max(p.name for p in _checkpoints(run))
+        os.kill(worker.pid, signal.SIGKILL)
+        # Its replacement has committed a checkpoint of its own (two folders of its): stop the driver.
+        wait_for(lambda: sum(p.name > killed_at for p in _checkpoints(run)) >= 2, "the replaced worker wrote no checkpoint")
     finally:
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait()
+        log.close()
     assert not (run / "history.csv").exists(), "the driver finished before it could be stopped"
     assert main(["train", "--resume", str(run)]) == 0
     history = _history(run)
-    assert [int(r["epoch"]) for r in history] == [1, 2, 3]
-    assert any(r.get("resumed") == "True" for r in history)
-    from bonescan_model.checkpoint import read_file
-
+    assert [int(r["epoch"]) for r in history] == [1, 2, 3, 4, 5, 6]
+    resumed = [int(r["epoch"]) for r in history if r.get("resumed") == "True"]
+    assert len(resumed) == 2, f"resumed from the epochs {resumed}: one by Ray Train, one by --resume"
     last = max(_checkpoints(run))
     teacher = read_file(last / train.STATE)["teacher"]
     assert teacher["decay"] == 0.99 and teacher["model"].keys() == read_file(last / "model.pt")["state_dict"].keys()
