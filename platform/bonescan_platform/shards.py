@@ -212,12 +212,14 @@ def shard_paths(shard_dir: str | Path, split: str | None = None) -> list[str]:
     return paths
 
 
-def read_table(paths: list[str], columns: list[str]) -> pa.Table:
-    """Shard files (``shard_paths``) read in this process, without Ray."""
+def read_table(paths: list[str], columns: list[str], where=None) -> pa.Table:
+    """Shard files (``shard_paths``) read in this process, without Ray; ``where``: a pyarrow
+    compute expression the rows must meet (applied as the files are read, so the rows left out
+    are never held together)."""
     if not paths:
         return SCHEMA.empty_table().select(columns)
     fs, _ = storage.resolve(paths[0])
-    return pq.read_table([storage.resolve(p)[1] for p in paths], columns=columns, filesystem=fs)
+    return pq.read_table([storage.resolve(p)[1] for p in paths], columns=columns, filesystem=fs, filters=where)
 
 
 def split_rows(shard_dir: Path, split: str) -> int:
