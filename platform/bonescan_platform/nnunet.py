@@ -164,15 +164,15 @@ def export(data: str, stage: Path, selection, views: str) -> dict:
         channels = [ant, post] if views == "both" else [_aggregated(ant, post)]
         is_val = split == "train" and row["patient_key"] in val
         folders = ["imagesTs"] if split == "test" else ["imagesTr"] + (["imagesVal"] if is_val else [])
+        names = [f"{case}_{c:04d}.png" for c in range(len(channels))]
         for folder in folders:  # imagesVal: the validation scans again, for the kept model's val_dsc
-            for c, image in enumerate(channels):
-                io.imsave(raw / folder / f"{case}_{c:04d}.png", image, check_contrast=False)
+            for name, image in zip(names, channels):
+                io.imsave(raw / folder / name, image, check_contrast=False)
         if split == "test":
             test[case] = mask.astype(bool)
             continue
         io.imsave(raw / "labelsTr" / f"{case}.png", mask.astype(np.uint8), check_contrast=False)
-        listed[case] = {"images": [f"imagesTr/{case}_{c:04d}.png" for c in range(len(channels))],
-                        "label": f"labelsTr/{case}.png"}
+        listed[case] = {"images": [f"imagesTr/{name}" for name in names], "label": f"labelsTr/{case}.png"}
         if is_val:
             val_cases[case] = mask.astype(bool)
         else:

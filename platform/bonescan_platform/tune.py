@@ -91,14 +91,14 @@ def _trial(exp: Experiment, config: dict, trial_id: str, run: Path, location: st
     from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = exp.space.trial_config(config, f"trial {trial_id}")
-    if not (run / "history.csv").exists():  # its last epoch was saved, its model.pt not yet
+    if (run / "history.csv").exists():
+        if cfg.trainer == "bonescan":  # what a stop cut short: its test score, its MLflow run
+            conclude(run, location)
+    else:  # its last epoch was saved, its model.pt not yet (finish_run concludes it)
         finish_from_checkpoints(run, planned_epochs(run, cfg), location)
     if (run / "history.csv").exists():
         # Trained to the end before the sweep's driver stopped, after Tune last saved its
-        # state: give Tune the epochs again instead of training again (and finish what the
-        # stop cut short: its test score, its MLflow run).
-        if cfg.trainer == "bonescan":
-            conclude(run, location)
+        # state: give Tune the epochs again instead of training again.
         for row in read_history(run):
             ray_tune.report(row)
         return
