@@ -116,6 +116,8 @@ def summarize(out: Path, args) -> int:
     their test score (test.json): a sweep cut short still shows what it measured."""
     import json
 
+    from bonescan_platform.runs import read_history
+
     rows = []
     for run in sorted(out.glob("experiment*/runs/*/test.json")):
         tested = json.loads(run.read_text())
@@ -123,6 +125,8 @@ def summarize(out: Path, args) -> int:
         cfg = yaml.safe_load((run.parent / "config.yaml").read_text())
         rows.append({"label_fraction": cfg["label_fraction"], "seed": cfg["seed"],
                      "arm": f"{cfg['supervised']}/{cfg.get('semi', 'chan_vese')}/{cfg['unsupervised_weight']:g}",
+                     # the kept checkpoint's validation DSC: what chooses between arms (a weight)
+                     "val_dsc": max(float(r["val_dsc"]) for r in read_history(run.parent)),
                      "dsc": tested.get("dsc", float("nan")),
                      "lesion_sensitivity": tested.get("lesion_sensitivity", float("nan")),
                      "labeled_scans": budget["labeled_scans"], "labeled_share_of_all": budget["labeled_share_of_all"]})
@@ -131,8 +135,9 @@ def summarize(out: Path, args) -> int:
     print(f"\n{args.patients} patients, demo model, {args.epochs} epochs, D1 + on-the-fly augmentation, "
           f"up to {args.seeds} seeds; kept by val DSC; test split scored once per trial; "
           f"{len(rows)} trials with a test score. Arm = supervised term / semi method / its weight; baseline {baseline}")
-    print("label share of training scans (of all scans) | labeled scans | arm | test DSC (mean ± std, n) "
-          "| ratio to baseline | paired difference to baseline (per seed) | lesion sensitivity")
+    print("label share of training scans (of all scans) | labeled scans | arm | val DSC of the kept checkpoint "
+          "(mean ± std) | test DSC (mean ± std, n) | ratio to baseline | paired difference to baseline (per seed) "
+          "| test lesion sensitivity")
     order = list(dict.fromkeys(r["arm"] for r in rows))  # arms in the order they were found
     for fraction in sorted({r["label_fraction"] for r in rows}):
         here = [r for r in rows if r["label_fraction"] == fraction]
@@ -143,11 +148,13 @@ def summarize(out: Path, args) -> int:
         for arm in sorted({r["arm"] for r in here}, key=lambda a: (a != baseline, order.index(a))):
             mine = sorted((r for r in here if r["arm"] == arm), key=lambda r: r["seed"])
             dsc = [r["dsc"] for r in mine]
+            val = [r["val_dsc"] for r in mine]
             sens = np.mean([r["lesion_sensitivity"] for r in mine])
             paired = [r["dsc"] - base[r["seed"]] for r in mine if r["seed"] in base]
             diff = (f"{np.mean(paired):+.3f} ({', '.join(f'{d:+.3f}' for d in paired)})"
                     if paired and arm != baseline else "-")
-            print(f"{fraction:.2f} ({share_all:.0%}) | {labeled:.0f} | {arm} | {np.mean(dsc):.3f} ± {np.std(dsc):.3f} "
+            print(f"{fraction:.2f} ({share_all:.0%}) | {labeled:.0f} | {arm} | {np.mean(val):.3f} ± {np.std(val):.3f} | "
+                  f"{np.mean(dsc):.3f} ± {np.std(dsc):.3f} "
                   f"(n={len(dsc)}) | {ratio(float(np.mean(dsc)), base_mean)} | {diff} | "
                   f"{sens:.2f}")
     return 0

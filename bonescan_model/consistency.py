@@ -1,9 +1,19 @@
 """Mean teacher (Tarvainen & Valpola 2017), the consistency method beside the paper's l_U.
 
-The teacher is an exponential moving average of the student's weights; the student, shown a
-perturbed view of each scan (intensity gain and noise, a random left-right flip undone on its
-output), is trained to agree with the teacher's prediction on another view of the same scan,
-labeled or not (``loss.consistency_loss``). Why this method and not FixMatch-style pseudo
+The teacher is an exponential moving average of the student's weights. The student sees each
+scan as the supervised-only control does, and is trained to agree with the teacher's
+prediction on a perturbed view of the same scan (intensity gain and noise, a random
+left-right flip undone on its output), labeled or not (``loss.consistency_loss``); the
+perturbation is on the teacher's side, as in UA-MT (Yu et al. 2019), so the supervised term
+sees what it sees without the teacher and the arm differs from its control by the consistency
+term alone. (A first version perturbed the student's view, so its supervised term trained on
+noisier scans than the control's: measured in bench/RESULTS.md, "Semi-supervised".)
+
+The EMA's decay ramps up as in Tarvainen & Valpola's reference code, min(decay, 1 - 1/(t + 1))
+after step t: the teacher is the plain mean of the student's weights so far until that reaches
+``decay``. A fixed decay of 0.99 from the first step kept 0.99^72 = 48 % of the random
+initialisation in the teacher when the consistency weight had ramped up (72 steps, 4 epochs of
+the 120-patient benchmark), so its targets said "no lesion" where the student had learned one. Why this method and not FixMatch-style pseudo
 labels or cross pseudo supervision: lesions are a few pixels of a 256 x 256 crop, so a
 confidence threshold on the teacher keeps almost only background pixels (a pseudo label of
 "no lesion"), and hard pseudo labels of a weak model teach it its own misses; a soft target
@@ -37,29 +47,41 @@ class MeanTeacher:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay!r}")
         self.decay = float(decay)
+        self.steps = 0  # updates so far: the decay's ramp-up
         self.model = copy.deepcopy(student)
         for p in self.model.parameters():
             p.requires_grad_(False)
 
+    def decay_now(self) -> float:
+        """The decay of the next update: min(decay, 1 - 1/(steps + 1)), so 0 at the first (the
+        teacher becomes the student) and the running mean of the student until ``decay``."""
+        return min(self.decay, 1.0 - 1.0 / (self.steps + 1))
+
     @torch.no_grad()
     def update(self, student: nn.Module) -> None:
+        decay = self.decay_now()
         for mine, theirs in zip(self.model.parameters(), student.parameters(), strict=True):
-            mine.mul_(self.decay).add_(theirs.detach(), alpha=1.0 - self.decay)
+            mine.mul_(decay).add_(theirs.detach(), alpha=1.0 - decay)
         for mine, theirs in zip(self.model.buffers(), student.buffers(), strict=True):
             mine.copy_(theirs)
+        self.steps += 1
 
     @torch.no_grad()
-    def predict(self, image: torch.Tensor) -> torch.Tensor:
-        """Logits (B, 1, H, W) for a view (B, 2, H, W); BatchNorm on the batch, as the
-        student sees it (the teacher's running statistics are the student's anyway)."""
+    def predict(self, image: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+        """Logits (B, 1, H, W) for a perturbed view of ``image`` (B, 2, H, W), the images where
+        ``flip`` (B,) is set mirrored and their logits mirrored back (``flipped_forward``), so
+        the target is in the frame of ``image``. BatchNorm on the batch, as the student sees
+        it (the teacher's running statistics are the student's anyway)."""
         self.model.train()
-        return self.model(image)
+        return flipped_forward(self.model, perturb(image), flip)
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "model": self.model.state_dict()}
+        return {"decay": self.decay, "steps": self.steps, "model": self.model.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.decay = float(state["decay"])
+        # A checkpoint from before the ramp-up has no count: its teacher is past any ramp.
+        self.steps = int(state.get("steps", 10**9))
         self.model.load_state_dict(state["model"])
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from bonescan_model import metrics
-from bonescan_model.consistency import MeanTeacher, flipped_forward, perturb
+from bonescan_model.consistency import MeanTeacher
 from bonescan_model.loss import SemiSupervisedLoss
 from bonescan_model.views import as_samples
 
@@ -61,9 +61,9 @@ def train_epoch(
     A single-view model (``aggregation: views``) trains each view of a batch's pairs as its own
     sample (``views.as_samples``): a batch of B scans is 2B samples, each with its view's mask.
 
-    teacher: a mean teacher (``semi: mean_teacher``): the student then sees a perturbed
-    view (``consistency.perturb``, half the images mirrored and mirrored back), the teacher
-    another, and the teacher follows the student after every step. unsupervised_scale: a
+    teacher: a mean teacher (``semi: mean_teacher``): the student sees the batch as it is, the
+    teacher a perturbed view (``MeanTeacher.predict``), and the teacher follows the student
+    after every step. unsupervised_scale: a
     factor on the weight of l_U for this epoch (the teacher's ramp-up)."""
     device = torch.device(device)
     model.train()
@@ -84,12 +84,10 @@ def train_epoch(
             image, mask, labeled = as_samples(image, mask, labeled)  # (2B, 1, H, W), (2B, 1, H, W), (2B,)
         teacher_logits = None
         with _autocast(device, amp):
-            if teacher is None:
-                logits = model(image)
-            else:
+            logits = model(image)  # (B, 1, H, W): the control's forward, with or without a teacher
+            if teacher is not None:
                 flip = torch.rand(image.shape[0], device=device) < 0.5
-                logits = flipped_forward(model, perturb(image), flip)
-                teacher_logits = teacher.predict(perturb(image)).float()
+                teacher_logits = teacher.predict(image, flip).float()  # (B, 1, H, W), a perturbed view
         # The loss runs in float32: its squared deviations underflow in half precision.
         parts = loss_fn(logits.float(), intensity_image(image), mask, labeled,
                         teacher_logits=teacher_logits, unsupervised_scale=unsupervised_scale)

@@ -27,6 +27,16 @@ def _batch(b=4, size=32, seed=0) -> dict[str, torch.Tensor]:
 def test_the_teacher_follows_the_student_by_its_ema():
     student = nn.Sequential(nn.Conv2d(2, 1, 1), nn.BatchNorm2d(1))
     teacher = MeanTeacher(student, decay=0.75)
+    # The decay ramps up as min(decay, 1 - 1/(t + 1)): 0, 1/2, 2/3, then 0.75 from there on.
+    assert [teacher.decay_now() for teacher.steps in range(5)] == [0.0, 0.5, pytest.approx(2 / 3), 0.75, 0.75]
+    teacher.steps = 0
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    teacher.update(student)  # the first update: the teacher becomes the student
+    for mine, theirs in zip(teacher.model.parameters(), student.parameters()):
+        torch.testing.assert_close(mine, theirs)
+    teacher.steps = 10  # past the ramp
     before = [p.clone() for p in teacher.model.parameters()]
     with torch.no_grad():
         for p in student.parameters():
@@ -37,8 +47,26 @@ def test_the_teacher_follows_the_student_by_its_ema():
         torch.testing.assert_close(mine, 0.75 * old + 0.25 * theirs)
         assert not mine.requires_grad
     assert teacher.model[1].running_mean.item() == 3.0  # buffers are the student's
+    assert teacher.steps == 11 and teacher.state_dict()["steps"] == 11
     with pytest.raises(ValueError, match="decay"):
         MeanTeacher(student, decay=1.0)
+
+
+def test_the_student_trains_as_its_control_does_and_differs_by_the_consistency_term_alone():
+    # With the consistency term weighted 0, an epoch with a teacher moves the student exactly as
+    # the supervised-only control's epoch does: the perturbation is on the teacher's side only.
+    def student_after(teacher: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        student = build_model(TINY)
+        loss_fn = SemiSupervisedLoss(semi="mean_teacher" if teacher else "chan_vese", supervised="dice_ce",
+                                     unsupervised_weight=0.0)
+        optimizer = torch.optim.Adam(student.parameters(), lr=1e-2)
+        engine.train_epoch(student, [_batch(), _batch(seed=1)], loss_fn, optimizer,
+                           teacher=MeanTeacher(student) if teacher else None)
+        return [p.detach().clone() for p in student.parameters()]
+
+    for with_teacher, control in zip(student_after(True), student_after(False), strict=True):
+        torch.testing.assert_close(with_teacher, control)
 
 
 def test_a_mirrored_view_is_mirrored_back():
@@ -117,13 +145,14 @@ def test_a_checkpoint_brings_the_teacher_back(tmp_path):
     with torch.no_grad():
         for p in teacher.model.parameters():
             p.add_(torch.randn_like(p))
+    teacher.steps = 37  # where its decay's ramp-up stands comes back too
     optimizer = torch.optim.Adam(student.parameters())
     write_state(tmp_path, student, optimizer, cfg, {"epoch": 3}, [{"epoch": 3}], teacher)
     fresh_student = build_model(cfg.model)
     fresh = MeanTeacher(fresh_student, decay=cfg.ema_decay)
     epoch, history = _restore(Checkpoint.from_directory(str(tmp_path)), fresh_student,
                               torch.optim.Adam(fresh_student.parameters()), fresh)
-    assert epoch == 3 and history[-1]["resumed"] is True
+    assert epoch == 3 and history[-1]["resumed"] is True and fresh.steps == 37
     for a, b in zip(teacher.model.state_dict().values(), fresh.model.state_dict().values()):
         assert torch.equal(a, b)
     # a checkpoint without a teacher cannot be a mean-teacher run's
