@@ -12,8 +12,8 @@ Prints one row per label share and arm: test DSC (per-image mean over lesion-bea
 scans) and lesion sensitivity, mean ± std over seeds, the ratio to the baseline arm and the
 paired difference per seed.
 
-    python bench/semi.py [--patients 120] [--epochs 16] [--seeds 3] [--fractions 0.15,0.62]
-                         [--arms A,B,...] [--out DIR]
+    python bench/semi.py [--patients 120] [--epochs 16] [--seeds 3] [--first-seed 0]
+                         [--fractions 0.15,0.62] [--arms A,B,...] [--name experiment] [--out DIR]
 
 The default arms (issue 12): supervised only (area-normalized Eq. 8), the paper's loss as
 written (Eq. 7 + Eq. 8), the paper's loss as fixed (Eq. 7 on local contrast + area-normalized
@@ -63,6 +63,8 @@ def main() -> int:
     parser.add_argument("--patients", type=int, default=120)
     parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="training seeds first-seed .. first-seed + seeds - 1 (more seeds into the same --out)")
     parser.add_argument("--fractions", default="0.15,0.62")
     parser.add_argument("--test-runs", type=int, default=1)
     parser.add_argument("--arms", default=ARMS, help="supervised/semi/weight, comma-separated; the first is the baseline")
@@ -91,8 +93,10 @@ def main() -> int:
             write_cohort(out / "cohort", args.patients, seed=0)
             ingest.ingest(str(out / "cohort" / "dicom"), str(data), str(out / "cohort" / "labels"))
         base = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
-        (out / "base.yaml").write_text(yaml.safe_dump({**base, "epochs": args.epochs, "test_runs": args.test_runs}))
-        space = {"base": "base.yaml", "fixed": {"dataset": "D1"},
+        # Each experiment's own base: a later one with other seeds leaves an earlier one resumable.
+        (out / f"{args.name}.base.yaml").write_text(yaml.safe_dump(
+            {**base, "epochs": args.epochs, "test_runs": args.test_runs, "seed": args.first_seed}))
+        space = {"base": f"{args.name}.base.yaml", "fixed": {"dataset": "D1"},
                  "parameters": {"label_fraction": {"grid": [float(f) for f in args.fractions.split(",")]},
                                 "arm": {"grid": [arm_case(a) for a in args.arms.split(",")]}},
                  "num_samples": args.seeds, "metric": "val_dsc", "mode": "max"}
@@ -133,7 +137,7 @@ def summarize(out: Path, args) -> int:
     first = args.arms.split(",")[0].split("/")
     baseline = f"{first[0]}/{first[1]}/{float(first[2]):g}"
     print(f"\n{args.patients} patients, demo model, {args.epochs} epochs, D1 + on-the-fly augmentation, "
-          f"up to {args.seeds} seeds; kept by val DSC; test split scored once per trial; "
+          f"seeds {sorted({r['seed'] for r in rows})}; kept by val DSC; test split scored once per trial; "
           f"{len(rows)} trials with a test score. Arm = supervised term / semi method / its weight; baseline {baseline}")
     print("label share of training scans (of all scans) | labeled scans | arm | val DSC of the kept checkpoint "
           "(mean ± std) | test DSC (mean ± std, n) | ratio to baseline | paired difference to baseline (per seed) "
