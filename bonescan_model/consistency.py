@@ -7,16 +7,18 @@ left-right flip undone on its output), labeled or not (``loss.consistency_loss``
 perturbation is on the teacher's side, as in UA-MT (Yu et al. 2019), so the supervised term
 sees what it sees without the teacher and the arm differs from its control by the consistency
 term alone. (A first version perturbed the student's view, so its supervised term trained on
-noisier scans than the control's: measured in bench/RESULTS.md, "Semi-supervised".)
+noisier scans than the control's. Both versions are measured in bench/RESULTS.md,
+"Semi-supervised".)
 
 The EMA's decay ramps up as in Tarvainen & Valpola's reference code, min(decay, 1 - 1/(t + 1))
 after step t: the teacher is the plain mean of the student's weights so far until that reaches
 ``decay``. A fixed decay of 0.99 from the first step kept 0.99^72 = 48 % of the random
 initialisation in the teacher when the consistency weight had ramped up (72 steps, 4 epochs of
-the 120-patient benchmark), so its targets said "no lesion" where the student had learned one. Why this method and not FixMatch-style pseudo
-labels or cross pseudo supervision: lesions are a few pixels of a 256 x 256 crop, so a
-confidence threshold on the teacher keeps almost only background pixels (a pseudo label of
-"no lesion"), and hard pseudo labels of a weak model teach it its own misses; a soft target
+the 120-patient benchmark), so its targets lagged far behind what the student had learned.
+
+Why this method and not FixMatch-style pseudo labels or cross pseudo supervision: lesions
+are a few pixels of a 256 x 256 crop, so a confidence threshold on the teacher keeps almost
+only background pixels (a pseudo label of "no lesion"), and hard pseudo labels of a weak model teach it its own misses; a soft target
 of an averaged model needs no threshold, and weight-averaged consistency is the method shown
 to help small structures in medical images (Perone & Cohen-Adad 2018, spinal-cord gray
 matter; Yu et al. 2019, UA-MT, builds on it). It costs one extra forward pass per batch.
