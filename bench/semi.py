@@ -157,8 +157,8 @@ def summarize(out: Path, args) -> int:
             paired = [r["dsc"] - base[r["seed"]] for r in mine if r["seed"] in base]
             diff = (f"{np.mean(paired):+.3f} ({', '.join(f'{d:+.3f}' for d in paired)})"
                     if paired and arm != baseline else "-")
-            print(f"{fraction:.2f} ({share_all:.0%}) | {labeled:.0f} | {arm} | {np.mean(val):.3f} ± {np.std(val):.3f} | "
-                  f"{np.mean(dsc):.3f} ± {np.std(dsc):.3f} "
+            print(f"{fraction:.2f} ({share_all:.0%}) | {labeled:.0f} | {arm} | "
+                  f"{np.mean(val):.3f} ± {np.std(val):.3f} | {np.mean(dsc):.3f} ± {np.std(dsc):.3f} "
                   f"(n={len(dsc)}) | {ratio(float(np.mean(dsc)), base_mean)} | {diff} | "
                   f"{sens:.2f}")
     return 0

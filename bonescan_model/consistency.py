@@ -18,10 +18,10 @@ the 120-patient benchmark), so its targets lagged far behind what the student ha
 
 Why this method and not FixMatch-style pseudo labels or cross pseudo supervision: lesions
 are a few pixels of a 256 x 256 crop, so a confidence threshold on the teacher keeps almost
-only background pixels (a pseudo label of "no lesion"), and hard pseudo labels of a weak model teach it its own misses; a soft target
-of an averaged model needs no threshold, and weight-averaged consistency is the method shown
-to help small structures in medical images (Perone & Cohen-Adad 2018, spinal-cord gray
-matter; Yu et al. 2019, UA-MT, builds on it). It costs one extra forward pass per batch.
+only background pixels (a pseudo label of "no lesion"), and hard pseudo labels of a weak
+model teach it its own misses; a soft target of an averaged model needs no threshold, and
+weight-averaged consistency is the method shown to help small structures in medical images
+(Perone & Cohen-Adad 2018, spinal-cord gray matter; Yu et al. 2019, UA-MT, builds on it). It costs one extra forward pass per batch.
 
 Framework-free: the Ray adapter keeps the teacher in its checkpoint (``state_dict``).
 """
@@ -69,12 +69,13 @@ class MeanTeacher:
         self.steps += 1
 
     @torch.no_grad()
-    def predict(self, image: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
-        """Logits (B, 1, H, W) for a perturbed view of ``image`` (B, 2, H, W), the images where
-        ``flip`` (B,) is set mirrored and their logits mirrored back (``flipped_forward``), so
-        the target is in the frame of ``image``. BatchNorm on the batch, as the student sees
-        it (the teacher's running statistics are the student's anyway)."""
+    def predict(self, image: torch.Tensor) -> torch.Tensor:
+        """Logits (B, 1, H, W) for a perturbed view of ``image`` (B, 2, H, W): ``perturb``, and
+        half the images, at random, mirrored with their logits mirrored back
+        (``flipped_forward``), so the target is in the frame of ``image``. BatchNorm on the
+        batch, as the student sees it (the teacher's running statistics are the student's)."""
         self.model.train()
+        flip = torch.rand(image.shape[0], device=image.device) < 0.5  # (B,)
         return flipped_forward(self.model, perturb(image), flip)
 
     def state_dict(self) -> dict:

@@ -63,8 +63,8 @@ def train_epoch(
 
     teacher: a mean teacher (``semi: mean_teacher``): the student sees the batch as it is, the
     teacher a perturbed view (``MeanTeacher.predict``), and the teacher follows the student
-    after every step. unsupervised_scale: a
-    factor on the weight of l_U for this epoch (the teacher's ramp-up)."""
+    after every step. unsupervised_scale: a factor on the weight of l_U for this epoch (the
+    teacher's ramp-up)."""
     device = torch.device(device)
     model.train()
     config = getattr(getattr(model, "module", model), "config", None)  # a ModelConfig; none on a bare nn.Module
@@ -86,8 +86,7 @@ def train_epoch(
         with _autocast(device, amp):
             logits = model(image)  # (B, 1, H, W): the control's forward, with or without a teacher
             if teacher is not None:
-                flip = torch.rand(image.shape[0], device=device) < 0.5
-                teacher_logits = teacher.predict(image, flip).float()  # (B, 1, H, W), a perturbed view
+                teacher_logits = teacher.predict(image).float()  # (B, 1, H, W), of a perturbed view
         # The loss runs in float32: its squared deviations underflow in half precision.
         parts = loss_fn(logits.float(), intensity_image(image), mask, labeled,
                         teacher_logits=teacher_logits, unsupervised_scale=unsupervised_scale)

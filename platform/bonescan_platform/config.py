@@ -55,7 +55,8 @@ class TrainConfig:
     # "chan_vese" (Eq. 7, the paper), "chan_vese_local" (Eq. 7 on local contrast) or
     # "mean_teacher" (consistency with an EMA teacher: bonescan_model.consistency).
     semi: str = "chan_vese"
-    ema_decay: float = 0.99  # mean_teacher: the teacher's EMA decay, reached from the running mean (consistency.MeanTeacher)
+    # mean_teacher: the teacher's EMA decay, reached from the running mean (consistency.MeanTeacher)
+    ema_decay: float = 0.99
     rampup_epochs: int = 4  # mean_teacher: epochs over which its weight ramps up to unsupervised_weight
     length_weight: float = 0.1
     # The label budget, counted on original training scans (never augmented or generated rows,
