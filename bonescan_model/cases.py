@@ -16,7 +16,7 @@ import numpy as np
 
 from bonescan_model.errors import InputError, describe
 from bonescan_model.io.dicom import WHOLE_BODY_COLS, WHOLE_BODY_ROWS, WholeBodyScan, read_scan
-from bonescan_model.io.labelme import rasterize, read_labelme, readers_ground_truth
+from bonescan_model.io.labelme import LESION_LABELS, rasterize, read_labelme, readers_ground_truth
 from bonescan_model.preprocess import CROP_SIZE, crop, thoracic_crop_box
 
 
@@ -67,7 +67,11 @@ def prepare_case(
     masks, errors = [], []
     for path in label_files:
         try:
-            masks.append(_label_mask(path, box))
+            mask, ignored = _label_mask(path, box)
+            masks.append(mask)
+            if ignored:
+                errors.append(InputError(path, f"{', '.join(ignored)}: not a lesion label ({', '.join(LESION_LABELS)}), "
+                                               "left out of the ground truth; the label's lesion shapes are used"))
         except InputError as err:
             errors.append(err)
         except Exception as err:  # noqa: BLE001 - a label the reader did not foresee drops only itself
@@ -91,13 +95,14 @@ def prepare_case(
     )
 
 
-def _label_mask(path: str | os.PathLike, box: tuple[int, int, int, int]) -> np.ndarray:
-    """One reader's lesion mask on the crop, from a label on the whole body or on the crop."""
+def _label_mask(path: str | os.PathLike, box: tuple[int, int, int, int]) -> tuple[np.ndarray, tuple[str, ...]]:
+    """One reader's lesion mask on the crop, from a label on the whole body or on the crop,
+    and the shapes left out of it (``LabelMeAnnotation.ignored``)."""
     annotation = read_labelme(path)
     if annotation.image_shape == (WHOLE_BODY_ROWS, WHOLE_BODY_COLS):
-        return crop(rasterize(annotation, annotation.image_shape), box)
+        return crop(rasterize(annotation, annotation.image_shape), box), annotation.ignored
     if annotation.image_shape == (CROP_SIZE, CROP_SIZE):
-        return rasterize(annotation, annotation.image_shape)
+        return rasterize(annotation, annotation.image_shape), annotation.ignored
     rows, cols = annotation.image_shape
     raise InputError(
         Path(path),

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bonescan_model.errors import InputError, describe, first_line
+from bonescan_model.errors import InputError, describe, first_line, quoted
 from bonescan_model.network import ModelConfig, build_model
 
 FILENAME = "model.pt"
@@ -31,10 +31,14 @@ def write_file(path: str | os.PathLike, blob: dict) -> Path:
     a file. Every bonescan file torch writes goes through here: checkpoints, trainers' state
     beside them (optimizer, epoch, history), GAN checkpoints."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(blob, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise InputError(path, f"cannot be written ({getattr(err, 'strerror', None) or first_line(err)})") from None
     return path
 
 
@@ -110,12 +114,26 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     except Exception as err:  # noqa: BLE001 - RuntimeError: keys or shapes differ
         raise InputError(path, "its weights do not fit its model_config (missing, unexpected or "
                                f"differently shaped tensors: {first_line(err)[:300]})") from None
-    return model.eval(), config, blob.get("meta", {})
+    meta = blob.get("meta", {})
+    if not isinstance(meta, dict):
+        raise InputError(path, f"not a bonescan checkpoint: its meta is {type(meta).__name__}, not a mapping")
+    if not isinstance(meta.get("train_config", {}), dict):
+        raise InputError(path, "not a bonescan checkpoint: its meta's train_config is not a mapping")
+    try:
+        run_threshold(meta)
+    except ValueError as err:
+        raise InputError(path, f"not a usable checkpoint: {err}") from None
+    return model.eval(), config, meta
 
 
 def run_threshold(meta: dict) -> float:
-    """The sigmoid threshold of a lesion pixel that the checkpoint's run trained and validated with."""
-    return float(meta.get("threshold", meta.get("train_config", {}).get("threshold", DEFAULT_THRESHOLD)))
+    """The sigmoid threshold of a lesion pixel that the checkpoint's run trained and validated
+    with. The config's rule holds here too: a threshold outside (0, 1) would make every pixel,
+    or none, a lesion, so it is a ValueError, not a model."""
+    value = meta.get("threshold", meta.get("train_config", {}).get("threshold", DEFAULT_THRESHOLD))
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ValueError(f"its threshold {quoted(value)} is not a probability between 0 and 1 (exclusive)")
+    return float(value)
 def _first_line(err: BaseException) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return lines[0] if lines else type(err).__name__

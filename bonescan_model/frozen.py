@@ -20,6 +20,8 @@ import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+from bonescan_model.errors import quoted
+
 T = TypeVar("T")
 MAX_INT = 2**31 - 1
 
@@ -56,7 +58,7 @@ def _typed(key: str, value: Any, hint: Any) -> Any:
         return _typed(key, value, hint)
     if typing.get_origin(hint) is tuple:  # tuple[int, ...]
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+            raise ValueError(f"{key}: expected a list, got {type(value).__name__} {quoted(value)}")
         return tuple(_typed(key, v, args[0]) for v in value)
     ok = {
         bool: isinstance(value, bool),
@@ -65,11 +67,11 @@ def _typed(key: str, value: Any, hint: Any) -> Any:
         str: isinstance(value, str),
     }[hint]
     if not ok:
-        raise ValueError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+        raise ValueError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {quoted(value)}")
     if hint is int and abs(value) > MAX_INT:
         raise ValueError(f"{key}: {value} is out of range (at most {MAX_INT})")
     if hint is float:
         value = float(value) if abs(value) <= 1e300 else math.inf  # a huge int: too large for a float
         if not math.isfinite(value):
-            raise ValueError(f"{key}: must be a finite number, got {value!r}")
+            raise ValueError(f"{key}: must be a finite number, got {quoted(value)}")
     return value

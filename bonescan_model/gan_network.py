@@ -13,8 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from bonescan_model.errors import quoted
 from bonescan_model.frozen import from_mapping
 from bonescan_model.preprocess import CROP_SIZE
+
 
 VIEWS = ("both", "aggregated")
 
@@ -55,21 +57,21 @@ class GanConfig:
 
     def __post_init__(self) -> None:
         if self.views not in VIEWS:
-            raise ValueError(f"GanConfig: views must be one of {VIEWS}, got {self.views!r}")
+            raise ValueError(f"GanConfig: views must be one of {VIEWS}, got {quoted(self.views)}")
         minimum = {"size": 16, "latent": 1, "width": 1, "d_steps": 1, "batch_size": 1, "epochs": 1,
                    "checkpoint_every": 1, "seed": 0}
         for name, low in minimum.items():
             value = getattr(self, name)
             # bool is an int subclass: `width: true` in a YAML file must not become width 1.
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"GanConfig: {name} must be an int >= {low}, got {value!r}")
+                raise ValueError(f"GanConfig: {name} must be an int >= {low}, got {quoted(value)}")
         if self.size & (self.size - 1):
             raise ValueError(f"GanConfig: size must be a power of two, got {self.size}")
         for name, low, high in (("lr", 0.0, math.inf), ("beta1", 0.0, 1.0), ("beta2", 0.0, 1.0)):
             value = getattr(self, name)
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value < high
             if not ok or (name == "lr" and value == 0):
-                raise ValueError(f"GanConfig: {name} must be a number in [{low}, {high}), got {value!r}")
+                raise ValueError(f"GanConfig: {name} must be a number in [{low}, {high}), got {quoted(value)}")
 
     @property
     def channels(self) -> int:

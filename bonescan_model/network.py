@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bonescan_model.errors import quoted
 from bonescan_model.frozen import from_mapping
 from bonescan_model.views import as_samples, merge_logits
 
@@ -27,6 +28,12 @@ RECURRENT_WEIGHTS = ("shared", "unrolled")
 AGGREGATIONS = ("none", "input", "features", "views")
 # Table 4 of the paper studies t = 1..4; outside that range nothing has been measured.
 MAX_RECURRENCE = 4
+# Upper bounds on every size, so a config cannot ask for a model no machine holds (width 4194304
+# asked for 633 TB): width 512 is ten times the paper's (48) and already ~100x its parameters;
+# a rate beyond 64 reaches past a 256-pixel crop from its centre; 6 levels halve 256 to 4.
+MAX_WIDTH = 512
+MAX_DILATION = 64
+MAX_LEVELS = 6
 
 
 def _check_int(owner: str, name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
@@ -35,17 +42,17 @@ def _check_int(owner: str, name: str, value: Any, minimum: int, maximum: int | N
     ok = ok and (maximum is None or value <= maximum)
     if not ok:
         bound = f"in {minimum}..{maximum}" if maximum is not None else f">= {minimum}"
-        raise ValueError(f"{owner}: {name} must be an int {bound}, got {value!r}")
+        raise ValueError(f"{owner}: {name} must be an int {bound}, got {quoted(value)}")
 
 
 def _check_choice(owner: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"{owner}: {name} must be one of {choices}, got {value!r}")
+        raise ValueError(f"{owner}: {name} must be one of {choices}, got {quoted(value)}")
 
 
 def _check_bool(owner: str, name: str, value: Any) -> None:
     if not isinstance(value, bool):
-        raise ValueError(f"{owner}: {name} must be a bool, got {value!r}")
+        raise ValueError(f"{owner}: {name} must be a bool, got {quoted(value)}")
 
 
 def _check_views(x: torch.Tensor, config: "ModelConfig") -> None:
@@ -120,7 +127,7 @@ class ModelConfig:
         owner = "ModelConfig"
         _check_choice(owner, "arch", self.arch, ARCHS)
         # >= 4 so that every inception branch (out_channels // 4) keeps at least one channel.
-        _check_int(owner, "width", self.width, 4)
+        _check_int(owner, "width", self.width, 4, MAX_WIDTH)
         _check_int(owner, "recurrence", self.recurrence, 1, MAX_RECURRENCE)
         _check_choice(owner, "recurrent_weights", self.recurrent_weights, RECURRENT_WEIGHTS)
         for name in ("dilated", "inception", "residual", "long_skip"):
@@ -132,9 +139,12 @@ class ModelConfig:
         if isinstance(self.dilations, list):
             object.__setattr__(self, "dilations", tuple(self.dilations))
         if not isinstance(self.dilations, tuple) or not self.dilations:
-            raise ValueError(f"{owner}: dilations must be a non-empty tuple of ints >= 1, got {self.dilations!r}")
+            raise ValueError(f"{owner}: dilations must be a non-empty tuple of ints >= 1, got {quoted(self.dilations)}")
+        if len(self.dilations) > MAX_LEVELS:
+            raise ValueError(f"{owner}: dilations has {len(self.dilations)} levels, at most {MAX_LEVELS} "
+                             f"(a 256-pixel crop halves {MAX_LEVELS} times to 4 pixels)")
         for d in self.dilations:
-            _check_int(owner, "dilations", d, 1)
+            _check_int(owner, "dilations", d, 1, MAX_DILATION)
         _check_int(owner, "unet_depth", self.unet_depth, 1, 6)
 
     @classmethod
@@ -454,3 +464,27 @@ def build_model(config: ModelConfig) -> nn.Module:
 def count_parameters(model: nn.Module) -> int:
     """Number of learnable parameters (BatchNorm running statistics are buffers, not counted)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def training_memory_bytes(config: ModelConfig, batch_size: int, size: int = 256) -> int:
+    """About what one float32 training step of ``batch_size`` (size x size) crops holds: the
+    weights, their gradients and Adam's two moments (4 copies of the parameters), and each
+    module's output, kept for the backward pass. Found on PyTorch's meta device, where
+    nothing is allocated, so a config that would not fit is refused before anything is built
+    for real (``bonescan train`` checks it against the machine's memory before Ray starts)."""
+    with torch.device("meta"):
+        model = build_model(config)
+        views = torch.empty(batch_size, 1 if config.aggregation == "views" else 2, size, size)  # (B, C, H, W)
+    held = [4 * count_parameters(model) * 4]
+
+    def keep(module, inputs, output):
+        if isinstance(output, torch.Tensor):
+            held.append(output.numel() * output.element_size())
+
+    hooks = [m.register_forward_hook(keep) for m in model.modules() if not list(m.children())]
+    try:
+        model.train()(views)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sum(held)

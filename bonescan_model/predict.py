@@ -30,6 +30,7 @@ from torch import nn
 from bonescan_model.cases import reference_view, scan_crop_box
 from bonescan_model.contours import mask_to_polygons
 from bonescan_model.engine import predict_masks
+from bonescan_model.errors import shown
 from bonescan_model.io.dicom import WholeBodyScan
 from bonescan_model.io.labelme import write_labelme
 from bonescan_model.preprocess import crop, model_input
@@ -197,7 +198,8 @@ def render_overlay(path: str | os.PathLike, prediction: Prediction, counts: np.n
     for polygon in prediction.polygons:
         ax.plot(polygon[:, 1], polygon[:, 0], color="red", linewidth=1.2, path_effects=rim)
     area = sum(prediction.lesion_areas_mm2)
-    label = f"{prediction.name}\n{prediction.lesions} lesion{'s' if prediction.lesions != 1 else ''}"
+    # shown: a file name that is not UTF-8 (lone surrogates) cannot be drawn as text
+    label = f"{shown(prediction.name)}\n{prediction.lesions} lesion{'s' if prediction.lesions != 1 else ''}"
     if prediction.lesions:
         label += f", {area / 100:.1f} cm²"
     ax.text(3, 3, label, color="black", fontsize=8, va="top", ha="left",

@@ -303,7 +303,7 @@ def test_bad_input_is_refused_before_ray_starts(tmp_path):
         augment(data, old, dcgan=True, samples=2)
     assert (old / "dcgan" / "gan.yaml").exists()
     (data / "train-00000.parquet").write_bytes(b"garbage")
-    with pytest.raises(InputError, match="train-00000.parquet: not a readable shard"):
+    with pytest.raises(InputError, match="train-00000.parquet: its content is not what the shard manifest"):
         augment(data, tmp_path / "out")
 
 

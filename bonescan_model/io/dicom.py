@@ -12,13 +12,16 @@ import copy
 import os
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from pydicom import __version__ as pydicom_version
+from pydicom import config as pydicom_config
 from pydicom import dcmread
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
@@ -269,11 +272,52 @@ def _scrub(message: str, ds: Dataset | None) -> str:
     return message
 
 
-def _read(path: Path, *, stop_before_pixels: bool) -> Dataset:
-    """dcmread that turns every way a file can fail to parse into an InputError."""
+@contextmanager
+def _quiet() -> Iterator[list]:
+    """pydicom's value checks, silenced while a file is read and its values decoded.
+
+    pydicom warns *and* logs (its "pydicom" logger) each value that breaks its VR's rules, with
+    the value itself: ``Invalid value for VR UI: '1.2.840...19470723.1'`` carries a UID that
+    may hold a birth date, and reached stderr and Ray's worker logs. The reader checks what it
+    uses itself, so the library's checks are turned off (``reading_validation_mode`` IGNORE:
+    nothing is warned or logged) and any other warning is kept in the returned list, never
+    shown. pydicom's setting is process-wide; it is put back on exit."""
+    settings = pydicom_config.settings
+    before = settings.reading_validation_mode
+    settings.reading_validation_mode = pydicom_config.IGNORE
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            yield caught
+    finally:
+        settings.reading_validation_mode = before
+
+
+def _decode_all(path: Path, ds: Dataset) -> None:
+    """Decode every header value now, inside the reader's guard, so that no later read of a
+    value can raise (or warn) outside it. pydicom decodes lazily; a value whose bytes do not
+    fit its VR (a PatientID whose VR was changed to FL) would otherwise raise wherever it is
+    first read, with the raw value in the message. Such an element is named by its tag alone;
+    a private one, which bonescan never reads, is dropped instead."""
+    for tag in list(ds.keys()):
+        try:
+            element = ds[tag]
+        except Exception:  # noqa: BLE001 - pydicom raises many types; the value is never quoted
+            if tag.is_private:
+                del ds[tag]
+                continue
+            raise InputError(path, f"header element {tag} ({keyword_for_tag(tag) or 'unknown'}) cannot be "
+                                   "decoded: its bytes do not fit its value representation") from None
+        if element.VR == "SQ":
+            for item in element.value:
+                _decode_all(path, item)
+
+
+def _read(path: Path, *, stop_before_pixels: bool) -> Dataset:
+    """dcmread that turns every way a file can fail to parse into an InputError; every header
+    value is decoded here (``_decode_all``), with pydicom's value warnings silenced (``_quiet``)."""
+    try:
+        with _quiet() as caught:
             ds = dcmread(path, stop_before_pixels=stop_before_pixels)
     except InvalidDicomError:
         raise InputError(path, "not a DICOM file (no DICM header)") from None
@@ -301,6 +345,8 @@ def _read(path: Path, *, stop_before_pixels: bool) -> Dataset:
             if end < size and not stop_before_pixels:
                 raise InputError(path, f"truncated file: it ends inside an element header "
                                        f"after {last.tag}")
+    with _quiet():  # after the checks above, which read the last element still raw
+        _decode_all(path, ds)
     return ds
 
 
@@ -330,19 +376,19 @@ def group_series(
     patients: dict[tuple[str, ...], str | None] = {}
     rejected: list[InputError] = []
     for path in sorted(Path(p) for p in paths):
-        try:
+        try:  # every read of a header value inside the guard: one odd header must not stop the folder
             ds = _read(path, stop_before_pixels=True)
+            series = str(ds.get("SeriesInstanceUID", "") or "")
+            key = (str(ds.get("StudyInstanceUID", "") or ""), series) if series else (str(path),)
+            instance = str(ds.get("SOPInstanceUID", "") or "") or str(path)
+            patient_id = str(ds.get("PatientID", "") or "").strip()
         except InputError as e:
             rejected.append(e)
             continue
-        except Exception as e:  # noqa: BLE001 - one odd header must not stop the folder
+        except Exception as e:  # noqa: BLE001
             rejected.append(InputError(path, f"unreadable DICOM header ({describe(e, redact=True)})"))
             continue
-        series = str(ds.get("SeriesInstanceUID", "") or "")
-        key = (str(ds.get("StudyInstanceUID", "") or ""), series) if series else (str(path),)
-        instance = str(ds.get("SOPInstanceUID", "") or "") or str(path)
         groups.setdefault(key, {}).setdefault(instance, []).append(path)
-        patient_id = str(ds.get("PatientID", "") or "").strip()
         patients.setdefault(key, keyed_hash(secret, patient_id) if patient_id else None)
     out = []
     for key, instances in groups.items():
@@ -454,10 +500,15 @@ def _check_image(path: Path, ds: Dataset) -> int:
     if modality != "NM":
         raise InputError(path, f"modality is {modality}, expected NM (a bone scan)")
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip()
     if samples != 1:
-        photometric = str(ds.get("PhotometricInterpretation", "") or "").strip()
         raise InputError(path, f"colour image (SamplesPerPixel {samples}, {photometric}), "
                                "expected one channel of counts")
+    # An NM image is MONOCHROME2 or PALETTE COLOR (PS3.3 C.8.4.9); one sample of a palette
+    # image is an index into a colour table, not a count. MONOCHROME1 only inverts the display.
+    if photometric not in ("", "MONOCHROME2", "MONOCHROME1"):
+        raise InputError(path, f"colour image (PhotometricInterpretation {photometric}: its values index "
+                               "a colour table), expected one channel of counts")
     if "PixelData" not in ds:
         raise InputError(path, "no pixel data")
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
@@ -492,7 +543,8 @@ def _check_image(path: Path, ds: Dataset) -> int:
 def _counts(path: Path, ds: Dataset, n_frames: int) -> np.ndarray:
     """Decoded frames as (F, H, W) uint16 counts."""
     try:
-        pixels = ds.pixel_array
+        with _quiet():  # the pixel handlers warn about header values too
+            pixels = ds.pixel_array
     except Exception as e:
         syntax = ds.file_meta.TransferSyntaxUID.name
         raise InputError(path, f"cannot decode pixel data ({syntax}): {type(e).__name__}: "
@@ -511,14 +563,30 @@ def _counts(path: Path, ds: Dataset, n_frames: int) -> np.ndarray:
     return np.clip(pixels, 0, None).astype(np.uint16)
 
 
-def scan_name(paths: list[Path]) -> str:
-    """``<stem>`` for one file; for ``<name>_ANT.dcm``/``<name>_POST.dcm`` the common stem
-    with trailing ``_ -.`` stripped; the folder's name when the stems share nothing."""
+def _common_stem(paths: list[Path]) -> str:
+    """The file stem for one file; for ``<name>_ANT.dcm``/``<name>_POST.dcm`` the common stem
+    with trailing ``_ -.`` stripped; "" when the stems share nothing."""
     stems = [p.name[: -len(p.suffix)] if p.suffix.lower() == ".dcm" else p.name for p in paths]
     if len(stems) == 1:
         return stems[0]
-    name = os.path.commonprefix(stems).rstrip("_ -.")
-    return name or paths[0].resolve().parent.name
+    return os.path.commonprefix(stems).rstrip("_ -.")
+
+
+def scan_name(paths: list[Path]) -> str:
+    """``<stem>`` for one file; for ``<name>_ANT.dcm``/``<name>_POST.dcm`` the common stem
+    with trailing ``_ -.`` stripped; the folder's name when the stems share nothing."""
+    return _common_stem(paths) or Path(os.path.realpath(paths[0])).parent.name
+
+
+def scan_path(paths: list[Path], root: Path) -> str:
+    """A scan's relative name in the folder ``root`` it was found in, as labels find it:
+    ``<sub-folder>/<scan_name>``, except that a scan named after its folder (a study folder
+    ``P0004/`` holding ``ANT.dcm`` and ``POST.dcm``) is at that folder's own path, ``P0004``."""
+    folder = paths[0].parent.relative_to(root)
+    stem = _common_stem(paths)
+    if stem:
+        return (folder / stem).as_posix()
+    return folder.as_posix() if folder != Path(".") else scan_name(paths)
 
 
 def read_scan(paths: Sequence[str | os.PathLike], secret: bytes) -> WholeBodyScan:
@@ -540,6 +608,13 @@ def read_scan(paths: Sequence[str | os.PathLike], secret: bytes) -> WholeBodySca
     if len(series) > 1:
         raise InputError(paths[0], f"the {len(paths)} files given belong to {len(series)} "
                                    "different series")
+    # A mis-merged series (one patient's ANT beside another's POST under one SeriesInstanceUID)
+    # must not become one scan of the first patient. Only the count of IDs is said, never an ID.
+    patient_ids = {str(ds.get("PatientID", "") or "").strip() for ds in datasets}
+    if len(patient_ids) > 1:
+        raise InputError(paths[0], f"the {len(paths)} files of this series name {len(patient_ids)} different "
+                                   "patients (PatientID differs): a mis-merged series, not one scan; "
+                                   f"files: {', '.join(p.name for p in paths)}")
 
     total = sum(n for _, _, n in counted)
     if total > 2:

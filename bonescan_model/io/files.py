@@ -29,7 +29,9 @@ def find_files(root: str | os.PathLike, exclude: str | os.PathLike | None = None
         raise InputError(root, reason)
     if not root.is_dir():
         return [root], []
-    skip = Path(exclude).resolve() if exclude is not None else None
+    # os.path.realpath, not Path.resolve: resolve raises RuntimeError on a symlink loop, which
+    # find_files reports as an entry left out rather than dying on it.
+    skip = Path(os.path.realpath(exclude)) if exclude is not None else None
     files: list[Path] = []
     left_out: list[InputError] = []
     searched: set[tuple[int, int]] = set()
@@ -49,8 +51,10 @@ def find_files(root: str | os.PathLike, exclude: str | os.PathLike | None = None
             continue
         for entry in entries:
             path = Path(entry.path)
-            if skip is not None and (path.resolve() == skip or skip in path.resolve().parents):
-                continue
+            if skip is not None:
+                real = Path(os.path.realpath(path))
+                if real == skip or skip in real.parents:
+                    continue
             if entry.name.startswith("."):
                 kind = "folder" if _is_dir(entry) else "file"
                 left_out.append(InputError(path, f"hidden {kind} (its name starts with '.'), not read"))

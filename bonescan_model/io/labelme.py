@@ -21,10 +21,15 @@ from pathlib import Path
 import numpy as np
 
 from bonescan_model.contours import polygons_to_mask
-from bonescan_model.errors import InputError
+from bonescan_model.errors import InputError, quoted
 
 LABELME_VERSION = "5.4.1"
 LESION_LABEL = "lesion"
+# The shape labels that mean a metastatic lesion (docs/design.md, "Labels"), compared after
+# lower-casing and reading "_" and "-" as spaces. A reader's other shapes (benign_degenerative,
+# fracture, injection site, ...) are left out of the ground truth and named in the ingest
+# report, never drawn as lesions.
+LESION_LABELS = ("lesion", "metastasis", "metastases", "bone metastasis", "bone metastases", "met", "mets")
 # The paper's t_DeltaA (Section 2.2): 5 %.
 AGREEMENT_THRESHOLD = 0.05
 # Points may sit on the image edge: LabelMe's canvas runs to x = W, and contours of lesions
@@ -45,6 +50,13 @@ class LabelMeAnnotation:
     polygons: list[np.ndarray]
     image_shape: tuple[int, int]
     image_path: str
+    # "shapes[i] 'label'" of each shape whose label is not a lesion's (LESION_LABELS): not drawn
+    ignored: tuple[str, ...] = ()
+
+
+def is_lesion_label(label: object) -> bool:
+    """Whether a LabelMe shape's label names a lesion (LESION_LABELS)."""
+    return isinstance(label, str) and " ".join(label.lower().replace("_", " ").replace("-", " ").split()) in LESION_LABELS
 
 
 def _positive_int(path: Path, data: dict, key: str) -> int:
@@ -52,7 +64,7 @@ def _positive_int(path: Path, data: dict, key: str) -> int:
         raise InputError(path, f"missing {key}")
     value = data[key]
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise InputError(path, f"{key} must be a positive integer, got {value!r}")
+        raise InputError(path, f"{key} must be a positive integer, got {quoted(value)}")
     return value
 
 
@@ -63,7 +75,7 @@ def _polygon(path: Path, index: int, shape: object, image_shape: tuple[int, int]
         raise InputError(path, f"{where} is not an object")
     shape_type = shape.get("shape_type", "polygon")  # LabelMe 3 files omit it: polygons
     if shape_type != "polygon":
-        raise InputError(path, f"{where} has unsupported shape_type {shape_type!r} (only 'polygon')")
+        raise InputError(path, f"{where} has unsupported shape_type {quoted(shape_type)} (only 'polygon')")
     points = shape.get("points")
     if not isinstance(points, list) or not all(
         isinstance(p, list) and len(p) == 2
@@ -113,11 +125,18 @@ def read_labelme(path: str | os.PathLike) -> LabelMeAnnotation:
     shapes = data.get("shapes")
     if not isinstance(shapes, list):
         raise InputError(path, "missing shapes list")
-    polygons = [_polygon(path, i, shape, image_shape) for i, shape in enumerate(shapes)]
+    polygons, ignored = [], []
+    for i, shape in enumerate(shapes):
+        label = shape.get("label") if isinstance(shape, dict) else None
+        if isinstance(shape, dict) and not is_lesion_label(label):
+            ignored.append(f"shapes[{i}] {quoted(label)}")
+            continue
+        polygons.append(_polygon(path, i, shape, image_shape))
     image_path = data.get("imagePath") or ""
     if not isinstance(image_path, str):
-        raise InputError(path, f"imagePath must be a string, got {image_path!r}")
-    return LabelMeAnnotation(polygons=polygons, image_shape=image_shape, image_path=image_path)
+        raise InputError(path, f"imagePath must be a string, got {quoted(image_path)}")
+    return LabelMeAnnotation(polygons=polygons, image_shape=image_shape, image_path=image_path,
+                             ignored=tuple(ignored))
 
 
 def write_labelme(

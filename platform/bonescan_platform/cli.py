@@ -7,6 +7,7 @@ Exit codes: 0 success, 2 bad input or a job that is not available yet, 1 a failu
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from bonescan_model.errors import InputError
@@ -223,6 +224,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A file name that is not UTF-8 reaches a report as lone surrogates, which a strict UTF-8
+    # stream refuses: print them escaped instead of dying after the work is done. (Names in
+    # bonescan's own messages go through errors.shown; this covers every other print.)
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = vars(_build_parser().parse_args(argv))
     run = args.pop("run")
     args.pop("job")
@@ -231,6 +238,16 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, NotYetAvailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        # An output that could not be written where no job foresaw it (a disk that filled
+        # between two files): the file and the reason, in one line, as for bad input.
+        if err.errno not in _UNWRITABLE:
+            raise
+        print(f"error: {InputError(err.filename or '<output>', f'cannot be written ({err.strerror})')}", file=sys.stderr)
+        return 2
+
+
+_UNWRITABLE = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 if __name__ == "__main__":

@@ -11,15 +11,18 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 
-from bonescan_model.errors import InputError
+from bonescan_model.errors import InputError, quoted
 from bonescan_model.frozen import from_mapping
 from bonescan_model.loss import SUPERVISED_KINDS, SEMI_KINDS
-from bonescan_model.network import ModelConfig
+from bonescan_model.network import ModelConfig, training_memory_bytes
 
 
 DATASETS = ("all", "D1", "D2", "D3", "D4")
+# Samples per step: beyond this no machine holds a step's activations (check_fits says so sooner).
+MAX_BATCH = 1024
 TRAINERS = ("bonescan", "nnunet")
 
 
@@ -89,7 +92,7 @@ class TrainConfig:
             "nnunet_iterations": self.nnunet_iterations >= 1,
             "epochs": self.epochs >= 1,
             "max_steps": self.max_steps is None or self.max_steps >= 1,
-            "batch_size": self.batch_size >= 1,
+            "batch_size": 1 <= self.batch_size <= MAX_BATCH,
             "lr": self.lr > 0,
             "beta1": 0 <= self.beta1 < 1,
             "beta2": 0 <= self.beta2 < 1,
@@ -105,14 +108,14 @@ class TrainConfig:
             "label_fraction": 0 <= self.label_fraction <= 1,
             "labeled_scans": self.labeled_scans is None or self.labeled_scans >= 0,
             "val_fraction": 0 < self.val_fraction < 1,
-            "test_runs": self.test_runs >= 1,
+            "test_runs": 1 <= self.test_runs <= 100,
             "dataset": self.dataset in DATASETS,
             "threshold": 0 < self.threshold < 1,
-            "checkpoints_to_keep": self.checkpoints_to_keep >= 1,
+            "checkpoints_to_keep": 1 <= self.checkpoints_to_keep <= 100,
         }
         for key, ok in checks.items():
             if not ok:
-                raise ValueError(f"{key}: invalid value {getattr(self, key)!r}")
+                raise ValueError(f"{key}: invalid value {quoted(getattr(self, key))}")
         if self.alpha == 0 and self.unsupervised_weight == 0:
             raise ValueError("alpha and unsupervised_weight: both 0, nothing would be learned")
 
@@ -171,13 +174,33 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+# No config, space or GAN config is near this large: a bigger file is a wrong file (or an attack
+# on the parser), refused before it is read.
+MAX_YAML_BYTES = 1 << 20
+# YAML aliases share one object, so `a: &a [x, x]`, `b: &b [*a, *a]`, ... nine levels deep is
+# a few lines that stand for a billion values; anything that walks it (a message, a dump)
+# runs out of memory. A config's values, counted as if each alias were written out, stay far
+# below this bound.
+MAX_YAML_VALUES = 100_000
+
+
 def read_yaml(path: Path, kind: str):
     """A YAML file's content, or an InputError naming the file: missing, a folder, not
-    UTF-8 text, or not YAML (a key given twice counts as not YAML).
+    UTF-8 text, not YAML (a key given twice counts as not YAML), larger than MAX_YAML_BYTES,
+    or aliases that stand for more than MAX_YAML_VALUES values.
     kind: what the file is, for the message ("config", "space", "GAN config")."""
     path = Path(path)
     try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+        if path.is_file() and path.stat().st_size > MAX_YAML_BYTES:
+            raise InputError(path, f"is {path.stat().st_size:,} bytes, larger than any {kind} file "
+                                   f"(at most {MAX_YAML_BYTES:,})")
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+        if _expanded_size(data, {}) > MAX_YAML_VALUES:
+            raise InputError(path, f"its aliases (*name) stand for more than {MAX_YAML_VALUES:,} values: "
+                                   f"not a {kind} file")
+        return data
+    except InputError:
+        raise
     except FileNotFoundError:
         raise InputError(path, f"no such {kind} file") from None
     except IsADirectoryError:
@@ -189,7 +212,19 @@ def read_yaml(path: Path, kind: str):
     except RecursionError:
         raise InputError(path, "not valid YAML (nested too deeply)") from None
     except yaml.YAMLError as err:
-        raise InputError(path, f"not valid YAML ({err})") from None
+        raise InputError(path, f"not valid YAML ({' '.join(str(err).split())[:300]})") from None
+
+
+def _expanded_size(value, sizes: dict[int, int]) -> int:
+    """How many values ``value`` holds with every alias written out; each shared object is
+    sized once (``sizes`` by id), so a billion-value document costs a few steps."""
+    if not isinstance(value, (dict, list)):
+        return 1
+    if id(value) not in sizes:
+        sizes[id(value)] = 0  # a recursive alias refers back to itself: count it once
+        children = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+        sizes[id(value)] = 1 + sum(min(_expanded_size(c, sizes), MAX_YAML_VALUES + 1) for c in children)
+    return sizes[id(value)]
 
 
 def load_train_config(path: str | os.PathLike) -> TrainConfig:
@@ -200,6 +235,25 @@ def load_train_config(path: str | os.PathLike) -> TrainConfig:
         raise InputError(path, "the config is empty: set at least one key (configs/demo.yaml and "
                                "configs/paper.yaml are examples)")
     return TrainConfig.from_dict(data, path)
+
+
+def check_fits(cfg: TrainConfig, source: str | os.PathLike, gpus: bool = False) -> None:
+    """Refuse, before Ray starts or a run folder is written, a config whose training step would
+    not fit in this machine's memory (or its GPU's, with ``gpus``): ``training_memory_bytes``
+    counts weights, gradients, Adam's moments and a batch's activations. A cluster's workers
+    may have more than the driver's machine; a model larger than the machine that submits it
+    is still far more often a typo than a plan."""
+    if cfg.trainer != "bonescan":
+        return
+    need = training_memory_bytes(cfg.model, cfg.batch_size)
+    have, what = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
+    if gpus and torch.cuda.is_available():
+        have, what = torch.cuda.get_device_properties(0).total_memory, "the GPU's memory"
+    if need > have:
+        raise InputError(source, f"model.width {cfg.model.width} with batch_size {cfg.batch_size}: a training step "
+                                 f"would hold about {need / 2**30:,.1f} GiB (weights, gradients, Adam state, "
+                                 f"activations), more than {what} ({have / 2**30:,.1f} GiB); make the model "
+                                 "or the batch smaller")
 
 
 def save_train_config(config: TrainConfig, path: str | os.PathLike) -> None:

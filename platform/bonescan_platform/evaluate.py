@@ -124,9 +124,11 @@ def evaluate(checkpoint: str, data: str, runs: int = 10, json_path: str | None =
     """`bonescan evaluate`: checkpoint, data and json_path local or URIs (``storage``)."""
     if runs < 1:
         raise InputError(checkpoint, "--runs must be at least 1")
+    if json_path:
+        storage.check_writable(json_path, file=True)  # before the scoring, not after it
     with storage.local_checkpoint(checkpoint) as local:
         trained = load_model(local)
-    shards.read_manifest(data)
+    shards.verify(data)
     result = score_runs(trained.model, stream.crops(data, "test"), runs, trained.threshold)
     if not result["images"]:
         raise InputError(data, "the test split has no labeled scan to evaluate on")

@@ -15,9 +15,9 @@ from pathlib import Path
 
 
 from bonescan_model.cases import prepare_case
-from bonescan_model.errors import InputError, describe
+from bonescan_model.errors import InputError, describe, shown
 from bonescan_model.io.deid import default_secret_path, keyed_hash, load_or_create_secret
-from bonescan_model.io.dicom import group_series, scan_name
+from bonescan_model.io.dicom import group_series, scan_path
 from bonescan_model.io.files import find_files
 from bonescan_platform import shards, storage
 from bonescan_platform.label_match import Scan, match_labels
@@ -53,8 +53,7 @@ def plan_ingest(dicom_dir: Path, labels: Path | None, secret: bytes,
     groups, unreadable = group_series(files, secret)
     splits = assign_splits({g.patient_key for g in groups if g.patient_key}, secret)
     root = dicom_dir if dicom_dir.is_dir() else dicom_dir.parent
-    named = [Scan((g.files[0].parent.relative_to(root) / scan_name(list(g.files))).as_posix(), g.files)
-             for g in groups]
+    named = [Scan(scan_path(list(g.files), root), g.files) for g in groups]
     matched, label_errors = match_labels(labels, named)
     specs: dict[str, list[dict]] = {}
     for i, group in enumerate(groups):
@@ -85,22 +84,40 @@ def ingest(dicom: str, out: str, labels: str | None = None, *, rows_per_shard: i
     out_dir = storage.absolute(out)
     if storage.is_file(out_dir):
         raise InputError(out_dir, "is a file, not a folder for shards")
+    storage.check_writable(out_dir)
     secret = load_or_create_secret(default_secret_path())
     plan = plan_ingest(Path(dicom), Path(labels) if labels else None, secret, rows_per_shard)
     previous, previous_report = shards.listed_files(out_dir), shards.previous_report(out_dir)
     storage.makedirs(out_dir)
     results = _run_tasks(plan.tasks, out_dir, secret) if plan.tasks else []
     written = [shards.ShardInfo(**r["shard"]) for r in results if r["shard"]]
-    report = _report(results, plan)
-    _print_report(report, out_dir)
-    if not report["scans_ingested"] and previous is not None:
-        print(f"nothing ingested: the shards in {out_dir} are left as they were")
-        return 2
-    storage.write_text(storage.join(out_dir, REPORT), json.dumps(report, indent=2, sort_keys=True))
-    shards.write_manifest(out_dir, written, report)
+    try:
+        for result in results:  # a shard that could not be written (a full disk) fails the ingest
+            if result.get("error"):
+                raise InputError(result["error"]["file"], result["error"]["reason"])
+        report = _report(results, plan)
+        _print_report(report, out_dir)
+        if not report["scans_ingested"] and previous is not None:
+            print(f"nothing ingested: the shards in {shown(out_dir)} are left as they were")
+            return 2
+        storage.write_text(storage.join(out_dir, REPORT), json.dumps(report, indent=2, sort_keys=True))
+        shards.write_manifest(out_dir, written, report)
+    except InputError:
+        _discard(out_dir, written, previous)  # no shard of this ingest is left unlisted
+        raise
     shards.retire(out_dir, previous, written)
     shards.say_kept(shards.remove_legacy_files(out_dir, previous_report))
     return 0 if report["scans_ingested"] else 2
+
+
+def _discard(out_dir: str, written: list[shards.ShardInfo], previous: set[str] | None) -> None:
+    """Delete the shards this ingest wrote that the folder's manifest does not list: a failed
+    ingest leaves no orphan (a later one retires only what a manifest listed, so an unlisted
+    shard would stay for ever). A shard the previous set also lists (same content, same name)
+    is that set's, and stays."""
+    for info in written:
+        if info.file not in (previous or set()):
+            storage.delete(storage.join(out_dir, info.file))
 
 
 def _run_tasks(tasks: list[dict], out_dir: str, secret: bytes) -> list[dict]:
@@ -148,7 +165,10 @@ def write_shard_task(task: dict, out_dir: str | Path, secret: bytes) -> dict:
             "patient": case.patient_key, "split": task["split"],
             "label_errors": [{"file": e.path, "reason": e.reason} for e in case.label_errors],
         })
-    info = shards.write_shard(rows, storage.join(out_dir, task["shard"]), by_content=True).__dict__ if rows else None
+    try:
+        info = shards.write_shard(rows, storage.join(out_dir, task["shard"]), by_content=True).__dict__ if rows else None
+    except InputError as err:  # the driver fails the ingest, naming the file, and removes this ingest's shards
+        return {"shard": None, "scans": outcomes, "error": {"file": err.path, "reason": err.reason}}
     return {"shard": info, "scans": outcomes}
 
 
@@ -160,7 +180,10 @@ def _row(case, split: str) -> dict:
 
 
 def _report(results: list[dict], plan: IngestPlan) -> dict:
-    outcomes = [o for r in results for o in r["scans"]]
+    # Every file name as errors.shown gives it: the report is JSON any tool reads as UTF-8, and
+    # each of its lines is printed as one line.
+    outcomes = [{**o, "file": shown(o["file"]), **({"files": [shown(f) for f in o["files"]]} if "files" in o else {})}
+                for r in results for o in r["scans"]]
     ok = [o for o in outcomes if o["ok"]]
     rejected = [{"file": e.path, "reason": e.reason} for e in plan.unreadable]
     rejected += [{"file": o["file"], "reason": o["reason"]} for o in outcomes if not o["ok"]]
@@ -197,6 +220,6 @@ def _print_report(report: dict, out_dir: str) -> None:
         if report[kind]:
             print(f"{kind.replace('_', ' ')}:")
             for r in report[kind]:
-                print(f"  {r['file']}: {r['reason']}")
+                print(f"  {shown(r['file'])}: {r['reason']}")
     if report["scans_ingested"]:
         print(f"shards: {out_dir}  (manifest {shards.MANIFEST}, report {REPORT})")

@@ -5,8 +5,9 @@ A labels folder holds either the LabelMe files of one reader or one folder per r
 by, in this order:
 
 1. its path relative to the reader's folder: ``a_site/scan0002.json`` labels the scan
-   ``a_site/scan0002`` of the DICOM folder (a scan is named as ``dicom.scan_name`` names it,
-   in the sub-folder of its first file);
+   ``a_site/scan0002`` of the DICOM folder (a scan is named as ``dicom.scan_path`` names it:
+   in the sub-folder of its first file, or, for a study folder ``P0004/`` of ``ANT.dcm`` and
+   ``POST.dcm``, at the folder's own path, so ``reader1/P0004.json`` labels it);
 2. its LabelMe ``imagePath``, when that leads (from the label's folder) to a file of a scan.
 
 Nothing else: a name alone is no match, even when one scan has it, because another patient's
@@ -108,8 +109,9 @@ def _hidden(labels: Path) -> list[Path]:
 
 
 def _label_files(folder: Path, nested: bool) -> list[Path]:
-    found = folder.rglob("*.json") if nested else folder.glob("*.json")
-    return sorted(p for p in found if p.is_file()
+    """The LabelMe files of one reader: ``.json`` in any case (``P0004.JSON`` too)."""
+    found = folder.rglob("*") if nested else folder.glob("*")
+    return sorted(p for p in found if p.suffix.lower() == ".json" and p.is_file()
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 

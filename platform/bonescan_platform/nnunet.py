@@ -68,7 +68,7 @@ def nnunet(data: str, out: str, *, label_fraction: float | None = None, labeled_
                           model=ModelConfig(aggregation="input" if views == "aggregated" else "none"))
     except ValueError as err:
         raise InputError(out, str(err)) from None
-    shards.read_manifest(data)
+    shards.verify(data)
     run.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{run.name}.partial-", dir=run.parent))
     try:

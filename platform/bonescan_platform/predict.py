@@ -19,11 +19,11 @@ import numpy as np
 from torch import nn
 
 from bonescan_model.checkpoint import load_model, resolve
-from bonescan_model.errors import InputError, describe
+from bonescan_model.errors import InputError, describe, shown
 from bonescan_model.io.deid import default_secret_path, load_or_create_secret
 from bonescan_model.io.dicom import group_series, read_scan, scan_name
 from bonescan_model.io.files import find_files
-from bonescan_model.predict import predict_scans, reference_view, scan_crop_box, write_prediction
+from bonescan_model.predict import output_paths, predict_scans, reference_view, scan_crop_box, write_prediction
 from bonescan_platform import storage
 from bonescan_platform.cluster import ray_session
 from bonescan_platform.progress import collect_rows
@@ -89,16 +89,27 @@ def predict_batch(model: nn.Module, tasks: list[dict], secret: bytes, threshold:
     predictions = predict_scans(model, [r[2] for r in ready], boxes=[r[3] for r in ready], threshold=threshold)
     for (task, row, scan, _), prediction in zip(ready, predictions):
         prediction = dataclasses.replace(prediction, name=task["name"])
-        _write(task["out_dir"], prediction, reference_view(scan))
+        try:
+            _write(task["out_dir"], prediction, reference_view(scan))
+        except OSError as err:  # a full disk or a name the filesystem refuses: this scan's outputs only
+            row["reason"] = f"its outputs could not be written ({err.strerror or describe(err)})"
+            continue
         row.update(ok=True, lesions=prediction.lesions, area_mm2=sum(prediction.lesion_areas_mm2))
     return rows
 
 
 def _write(out_dir: str, prediction, counts: np.ndarray) -> None:
     """``write_prediction`` into a local folder, or into object storage by way of a local one
-    (skimage and matplotlib write files): from the process that predicted, on whatever node."""
+    (skimage and matplotlib write files): from the process that predicted, on whatever node.
+    A local write that fails (a full disk) removes what it had written of this scan's
+    outputs: no half PNG is left to look like a result."""
     if not storage.is_uri(out_dir):
-        write_prediction(out_dir, prediction, counts)
+        try:
+            write_prediction(out_dir, prediction, counts)
+        except OSError:
+            for path in output_paths(out_dir, prediction.name).values():
+                path.unlink(missing_ok=True)
+            raise
         return
     with tempfile.TemporaryDirectory(prefix="bonescan-predict-") as tmp:
         write_prediction(tmp, prediction, counts)
@@ -155,6 +166,7 @@ def predict(checkpoint: str, dicom: str, out: str) -> int:
         trained = load_model(checkpoint)
     secret = load_or_create_secret(default_secret_path())
     out_dir = storage.absolute(out) if storage.is_uri(out) else out
+    storage.check_writable(out_dir)
     tasks, unreadable = plan_scans(Path(dicom), out_dir, secret)
     if len(tasks) > 1:
         rows = _run_on_ray(checkpoint, tasks, secret)
@@ -171,7 +183,7 @@ def _print_summary(predicted: list[dict], rejected: list[dict], out_dir: str) ->
     lesions = sum(r["lesions"] for r in predicted)
     print(f"predicted {len(predicted)} scan(s), {lesions} lesion(s) found; "
           f"rejected {len(rejected)} file(s)")
-    scans = sorted(((storage.relative(r["output"], out_dir), r) for r in predicted), key=lambda s: s[0])
+    scans = sorted(((shown(storage.relative(r["output"], out_dir)), r) for r in predicted), key=lambda s: s[0])
     width = max((len(name) for name, _ in scans), default=4)
     if scans:
         print(f"  {'scan':<{width}} {'lesions':>7} {'area mm²':>9}")
@@ -181,4 +193,4 @@ def _print_summary(predicted: list[dict], rejected: list[dict], out_dir: str) ->
     if rejected:
         print("rejected:")
         for r in sorted(rejected, key=lambda r: r["file"]):
-            print(f"  {r['file']}: {r['reason']}")
+            print(f"  {shown(r['file'])}: {r['reason']}")

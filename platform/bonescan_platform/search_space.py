@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 
-from bonescan_model.errors import InputError
+from bonescan_model.errors import InputError, quoted
 from bonescan_model.frozen import from_mapping
 from bonescan_model.network import ModelConfig
 from bonescan_platform.config import TrainConfig, load_train_config, read_yaml
@@ -150,7 +150,7 @@ class Scheduler:
 
     def __post_init__(self):
         if self.type != "asha":
-            raise ValueError(f"scheduler.type: only 'asha' is supported, got {self.type!r}")
+            raise ValueError(f"scheduler.type: only 'asha' is supported, got {quoted(self.type)}")
         if self.grace_period < 1:
             raise ValueError(f"scheduler.grace_period: must be >= 1 epoch, got {self.grace_period}")
         if self.reduction_factor <= 1:
@@ -169,7 +169,7 @@ class Search:
     def __post_init__(self):
         if self.type != "random":
             raise ValueError(f"search.type: only 'random' (Ray's grid + random variant generator) is "
-                             f"supported, got {self.type!r}")
+                             f"supported, got {quoted(self.type)}")
 
 
 @dataclass(frozen=True)
@@ -278,16 +278,16 @@ def parse_space(raw: dict, source: str | os.PathLike, base: TrainConfig) -> Sear
 
     num_samples = raw.get("num_samples", 1)
     if not _is_int(num_samples) or num_samples < 1:
-        fail("num_samples", f"must be an int >= 1, got {num_samples!r}")
+        fail("num_samples", f"must be an int >= 1, got {quoted(num_samples)}")
     if num_samples > 1 and any(_touches(p, "seed") for p in parameters):
         fail("num_samples", "seeds come from num_samples; do not also sweep `seed`")
 
     metric = raw.get("metric", "val_dsc")
     if not isinstance(metric, str) or not metric.startswith(("val_", "train_")):
-        fail("metric", f"must be a metric every epoch reports (val_dsc, val_cpa, train_loss, ...), got {metric!r}")
+        fail("metric", f"must be a metric every epoch reports (val_dsc, val_cpa, train_loss, ...), got {quoted(metric)}")
     mode = raw.get("mode", "max")
     if mode not in ("max", "min"):
-        fail("mode", f"must be max or min, got {mode!r}")
+        fail("mode", f"must be max or min, got {quoted(mode)}")
 
     space = SearchSpace(
         source=str(source), base=base_dict, parameters=parameters, fixed=dict(fixed),
@@ -297,7 +297,7 @@ def parse_space(raw: dict, source: str | os.PathLike, base: TrainConfig) -> Sear
         max_concurrent_trials=_auto_int(raw.get("max_concurrent_trials", AUTO), "max_concurrent_trials", fail),
         evaluate_runs=raw.get("evaluate_runs"), report={})
     if space.evaluate_runs is not None and (not _is_int(space.evaluate_runs) or space.evaluate_runs < 1):
-        fail("evaluate_runs", f"must be an int >= 1, got {space.evaluate_runs!r}")
+        fail("evaluate_runs", f"must be an int >= 1, got {quoted(space.evaluate_runs)}")
 
     grid = math.prod(len(p.values) for p in parameters if p.kind == "grid")
     if grid * num_samples > MAX_TRIALS:
@@ -337,14 +337,14 @@ def _parameter(name, spec, fail) -> Parameter:
     key = f"parameters.{name}"
     if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in KINDS:
         fail(key, f"must be one of {{grid: [...]}}, {{choice: [...]}}, {{uniform: [low, high]}}, "
-                  f"{{loguniform: [low, high]}}; got {spec!r}")
+                  f"{{loguniform: [low, high]}}; got {quoted(spec)}")
     kind, values = next(iter(spec.items()))
     key = f"{key}.{kind}"
     if kind in ("uniform", "loguniform"):
         _check_path(name, f"parameters.{name}", fail)
         if (not isinstance(values, list) or len(values) != 2
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
-            fail(key, f"must be [low, high] numbers, got {values!r}")
+            fail(key, f"must be [low, high] numbers, got {quoted(values)}")
         low, high = (float(v) if abs(v) <= 1e300 else math.inf for v in values)
         if not (math.isfinite(low) and math.isfinite(high)):
             fail(key, f"both ends must be finite numbers, got [{low}, {high}]")
@@ -354,7 +354,7 @@ def _parameter(name, spec, fail) -> Parameter:
             fail(key, f"a log range needs low > 0, got {low}")
         return Parameter(name, kind, low=low, high=high)
     if not isinstance(values, list) or not values:
-        fail(key, f"must be a non-empty list, got {values!r}")
+        fail(key, f"must be a non-empty list, got {quoted(values)}")
     cases = [isinstance(v, dict) for v in values]
     if any(cases) and not all(cases):
         fail(key, "mix of mappings (cases) and plain values")
@@ -398,18 +398,18 @@ def _resources(raw, fail) -> dict:
         if key not in RESOURCE_KEYS:
             fail(f"resources.{key}", f"unknown key; known keys: {', '.join(RESOURCE_KEYS)}")
     if not _is_int(out["workers"]) or out["workers"] < 1:
-        fail("resources.workers", f"must be an int >= 1, got {out['workers']!r}")
+        fail("resources.workers", f"must be an int >= 1, got {quoted(out['workers'])}")
     cpus = out["cpus_per_worker"]
     if cpus != AUTO and (not isinstance(cpus, (int, float)) or isinstance(cpus, bool) or cpus <= 0):
-        fail("resources.cpus_per_worker", f"must be a number > 0 or auto, got {cpus!r}")
+        fail("resources.cpus_per_worker", f"must be a number > 0 or auto, got {quoted(cpus)}")
     if out["gpus"] not in (AUTO, True, False):
-        fail("resources.gpus", f"must be true, false or auto, got {out['gpus']!r}")
+        fail("resources.gpus", f"must be true, false or auto, got {quoted(out['gpus'])}")
     return out
 
 
 def _auto_int(value, key, fail):
     if value != AUTO and (not _is_int(value) or value < 1):
-        fail(key, f"must be an int >= 1 or auto, got {value!r}")
+        fail(key, f"must be an int >= 1 or auto, got {quoted(value)}")
     return value
 
 
@@ -425,7 +425,7 @@ def _report(raw, parameters: tuple[Parameter, ...], fail) -> dict:
            "paper": raw.get("paper") or [],
            "paper_source": str(raw.get("paper_source", ""))}
     if out["x"] not in names:
-        fail("report.x", f"{out['x']!r} is not a parameter of this space ({', '.join(names)})")
+        fail("report.x", f"{quoted(out['x'])} is not a parameter of this space ({', '.join(names)})")
     if not isinstance(out["columns"], list):
         fail("report.columns", "must be a list")
     for column in out["columns"]:
@@ -447,7 +447,7 @@ def _report(raw, parameters: tuple[Parameter, ...], fail) -> dict:
                 fail(f"report.paper[{i}].{key}", "neither a parameter, a column of report.columns nor one of "
                                                  f"the paper's settings ({', '.join(PAPER_SETTING)})")
             if key not in names and not (isinstance(value, (int, float)) and math.isfinite(value)):
-                fail(f"report.paper[{i}].{key}", f"a published value must be a number, got {value!r}")
+                fail(f"report.paper[{i}].{key}", f"a published value must be a number, got {quoted(value)}")
     return out
 
 
@@ -458,7 +458,7 @@ def _config_paths() -> set[str]:
 
 def _check_path(path: str, key: str, fail) -> None:
     if not isinstance(path, str) or path not in _config_paths():
-        fail(key, f"unknown parameter {path!r}: not a training config path (e.g. label_fraction, "
+        fail(key, f"unknown parameter {quoted(path)}: not a training config path (e.g. label_fraction, "
                   f"model.recurrence; see configs/*.yaml)")
 
 

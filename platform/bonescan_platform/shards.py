@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from bonescan_model.errors import InputError
+from bonescan_model.errors import InputError, quoted
 from bonescan_model.preprocess import CROP_SIZE
 from bonescan_platform import storage
 
@@ -202,14 +203,76 @@ def read_manifest(shard_dir: str | Path) -> dict:
 
 
 def shard_paths(shard_dir: str | Path, split: str | None = None) -> list[str]:
-    """The shard files the manifest lists (optionally one split), checked to exist: local
-    paths, or URIs when the folder is one (Ray Data's ``read_parquet`` takes either)."""
+    """The shard files the manifest lists (optionally one split), each checked to be the file
+    the manifest recorded (``verify``): local paths, or URIs when the folder is one (Ray
+    Data's ``read_parquet`` takes either)."""
+    manifest = verify(shard_dir)
+    return [storage.join(shard_dir, s["file"]) for s in manifest["shards"] if split is None or s["split"] == split]
+
+
+# The folders this process has verified, with their manifest and each shard's size and time:
+# a job asks for its shards several times, and a listed file is read again only if it changed.
+_VERIFIED: set[tuple] = set()
+# The bytes of one image value of each binary column (docs/design.md, "Shard schema").
+_VALUE_BYTES = {"ant": 2 * CROP_SIZE * CROP_SIZE, "post": 2 * CROP_SIZE * CROP_SIZE, "mask": CROP_SIZE * CROP_SIZE}
+
+
+def verify(shard_dir: str | Path) -> dict:
+    """The manifest of a shard folder, once every shard it lists is checked to be what it
+    recorded: present, of the manifest's SHA-256 (a file cut short or changed after it was
+    written fails here, not as an Arrow traceback after Ray has started), a Parquet file of
+    SCHEMA, with the listed rows of the listed split, and images of the crop's size. Any
+    failure is an InputError naming the shard."""
     manifest = read_manifest(shard_dir)
-    paths = [storage.join(shard_dir, s["file"]) for s in manifest["shards"] if split is None or s["split"] == split]
-    for path in paths:
-        if not storage.is_file(path):
-            raise InputError(path, f"listed in the shard manifest ({MANIFEST}) but missing")
-    return paths
+    key = (str(shard_dir), json.dumps(manifest, sort_keys=True),
+           tuple(storage.stamp(storage.join(shard_dir, s["file"])) for s in manifest["shards"]))
+    if key in _VERIFIED:
+        return manifest
+    for entry in manifest["shards"]:
+        path = storage.join(shard_dir, entry["file"])
+        try:
+            data = storage.read_bytes(path)
+        except FileNotFoundError:
+            raise InputError(path, f"listed in the shard manifest ({MANIFEST}) but missing") from None
+        except OSError as err:
+            raise InputError(path, f"cannot be read ({err.strerror or type(err).__name__})") from None
+        expected = entry.get("sha256")
+        if isinstance(expected, str) and hashlib.sha256(data).hexdigest() != expected:
+            raise InputError(path, f"its content is not what the shard manifest ({MANIFEST}) recorded (SHA-256 "
+                                   "differs): the file was cut short or changed after it was written; "
+                                   "ingest again")
+        _check_shard(path, data, entry)
+    _VERIFIED.add(key)
+    return manifest
+
+
+def _check_shard(path: str, data: bytes, entry: dict) -> None:
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise InputError(path, f"not a readable Parquet file ({type(err).__name__}: "
+                               f"{' '.join(str(err).split())[:200]})") from None
+    missing = [f.name for f in SCHEMA if f.name not in table.schema.names]
+    wrong = [f"{f.name} is {table.schema.field(f.name).type}, expected {f.type}"
+             for f in SCHEMA if f.name in table.schema.names and not table.schema.field(f.name).type.equals(f.type)]
+    if missing or wrong:
+        raise InputError(path, "not a bonescan shard: " + "; ".join(
+            ([f"no column {', '.join(missing)}"] if missing else []) + wrong))
+    if table.num_rows != entry["rows"]:
+        raise InputError(path, f"holds {table.num_rows} rows, the shard manifest lists {entry['rows']}")
+    if entry["split"] not in SPLITS:  # split names become parts of output file names
+        raise InputError(path, f"the shard manifest lists it as split {quoted(entry['split'])}, not one of {SPLITS}")
+    splits = set(table.column("split").to_pylist())
+    if splits - {entry["split"]}:
+        raise InputError(path, f"holds rows of split {', '.join(sorted(splits - {entry['split']}))}, the shard "
+                               f"manifest lists it as {entry['split']}")
+    for column, size in _VALUE_BYTES.items():
+        lengths = pc.binary_length(table.column(column)).drop_null()
+        bad = pc.not_equal(lengths, size)
+        if len(lengths) and pc.any(bad).as_py():
+            found = lengths.filter(bad)[0].as_py()
+            raise InputError(path, f"its {column} column holds a {found}-byte image, expected {size} bytes "
+                                   f"(a {CROP_SIZE}x{CROP_SIZE} crop): not a shard this bonescan wrote")
 
 
 def read_table(paths: list[str], columns: list[str], where=None) -> pa.Table:

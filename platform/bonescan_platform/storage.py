@@ -37,7 +37,8 @@ def absolute(location: str | os.PathLike) -> str:
     text = str(location)
     if is_uri(text):
         return text.rstrip("/")
-    return str(Path(text.removeprefix("file://")).resolve())
+    # realpath, not Path.resolve, which raises RuntimeError on a symlink loop
+    return os.path.realpath(text.removeprefix("file://"))
 
 
 def resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
@@ -79,6 +80,13 @@ def _info(location) -> pafs.FileInfo:
         raise InputError(str(location), f"cannot be reached ({first_line(err)})") from None
 
 
+def stamp(location) -> tuple[int, int] | None:
+    """(size, modification time in ns) of a file, None where there is none: what tells a
+    file changed since it was last read, without reading it."""
+    info = _info(location)
+    return (info.size, info.mtime_ns or 0) if info.type == pafs.FileType.File else None
+
+
 def is_file(location) -> bool:
     return _info(location).type == pafs.FileType.File
 
@@ -107,16 +115,55 @@ def read_text(location) -> str:
 
 
 def write_bytes(location, data: bytes) -> None:
-    """Atomic: a local temporary name then a rename; an object in one upload."""
+    """Atomic: a local temporary name then a rename; an object in one upload. A write that
+    fails (a full disk, a read-only mount) leaves no temporary file and is an InputError
+    naming the location."""
     fs, path = resolve(location)
     if not is_uri(location):
         target = Path(path)
         tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise InputError(target, f"cannot be written ({err.strerror or type(err).__name__})") from None
         return
-    with fs.open_output_stream(path) as f:
-        f.write(data)
+    try:
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+    except OSError as err:
+        raise InputError(str(location), f"cannot be written ({first_line(err)})") from None
+
+
+def check_writable(location, *, file: bool = False) -> None:
+    """Fail before any work, naming the location, where an output cannot be written: a path
+    under /proc, on a read-only mount, on a full disk, or below a file. A local location is
+    probed where it would be created (its nearest existing folder: a one-byte temporary file
+    written and removed there), so nothing is left behind when the check fails, nor when it passes.
+    file: ``location`` is a file (``evaluate --json``), whose folder is probed. Object
+    storage is checked by its first write, which names the location the same way."""
+    if is_uri(location):
+        return
+    target = Path(absolute(location))
+    if file and target.is_dir():
+        raise InputError(location, "is a folder, not a file to write")
+    if not file and target.exists() and not target.is_dir():
+        raise InputError(location, "is a file, not a folder to write into")
+    folder = target.parent if file else target
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InputError(location, f"cannot be written: {folder} is a file, not a folder")
+    try:  # a byte, not an empty file: a full disk still takes empty files and folders
+        handle, probe = tempfile.mkstemp(prefix=".bonescan-probe-", dir=folder)
+        try:
+            os.write(handle, b"\0")
+        finally:
+            os.close(handle)
+            os.unlink(probe)
+    except OSError as err:
+        raise InputError(location, f"cannot be written ({err.strerror or type(err).__name__})") from None
 
 
 def write_text(location, text: str) -> None:

@@ -37,7 +37,7 @@ from bonescan_platform import metrics as training_metrics
 from bonescan_platform import cluster, shards, splits, storage, stream, tracking
 from bonescan_platform.evaluate import kept_score, score_test
 from bonescan_platform.cluster import ray_session
-from bonescan_platform.config import TrainConfig, load_train_config, save_train_config
+from bonescan_platform.config import TrainConfig, check_fits, load_train_config, save_train_config
 from bonescan_platform.runs import RUN_NAME, read_history, write_history
 
 STATE = "train_state.pt"
@@ -213,12 +213,14 @@ def train(data: str, config: str, out: str, workers: int = 1, gpus: bool = False
     if uri:
         tracking.client(uri)  # without the extra: say so before anything is read or written
     cfg = load_train_config(config)
+    check_fits(cfg, config, gpus)
     location, data = storage.absolute(out), storage.absolute(data)
     check_data(data)
     if workers < 1:
         raise InputError(out, "--workers must be at least 1")
     if storage.is_file(location):
         raise InputError(out, "is a file, not a run folder")
+    storage.check_writable(location)
     with storage.staged(location, keep=own_file) as run:
         save_train_config(cfg, run / "config.yaml")
         record = {"data": data, "workers": workers, "gpus": gpus}

@@ -26,7 +26,7 @@ from bonescan_model.checkpoint import FILENAME
 from bonescan_model.errors import InputError
 from bonescan_platform import nnunet, splits, storage, stream, tracking
 from bonescan_platform.cluster import ray_session
-from bonescan_platform.config import TrainConfig, load_train_config, save_train_config
+from bonescan_platform.config import TrainConfig, check_fits, load_train_config, save_train_config
 from bonescan_platform.evaluate import HEADLINE, TEST_FILE, kept_score, score_test
 from bonescan_platform.search_space import AUTO, SearchSpace, case_name
 from bonescan_platform.runs import RUN_NAME, TUNE_NAME, Experiment, Plan, read_history, train_result
@@ -91,6 +91,7 @@ def _trial(exp: Experiment, config: dict, trial_id: str, run: Path, location: st
     from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = exp.space.trial_config(config, f"trial {trial_id}")
+    check_fits(cfg, f"trial {trial_id}", exp.plan().gpus)
     if (run / "history.csv").exists():
         if cfg.trainer == "bonescan":  # what a stop cut short: its test score, its MLflow run
             conclude(run, location)
@@ -187,6 +188,7 @@ def sweep(data: str, space: str, out: str, resume: bool = False, mlflow: str | N
     if uri and not resume:
         tracking.client(uri)  # without the extra: say so before anything is read or written
     check_data(data_dir)  # shards nothing can train on fail here, named
+    storage.check_writable(location)
     with storage.staged(location, keep=_driver_file) as root:
         if resume:
             exp = Experiment.open(root, remote)
