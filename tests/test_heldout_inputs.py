@@ -26,6 +26,7 @@ from bonescan_model.io.dicom import scan_path
 from bonescan_model.network import ModelConfig, build_model
 from bonescan_platform import shards
 from bonescan_platform.cli import main
+from one_line import fails as _fails
 from tiny import tiny_config
 
 TINY = ModelConfig(width=4, recurrence=1, dilations=(1, 2))
@@ -39,18 +40,6 @@ def no_ray_starts(monkeypatch):
         raise AssertionError("Ray was started")
 
     monkeypatch.setattr(ray, "init", refuse)
-
-
-def _fails(capsys, *args, path, words: str) -> str:
-    """The CLI exits 2 with one line `error: <path>: ...` holding ``words``, and no traceback."""
-    code = main([str(a) for a in args])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: {path}: "), err
-    assert words in lines[0], err
-    return lines[0]
 
 
 def _row(split: str, mask: bytes | None = None) -> dict:

@@ -19,22 +19,10 @@ import yaml
 from bonescan_model.checkpoint import save_checkpoint
 from bonescan_model.network import ModelConfig, build_model
 from bonescan_platform import shards
-from bonescan_platform.cli import main
+from one_line import fails as _fails
 from tiny import tiny_config
 
 TINY = ModelConfig(width=4, recurrence=1, dilations=(1, 2))
-
-
-def _fails(capsys, *args: str, path: Path | str, words: str) -> str:
-    """Run the CLI; it must exit 2 with one line naming ``path`` and containing ``words``."""
-    code = main([str(a) for a in args])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: {path}: "), err
-    assert words in lines[0], err
-    return lines[0]
 
 
 def _row(split: str) -> dict:
