@@ -139,6 +139,50 @@ def test_experiment_report_opens_in_a_browser_with_its_tables_and_pictures(reque
     for text in expected:
         assert text in table.group(0), text
     assert dom.count("<img ") >= 3  # metrics, training curves, the Figure-10 panel
+    # Each arm against the space's control, above the raw trials, its verdict by the stated rule.
+    compared = re.search(r"<table id=\"comparisons-table\">.*?</table>", dom, re.S)
+    assert compared and dom.index("comparisons-table") < dom.index("trials-table")
+    verdicts = re.findall(r"<b>(better|worse|no gain of 0.03|inconclusive: about \d+ more paired seeds?)</b>",
+                          compared.group(0))
+    arms = {"label_fraction": 2 * 4, "baselines": 3}[experiment]
+    assert len(verdicts) == arms and "Verdicts: better where the 95 % interval" in dom
+
+
+def test_comparisons_csv_recomputed_from_the_trials(label_fraction, tmp_path):
+    import numpy as np
+    import pandas as pd
+    from scipy import stats
+
+    # Untrained laid-out models all score 0: give each trial test scores of its own (as its
+    # test.json would hold them after training), then let the sweep's collect() compare them.
+    exp = tmp_path / "exp"
+    shutil.copytree(label_fraction, exp)
+    rng = np.random.default_rng(5)
+    for run in (exp / "runs").iterdir():
+        tested = json.loads((run / "test.json").read_text())
+        lesions = np.asarray(tested["per_image"]["lesions"])
+        per_image = np.where(lesions > 0, rng.uniform(0.1, 0.7, len(lesions)), 0.0)
+        tested["dsc"] = float(per_image[lesions > 0].mean())
+        tested["per_image"]["dsc"] = per_image.tolist()
+        (run / "test.json").write_text(json.dumps(tested))
+    tune.collect(exp)
+    trials = pd.read_parquet(exp / "results.parquet")
+    table = pd.read_csv(exp / "comparisons.csv")
+    assert len(table) == 2 * 4  # two methods against "supervised only", at each of 4 label shares
+    for _, row in table.iterrows():
+        arm = trials[(trials["method"] == row["method"]) & (trials["label_fraction"] == row["label_fraction"])]
+        control = trials[(trials["method"] == "supervised only") & (trials["label_fraction"] == row["label_fraction"])]
+        paired = arm.merge(control, on="seed", suffixes=("_arm", "_control"))
+        d = (paired["dsc_arm"] - paired["dsc_control"]).to_numpy()
+        assert row["n"] == len(d) == 2 and row["seeds"] == "0, 1"
+        assert row["mean_diff"] == pytest.approx(d.mean())
+        half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / len(d) ** 0.5
+        assert (row["ci95_low"], row["ci95_high"]) == pytest.approx((d.mean() - half, d.mean() + half), nan_ok=True)
+        # (scipy's p is NaN where every difference is the same: untrained laid-out models)
+        assert row["p_value"] == pytest.approx(stats.ttest_rel(paired["dsc_arm"], paired["dsc_control"]).pvalue,
+                                               nan_ok=True)
+        assert row["boot95_low"] < row["mean_diff"] < row["boot95_high"]  # from each trial's per-image scores
+        assert row["verdict"] in ("better", "worse", "no gain of 0.03") or row["verdict"].startswith("inconclusive")
 
 
 @needs_chromium

@@ -119,6 +119,11 @@ def test_spaces_hold_the_papers_settings():
     ({"report": {"paper": [{"lr": 0.1, "dice": 0.5}]}}, "report.paper[0].dice"),
     ({"report": {"paper": [{"lr": 0.1, "dsc": "high"}]}}, "report.paper[0].dsc"),
     ({"base": "missing.yaml"}, "base"),
+    ({"compare": {"control": {"alpha": 0.4}}}, "compare.control.alpha"),  # not a swept parameter
+    ({"compare": {"control": {"lr": 0.5}}}, "compare.control.lr"),  # not one of its grid values
+    ({"compare": {"control": {"lr": 0.001}, "pair_by": "patient"}}, "compare.pair_by"),
+    ({"compare": {"control": {}}}, "compare"),
+    ({"compare": {"control": {"lr": 0.001}, "pairs": "seed"}}, "compare"),
 ])
 def test_broken_space_fails_on_load_naming_the_key(tmp_path, change, key):
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))

@@ -36,6 +36,7 @@ from bonescan_platform.runs import kept_model
 
 HEADLINE = ("dsc", "cpa", "recall", "pooled_dsc", "lesion_sensitivity", "fp_per_image", "lesion_free_fp_per_image")
 BATCH = 8
+PER_IMAGE = ("dsc", "cpa", "recall", "lesions")  # kept per test image in test.json (run 0)
 TEST_FILE = "test.json"
 PROTOCOL = ("headline: run 0, the test images as they are; runs_mean / runs_std: the paper's protocol, "
             "run k a seeded random flip/rotation/shift (seed k)")
@@ -55,11 +56,18 @@ def score_runs(model: torch.nn.Module, crops: dict[str, np.ndarray], runs: int, 
                label: str = "evaluate") -> dict:
     """Score ``model`` on decoded crops (``stream.crops``) ``runs`` times -> the --json body.
     ``label`` names the progress bar (on a terminal only)."""
-    per_run = []
+    per_run, first = [], {}
     for run in progress(range(runs), desc=label, unit="run"):
         batches = transformed(stream.batches(crops, BATCH), run)
-        per_run.append({"run": run, **metrics.summarize(engine.evaluate(model, batches, threshold=threshold))})
-    return runs_body(per_run)
+        per_image = engine.evaluate(model, batches, threshold=threshold)
+        first = first or per_image
+        per_run.append({"run": run, **metrics.summarize(per_image)})
+    body = runs_body(per_run)
+    if body["images"]:
+        # Run 0's score of each test image, in the crops' (scan_key) order: what a paired
+        # comparison's bootstrap resamples (bonescan_model.paired), image for image across runs.
+        body["per_image"] = {"order": "scan_key", **{k: first[k].tolist() for k in PER_IMAGE}}
+    return body
 
 
 def runs_body(per_run: list[dict], protocol: str = PROTOCOL) -> dict:

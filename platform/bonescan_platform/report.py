@@ -36,7 +36,7 @@ from bonescan_platform.config import load_train_config
 from bonescan_platform.search_space import RESULT_COLUMNS, SearchSpace, case_name
 from bonescan_platform.splits import load_budget
 from bonescan_platform.stream import crops as split_crops
-from bonescan_platform import storage
+from bonescan_platform import comparisons, storage
 from bonescan_platform.runs import RUN_NAME, TUNE_NAME, Experiment, is_experiment, is_run, kept_model, read_history
 
 METRICS = ("dsc", "cpa", "recall")
@@ -153,9 +153,46 @@ def experiment_page(root: Path, shown: str | None = None) -> str:
         f"<p class='note'>The {PANEL_MODELS} configurations with the best DSC.</p>" if len(groups) > PANEL_MODELS
         else "",
         prediction_panel(exp.data, [(g["label"], exp.runs / g["rows"][0]["trial_id"]) for g in panel_groups(groups)]),
+        *comparisons_section(comparisons.read(root)),
         "<h2>Every trial</h2>", trials_table(rows, space),
     ]
     return _page(title, body)
+
+
+def comparisons_section(table: list[dict]) -> list[str]:
+    """Each arm against its control (comparisons.py), with the verdict its interval allows."""
+    if not table:
+        return []
+    head = ["arm", "where", "paired seeds", "arm test DSC", "control test DSC", "difference", "95 % CI (t)",
+            "95 % CI (bootstrap: seeds and images)", "p", "seeds for 80 % power at 0.03", "verdict"]
+    body = []
+    for row in table:
+        cells = [_e(row["arm"]), _e(row["where"] or "-"), str(row["n"]), _fmt3(row["arm_mean"]),
+                 _fmt3(row["control_mean"]), _fmt3(row["mean_diff"], signed=True),
+                 f"{_fmt3(row['ci95_low'], signed=True)} to {_fmt3(row['ci95_high'], signed=True)}",
+                 f"{_fmt3(row['boot95_low'], signed=True)} to {_fmt3(row['boot95_high'], signed=True)}",
+                 _fmt3(row["p_value"]), str(row["seeds_for_power"]) if row["seeds_for_power"] > 0 else "n/a",
+                 f"<b>{_e(row['verdict'])}</b>"]
+        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    control = table[0]["control"]
+    return [
+        f"<h2>Against the control ({_e(control)}), paired by seed</h2>",
+        "<table id='comparisons-table'><thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head)
+        + f"</tr></thead><tbody>{''.join(body)}</tbody></table>",
+        f"<p class='note'>{_e(VERDICT_RULE)} Test split, kept model, run 0; comparisons.csv holds this "
+        "table.</p>",
+    ]
+
+
+VERDICT_RULE = ("Verdicts: better where the 95 % interval of the paired difference lies above 0, worse where "
+                "it lies below 0, 'no gain of 0.03' where the 90 % interval's upper bound is below 0.03, "
+                "otherwise inconclusive, with about how many more paired seeds 80 % power at 0.03 needs.")
+
+
+def _fmt3(value, signed: bool = False) -> str:
+    if not _finite(value):
+        return "n/a"
+    return f"{value:+.3f}" if signed else f"{value:.3f}"
 
 
 def configurations(rows: list[dict], space: SearchSpace) -> list[dict]:

@@ -22,6 +22,9 @@ A space file (every key but ``base`` and ``parameters`` is optional)::
     max_concurrent_trials: auto
     evaluate_runs: 10       # the paper's test protocol on each trial's kept model: sets every trial's
                             # test_runs (default: the base config's test_runs)
+    compare:                # the control arm: every other value of its parameters is an arm, paired
+      control: {method: "supervised only"}   # with it by seed (and the other parameters' values);
+      pair_by: seed         # EXP/comparisons.csv: intervals and verdicts (comparisons.py)
     report:                 # how `bonescan report` lays the experiment out
       title: "Fig. 7: labeled fraction"
       x: label_fraction     # the figures' x axis (default: the first parameter)
@@ -59,7 +62,7 @@ from bonescan_platform.config import TrainConfig, load_train_config, read_yaml
 
 KINDS = ("grid", "choice", "uniform", "loguniform")
 TOP_KEYS = ("base", "fixed", "parameters", "num_samples", "metric", "mode", "scheduler", "search",
-            "resources", "max_concurrent_trials", "evaluate_runs", "report")
+            "resources", "max_concurrent_trials", "evaluate_runs", "report", "compare")
 RESOURCE_KEYS = ("workers", "cpus_per_worker", "gpus")
 REPORT_KEYS = ("title", "x", "columns", "headers", "paper", "paper_source")
 AUTO = "auto"
@@ -187,6 +190,9 @@ class SearchSpace:
     max_concurrent_trials: int | str = AUTO
     evaluate_runs: int | None = None
     report: dict = field(default_factory=dict)
+    # {"control": {parameter: the control's value, as results show it}, "pair_by": "seed"}, or
+    # None: the arms a sweep compares with their control (comparisons.py, bonescan_model.paired)
+    compare: dict | None = None
 
     @property
     def names(self) -> list[str]:
@@ -324,7 +330,33 @@ def parse_space(raw: dict, source: str | os.PathLike, base: TrainConfig) -> Sear
     if space.scheduler and space.scheduler.grace_period > space.max_epochs():
         fail("scheduler.grace_period", f"{space.scheduler.grace_period} exceeds the trials' "
              f"{space.max_epochs()} epochs")
-    return dataclasses.replace(space, report=_report(raw.get("report") or {}, parameters, fail))
+    return dataclasses.replace(space, report=_report(raw.get("report") or {}, parameters, fail),
+                               compare=_compare(raw.get("compare"), parameters, fail))
+
+
+def _compare(raw, parameters: tuple[Parameter, ...], fail) -> dict | None:
+    """`compare: {control: {parameter: value, ...}, pair_by: seed}`: every other value of the
+    control's parameters is an arm, paired with the control trial of the same seed and the same
+    values of the remaining parameters. The control's values must be grid values (a case by
+    its name), so every arm has its control in the sweep."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) - {"control", "pair_by"} or not isinstance(raw.get("control"), dict) \
+            or not raw["control"]:
+        fail("compare", "must be {control: {parameter: the control arm's value, ...}, pair_by: seed}")
+    if raw.get("pair_by", "seed") != "seed":
+        fail("compare.pair_by", f"only seed pairs an arm with its control, got {quoted(raw['pair_by'])}")
+    grid = {p.name: p for p in parameters if p.kind == "grid"}
+    control = {}
+    for name, value in raw["control"].items():
+        if name not in grid:
+            fail(f"compare.control.{name}", f"not a grid parameter of this space ({', '.join(grid) or 'none'})")
+        shown = [case_name(v) for v in grid[name].values]
+        wanted = case_name(value)
+        if wanted not in shown:
+            fail(f"compare.control.{name}", f"{quoted(value)} is not one of its grid values ({', '.join(shown)})")
+        control[name] = wanted if grid[name].is_case else grid[name].values[shown.index(wanted)]
+    return {"control": control, "pair_by": "seed"}
 
 
 # ---------------------------------------------------------------- pieces

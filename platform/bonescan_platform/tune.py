@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from bonescan_model.checkpoint import FILENAME
 from bonescan_model.errors import InputError
-from bonescan_platform import nnunet, splits, storage, stream, tracking
+from bonescan_platform import comparisons, nnunet, splits, storage, stream, tracking
 from bonescan_platform.cluster import ray_session
 from bonescan_platform.config import TrainConfig, check_fits, load_train_config, save_train_config
 from bonescan_platform.evaluate import HEADLINE, TEST_FILE, kept_score, score_test
@@ -224,6 +224,7 @@ def sweep(data: str, space: str, out: str, resume: bool = False, mlflow: str | N
         errors = [f"{Path(r.path).name}: {type(r.error).__name__}: {r.error}" for r in grid if r.error]
         rows = collect(root, remote)
         print_summary(rows, exp.space)
+        print_comparisons(comparisons.read(root))
         if exp.tracker is not None:
             track_best(exp, rows)
     for line in errors:
@@ -294,6 +295,7 @@ def collect(experiment: str | Path, location: str = "") -> list[dict]:
         table = pa.Table.from_pylist(rows)
         pq.write_table(table, exp.root / "results.parquet")
         pa.csv.write_csv(table, exp.root / "results.csv")
+        comparisons.write(exp.root, comparisons.table(rows, exp.space, exp.runs))
     return rows
 
 
@@ -379,6 +381,17 @@ def print_summary(rows: list[dict], space: SearchSpace) -> None:
               f"{_fmt(row['best_val_dsc'])}; test DSC {_fmt(row['dsc'])}, CPA {_fmt(row['cpa'])}, "
               f"Recall {_fmt(row['recall'])}, lesion sensitivity {_fmt(row['lesion_sensitivity'], 2)}; "
               f"{row['parameters'] / 1e6:.3f}M parameters, test {_fmt(row['test_seconds'], 2)} s")
+
+
+def print_comparisons(table: list[dict]) -> None:
+    """The arms against their control (comparisons.py), one line each, verdict last."""
+    if table:
+        print("arms against their control, paired by seed (test DSC, arm - control; rule: docs/design.md):")
+    for row in table:
+        where = f" at {row['where']}" if row["where"] else ""
+        print(f"  {row['arm']} vs {row['control']}{where}: {row['n']} paired seeds, difference "
+              f"{_fmt(row['mean_diff'])} (95 % CI {_fmt(row['ci95_low'])} to {_fmt(row['ci95_high'])}, "
+              f"p {_fmt(row['p_value'])}): {row['verdict']}")
 
 
 def _fmt(value: float, digits: int = 3) -> str:
