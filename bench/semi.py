@@ -9,11 +9,16 @@ Each trial keeps its checkpoint by validation DSC; the test split is scored once
 that kept model, and nothing is tuned on it.
 
 Prints one row per label share and arm: test DSC (per-image mean over lesion-bearing test
-scans) and lesion sensitivity, mean ± std over seeds, the ratio to the baseline arm and the
-paired difference per seed.
+scans) and lesion sensitivity, mean ± std over seeds, the ratio to the baseline arm, the
+paired difference per seed, and the paired comparison the platform's sweeps report
+(``bonescan_model.paired``: 95 % t interval, bootstrap over seeds and test images, p, the
+seeds 80 % power at 0.03 needs, and the verdict by the rule in docs/design.md).
 
-    python bench/semi.py [--patients 120] [--epochs 16] [--seeds 3] [--first-seed 0]
+    python bench/semi.py [--patients 120 | --data SHARDS] [--epochs 16] [--seeds 3] [--first-seed 0]
                          [--fractions 0.15,0.62] [--arms A,B,...] [--name experiment] [--out DIR]
+
+``--data SHARDS``: any ingested shard folder as the cohort (another generator's, a clinic's)
+instead of the synthetic one.
 
 The default arms (issue 12): supervised only (area-normalized Eq. 8), the paper's loss as
 written (Eq. 7 + Eq. 8), the paper's loss as fixed (Eq. 7 on local contrast + area-normalized
@@ -61,6 +66,7 @@ def arm_case(arm: str) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patients", type=int, default=120)
+    parser.add_argument("--data", help="an ingested shard folder to use as the cohort (default: a synthetic one)")
     parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=0,
@@ -82,14 +88,14 @@ def main() -> int:
     from bonescan_platform.cluster import ray_session
 
     out = Path(args.out)
-    data = out / "shards"
+    data = Path(args.data).resolve() if args.data else out / "shards"
     out.mkdir(parents=True, exist_ok=True)
     # The experiment's own site secret, beside (not inside) its shards: a rerun into the same
     # --out keys the patients, and so draws the splits, as the first run did.
     os.environ.setdefault("BONESCAN_SECRET_FILE", str(out / "deid_secret"))
     started = time.perf_counter()
     with ray_session():
-        if not (data / "_manifest.json").is_file():
+        if not args.data and not (data / "_manifest.json").is_file():
             write_cohort(out / "cohort", args.patients, seed=0)
             ingest.ingest(str(out / "cohort" / "dicom"), str(data), str(out / "cohort" / "labels"))
         base = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
@@ -120,6 +126,8 @@ def summarize(out: Path, args) -> int:
     their test score (test.json): a sweep cut short still shows what it measured."""
     import json
 
+    from bonescan_model.paired import compare
+    from bonescan_platform.comparisons import per_image
     from bonescan_platform.runs import read_history
 
     rows = []
@@ -131,23 +139,25 @@ def summarize(out: Path, args) -> int:
                      "arm": f"{cfg['supervised']}/{cfg.get('semi', 'chan_vese')}/{cfg['unsupervised_weight']:g}",
                      # the kept checkpoint's validation DSC: what chooses between arms (a weight)
                      "val_dsc": max(float(r["val_dsc"]) for r in read_history(run.parent)),
-                     "dsc": tested.get("dsc", float("nan")),
+                     "dsc": tested.get("dsc", float("nan")), "run": run.parent,
                      "lesion_sensitivity": tested.get("lesion_sensitivity", float("nan")),
                      "labeled_scans": budget["labeled_scans"], "labeled_share_of_all": budget["labeled_share_of_all"]})
     first = args.arms.split(",")[0].split("/")
     baseline = f"{first[0]}/{first[1]}/{float(first[2]):g}"
-    print(f"\n{args.patients} patients, demo model, {args.epochs} epochs, D1 + on-the-fly augmentation, "
+    cohort = f"cohort {args.data}" if args.data else f"{args.patients} synthetic patients"
+    print(f"\n{cohort}, demo model, {args.epochs} epochs, D1 + on-the-fly augmentation, "
           f"seeds {sorted({r['seed'] for r in rows})}; kept by val DSC; test split scored once per trial; "
           f"{len(rows)} trials with a test score. Arm = supervised term / semi method / its weight; baseline {baseline}")
     print("label share of training scans (of all scans) | labeled scans | arm | val DSC of the kept checkpoint "
           "(mean ± std) | test DSC (mean ± std, n) | ratio to baseline | paired difference to baseline (per seed) "
-          "| test lesion sensitivity")
+          "| test lesion sensitivity | paired comparison (95 % CI t; bootstrap; p; seeds for 80 % power at 0.03): verdict")
     order = list(dict.fromkeys(r["arm"] for r in rows))  # arms in the order they were found
     for fraction in sorted({r["label_fraction"] for r in rows}):
         here = [r for r in rows if r["label_fraction"] == fraction]
         share_all = np.mean([r["labeled_share_of_all"] for r in here])
         labeled = np.mean([r["labeled_scans"] for r in here])
-        base = {r["seed"]: r["dsc"] for r in here if r["arm"] == baseline}
+        base_rows = {r["seed"]: r for r in here if r["arm"] == baseline}
+        base = {seed: r["dsc"] for seed, r in base_rows.items()}
         base_mean = float(np.mean(list(base.values()))) if base else float("nan")
         for arm in sorted({r["arm"] for r in here}, key=lambda a: (a != baseline, order.index(a))):
             mine = sorted((r for r in here if r["arm"] == arm), key=lambda r: r["seed"])
@@ -157,10 +167,19 @@ def summarize(out: Path, args) -> int:
             paired = [r["dsc"] - base[r["seed"]] for r in mine if r["seed"] in base]
             diff = (f"{np.mean(paired):+.3f} ({', '.join(f'{d:+.3f}' for d in paired)})"
                     if paired and arm != baseline else "-")
+            verdict = "-"
+            if paired and arm != baseline:
+                pairs = [(r, base_rows[r["seed"]]) for r in mine if r["seed"] in base_rows]
+                images = [(per_image(a["run"]), per_image(c["run"])) for a, c in pairs]
+                ok = all(a is not None and c is not None and len(a) == len(c) for a, c in images)
+                c = compare([a["dsc"] for a, _ in pairs], [b["dsc"] for _, b in pairs],
+                            [a for a, _ in images] if ok else None, [b for _, b in images] if ok else None)
+                verdict = (f"{c.ci95_low:+.3f} to {c.ci95_high:+.3f}; {c.boot95_low:+.3f} to {c.boot95_high:+.3f}; "
+                           f"p {c.p_value:.2f}; {c.seeds_for_power}: {c.verdict}")
             print(f"{fraction:.2f} ({share_all:.0%}) | {labeled:.0f} | {arm} | "
                   f"{np.mean(val):.3f} ± {np.std(val):.3f} | {np.mean(dsc):.3f} ± {np.std(dsc):.3f} "
                   f"(n={len(dsc)}) | {ratio(float(np.mean(dsc)), base_mean)} | {diff} | "
-                  f"{sens:.2f}")
+                  f"{sens:.2f} | {verdict}")
     return 0
 
 

@@ -46,7 +46,7 @@ def table(rows: list[dict], space: SearchSpace, runs: Path) -> list[dict]:
     for (arm, rest), trials in sorted(groups.items(), key=lambda g: str(g[0])):
         pairs = [(t, controls[(rest, t["seed"])]) for t in sorted(trials, key=lambda t: t["seed"])
                  if t in usable and (rest, t["seed"]) in controls]
-        images = [(_per_image(runs / a["trial_id"]), _per_image(runs / c["trial_id"])) for a, c in pairs]
+        images = [(per_image(runs / a["trial_id"]), per_image(runs / c["trial_id"])) for a, c in pairs]
         have_images = pairs and all(a is not None and c is not None and len(a) == len(c) for a, c in images)
         result = compare([a[METRIC] for a, _ in pairs], [c[METRIC] for _, c in pairs],
                          [a for a, _ in images] if have_images else None,
@@ -84,13 +84,14 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def _per_image(run: Path) -> np.ndarray | None:
-    """The run's test DSC per lesion-bearing image (the headline's images), or None."""
+def per_image(run: Path) -> np.ndarray | None:
+    """A run's run-0 test DSC per lesion-bearing image (the headline's images, in scan_key
+    order), or None (no test.json, or one written before test.json kept them)."""
     path = run / TEST_FILE
     if not path.is_file():
         return None
-    per_image = json.loads(path.read_text()).get("per_image")
-    if not per_image:
+    kept = json.loads(path.read_text()).get("per_image")
+    if not kept:
         return None
-    scores, lesions = np.asarray(per_image[METRIC], float), np.asarray(per_image["lesions"])
+    scores, lesions = np.asarray(kept[METRIC], float), np.asarray(kept["lesions"])
     return scores[lesions > 0]
