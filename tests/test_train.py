@@ -143,6 +143,24 @@ def test_arms_given_the_same_step_budget_take_the_same_optimizer_steps(data, fir
     assert int(history[-1]["samples"]) == sum(int(r["train_images"]) for r in history) <= steps * TINY["batch_size"]
 
 
+def test_two_stream_batches_give_every_step_the_same_labeled_scans(data, tmp_path):
+    # 2 labeled + 2 unlabeled scans a step, with a mean teacher (which trains on both streams):
+    # the labeled scans the supervised term saw are exactly 2 a step, whatever the label share.
+    run = tmp_path / "two"
+    config = _config(tmp_path, epochs=2, labeled_batch_size=2, unlabeled_batch_size=2, label_fraction=0.3,
+                     semi="mean_teacher")
+    assert main(["train", "--data", str(data), "--config", str(config), "--out", str(run)]) == 0
+    history, budget = _history(run), json.loads((run / "budget.json").read_text())
+    assert budget["batching"] == "two_stream" and budget["labeled_batch_size"] == 2
+    steps = int(history[-1]["steps"])
+    assert steps == budget["planned_steps"] == 2 * budget["planned_steps_per_epoch"]
+    assert budget["planned_steps_per_epoch"] == -(-budget["training_rows"] // 4)
+    assert int(history[-1]["labeled_seen"]) == 2 * steps == budget["planned_labeled_seen"]
+    assert sum(int(r["train_labeled_images"]) for r in history) == 2 * steps
+    assert sum(int(r["train_images"]) for r in history) == 4 * steps  # 2 unlabeled a step too
+    assert budget["labeled_rows"] < budget["training_rows"] / 2  # fewer labeled than unlabeled scans
+
+
 def test_same_seed_same_metrics_and_the_test_split_chooses_nothing(data, first_run, tmp_path):
     # Two epochs: the second one's stream is started early, on a thread (train.started_early).
     # Run b trains with run a's config (seed 3) on the same shards but for the test split, and

@@ -45,7 +45,18 @@ class TrainConfig:
     max_steps: int | None = None
     # Samples per optimizer step. A sample is a scan (its view pair), or one view under the
     # model's aggregation "views": a batch then reads batch_size / 2 scans (rounded up).
+    # Mixed batches: labeled and unlabeled scans at the run's label share, so at 9 % labels a
+    # batch of 4 carries no labeled scan about half the time. Validation batches use it too.
     batch_size: int = 8
+    # Two-stream batches (the semi-supervised literature's, and the presets'): every step draws
+    # labeled_batch_size samples from the labeled stream and unlabeled_batch_size from the
+    # unlabeled one (samples as batch_size counts them: a scan, or one view under "views"), each shuffled and repeated on its own (seeded), so the supervised term sees
+    # the same labeled scans per step at every label fraction. An epoch is then a number of
+    # steps: the training scans over the scans a step draws (``plan``). A supervised-only run
+    # (unsupervised_weight 0) draws the labeled stream alone, at the same steps per epoch as
+    # its semi-supervised arms. None (both): mixed batches of batch_size.
+    labeled_batch_size: int | None = None
+    unlabeled_batch_size: int | None = None
     lr: float = 0.0005
     beta1: float = 0.9  # Table 2's "learning momentum"
     beta2: float = 0.999
@@ -87,12 +98,17 @@ class TrainConfig:
     checkpoints_to_keep: int = 2
 
     def __post_init__(self):
+        if (self.labeled_batch_size is None) != (self.unlabeled_batch_size is None):
+            raise ValueError("labeled_batch_size and unlabeled_batch_size: set both (two-stream batches) "
+                             "or neither (mixed batches of batch_size)")
         checks = {
             "trainer": self.trainer in TRAINERS,
             "nnunet_iterations": self.nnunet_iterations >= 1,
             "epochs": self.epochs >= 1,
             "max_steps": self.max_steps is None or self.max_steps >= 1,
             "batch_size": 1 <= self.batch_size <= MAX_BATCH,
+            "labeled_batch_size": self.labeled_batch_size is None or 1 <= self.labeled_batch_size <= MAX_BATCH,
+            "unlabeled_batch_size": self.unlabeled_batch_size is None or 0 <= self.unlabeled_batch_size <= MAX_BATCH,
             "lr": self.lr > 0,
             "beta1": 0 <= self.beta1 < 1,
             "beta2": 0 <= self.beta2 < 1,
@@ -128,7 +144,26 @@ class TrainConfig:
         return 2 if self.model.aggregation == "views" else 1
 
     @property
+    def two_stream(self) -> bool:
+        """Whether a step draws a labeled and an unlabeled batch (labeled_batch_size set)."""
+        return self.labeled_batch_size is not None
+
+    @property
+    def labeled_scans_per_step(self) -> int:
+        """Two-stream: the labeled scans a step draws (labeled_batch_size samples)."""
+        return -(-self.labeled_batch_size // self.samples_per_scan)
+
+    @property
+    def unlabeled_scans_per_step(self) -> int:
+        """Two-stream: the unlabeled scans a step draws (unlabeled_batch_size samples)."""
+        return -(-self.unlabeled_batch_size // self.samples_per_scan)
+
+    @property
     def scans_per_batch(self) -> int:
+        """Scans a training step reads: both streams' (the same for a supervised-only control,
+        so that its epochs are as many steps as its arms'), or a mixed batch's."""
+        if self.two_stream:
+            return self.labeled_scans_per_step + self.unlabeled_scans_per_step
         return -(-self.batch_size // self.samples_per_scan)
 
     def plan(self, training_rows: int, workers: int = 1) -> dict[str, int]:

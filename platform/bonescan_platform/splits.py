@@ -187,7 +187,13 @@ def for_config(shard_dir: str | Path, cfg, workers: int = 1) -> Selection:
     plan = cfg.plan(budget["training_rows"], workers)
     budget.update({"samples_per_scan": per_scan, "training_samples": budget["training_rows"] * per_scan,
                    "labeled_samples": budget["labeled_rows"] * per_scan, "batch_size": cfg.batch_size,
+                   "batching": "two_stream" if cfg.two_stream else "mixed",
                    **{f"planned_{k}": v for k, v in plan.items()}})
+    if cfg.two_stream:  # what each step draws, on every worker: the same at every label fraction
+        unlabeled = cfg.unlabeled_batch_size if cfg.unsupervised_weight > 0 else 0
+        budget.update({"labeled_batch_size": cfg.labeled_scans_per_step * per_scan,
+                       "unlabeled_batch_size": cfg.unlabeled_scans_per_step * per_scan if unlabeled else 0,
+                       "planned_labeled_seen": plan["steps"] * cfg.labeled_scans_per_step * per_scan * workers})
     return selection
 
 

@@ -25,7 +25,7 @@ DECODE_BATCH = 8
 
 def decode_batch(batch: dict[str, np.ndarray], labeled: frozenset[str] | None,
                  dataset: str = "all", only: frozenset[str] | None = None,
-                 without: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
+                 without: frozenset[str] = frozenset(), part: str | None = None) -> dict[str, np.ndarray]:
     """Shard rows -> {"image": (B, 2, 256, 256) float32, "mask": (B, 1, 256, 256) float32,
     "labeled": (B,) bool}.
 
@@ -33,9 +33,13 @@ def decode_batch(batch: dict[str, np.ndarray], labeled: frozenset[str] | None,
     scans with a mask are kept (augmented copies are for training, not for scoring).
     dataset: training keeps only the rows of this dataset (``in_dataset``).
     only / without: keep only the rows of these patients / drop the rows of these (the
-    validation patients live on the training side of the shards)."""
+    validation patients live on the training side of the shards).
+    part: of training rows, keep only the "labeled" ones (a mask the run may use) or the
+    "unlabeled" ones (the two streams of two-stream batches); None keeps both."""
     def wanted(i: int) -> bool:
         key = batch["patient_key"][i]
+        if part is not None and (part == "labeled") != (batch["mask"][i] is not None and key in labeled):
+            return False
         return (only is None or key in only) and key not in without
 
     if labeled is None:
@@ -59,11 +63,29 @@ def decode_batch(batch: dict[str, np.ndarray], labeled: frozenset[str] | None,
 
 
 def training_dataset(shard_dir: str | Path, labeled: list[str], dataset: str = "all",
-                     without: list[str] = ()):
-    """The training rows of ``dataset``, the validation patients (``without``) left out."""
+                     without: list[str] = (), part: str | None = None):
+    """The training rows of ``dataset``, the validation patients (``without``) left out;
+    part: only the "unlabeled" rows (the unlabeled stream), or all (None)."""
     return _read(shard_dir, "train").map_batches(
         decode_batch, batch_format="numpy", batch_size=DECODE_BATCH,
-        fn_kwargs={"labeled": frozenset(labeled), "dataset": dataset, "without": frozenset(without)})
+        fn_kwargs={"labeled": frozenset(labeled), "dataset": dataset, "without": frozenset(without), "part": part})
+
+
+def labeled_dataset(shard_dir: str | Path, labeled: list[str], dataset: str = "all"):
+    """The labeled stream of two-stream batches: the labeled patients' training rows of
+    ``dataset`` that carry a mask (their copies too), decoded once here (pyarrow, in this
+    process) and held in Ray's object store; every worker reads it whole into memory
+    (train.train_loop) and draws from it step after step. It is small: the labeled scans of
+    one run."""
+    import pyarrow.compute as pc
+    import ray
+
+    where = pc.field("patient_key").isin(sorted(labeled)) & pc.field("mask").is_valid()
+    table = shards.read_table(shards.shard_paths(shard_dir, "train"), COLUMNS + ["scan_key"], where)
+    table = table.sort_by("scan_key")
+    decoded = decode_batch({k: np.array(v, dtype=object) for k, v in table.to_pydict().items()},
+                           frozenset(labeled), dataset, part="labeled")
+    return ray.data.from_items([{k: v[i] for k, v in decoded.items()} for i in range(len(decoded["labeled"]))])
 
 
 def evaluation_dataset(shard_dir: str | Path, split: str = "test", only: list[str] | None = None):

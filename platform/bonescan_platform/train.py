@@ -14,6 +14,7 @@ stage of the folder and Ray Train keeps train/ at the URI itself.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ import torch
 
 from bonescan_model import engine
 from bonescan_model.augment import augment_batch
+from bonescan_model.batching import repeated, two_stream
 from bonescan_model.checkpoint import FILENAME, read_file, save_checkpoint, write_file
 from bonescan_model.consistency import MeanTeacher, rampup
 from bonescan_model.errors import InputError
@@ -42,8 +44,8 @@ from bonescan_platform.runs import RUN_NAME, read_history, write_history
 
 STATE = "train_state.pt"
 # Rows a worker's shuffle buffer holds at most (a decoded row is 768 KiB: 512 rows ~ 0.4 GB).
-# Up to that the buffer holds the worker's whole epoch, so each epoch is one seeded global
-# shuffle: a batch mixes patients, and labeled with unlabeled scans at the run's share. (The
+# Up to that the buffer holds the worker's whole epoch (of the unlabeled stream, with
+# two-stream batches), so each epoch is one seeded global shuffle: a batch mixes patients. (The
 # shards keep augmented copies beside their original; a small window made most batches one
 # patient.) Past it, mixing is within a window of this many rows.
 SHUFFLE_ROWS = 512
@@ -71,7 +73,12 @@ def train_loop(loop_config: dict) -> None:
     shuffle_rows = loop_config["shuffle_rows"]
     epochs = loop_config["epochs"]  # cfg.epochs, or those cfg.max_steps take (TrainConfig.plan)
     steps = history[-1].get("steps", 0) if history else 0
-    upcoming = epoch_batches(train_shard, cfg, start, rank, shuffle_rows)
+    if cfg.two_stream:  # the labeled stream, whole, in this worker's memory (stream.labeled_dataset)
+        pool = labeled_pool(ray.train.get_dataset_shard("labeled"))
+        epoch_batches_of = functools.partial(two_stream_batches, pool, loop_config["steps_per_epoch"])
+    else:
+        epoch_batches_of = epoch_batches
+    upcoming = epoch_batches_of(train_shard, cfg, start, rank, shuffle_rows)
     for epoch in range(start, epochs):
         stats = engine.train_epoch(model, upcoming, loss_fn, optimizer, device=device, amp=cfg.amp, scaler=scaler,
                                    teacher=teacher, unsupervised_scale=rampup(epoch, cfg.rampup_epochs) if teacher else 1.0,
@@ -81,11 +88,14 @@ def train_loop(loop_config: dict) -> None:
             # Ray Data re-executes the dataset every epoch and its first batch takes 2-3 s to
             # arrive whatever the data's size (bench/RESULTS.md): start it now, behind validation
             # and the checkpoint, not in front of the next epoch's first step.
-            upcoming = started_early(epoch_batches(train_shard, cfg, epoch + 1, rank, shuffle_rows))
+            upcoming = started_early(epoch_batches_of(train_shard, cfg, epoch + 1, rank, shuffle_rows))
         world = ray.train.get_context().get_world_size()
         # steps: optimizer steps so far (each a batch on every worker); samples: what they saw.
+        seen = {k: history[-1].get(k, 0) if history else 0 for k in ("samples", "labeled_seen")}
         metrics = {"epoch": epoch + 1, "train_workers": world, "steps": steps,
-                   "samples": (history[-1].get("samples", 0) if history else 0) + stats["images"] * world,
+                   "samples": seen["samples"] + stats["images"] * world,
+                   # labeled samples the supervised term has seen so far (all workers)
+                   "labeled_seen": seen["labeled_seen"] + stats["labeled_images"] * world,
                    **{f"train_{k}": v for k, v in stats.items()}}
         if rank == 0:  # validation on one rank: the split is small, and DDP needs no sync for it
             per_image = engine.evaluate(getattr(model, "module", model), val_shard.iter_torch_batches(
@@ -111,6 +121,35 @@ def epoch_batches(train_shard, cfg: TrainConfig, epoch: int, rank: int, shuffle_
         local_shuffle_buffer_size=shuffle_rows, local_shuffle_seed=cfg.seed * 100_003 + epoch * 101 + rank)
     if cfg.augment:
         batches = augmenting(batches, np.random.default_rng([cfg.seed, epoch, rank]))
+    return iter(batches)
+
+
+def labeled_pool(shard) -> dict[str, torch.Tensor]:
+    """The labeled stream's rows, read once: {"image": (N, 2, H, W), "mask": (N, 1, H, W)}."""
+    parts = list(shard.iter_torch_batches(batch_size=64))
+    if not parts:
+        raise ValueError("the labeled stream is empty: two-stream batches need labeled scans")
+    return {k: torch.cat([p[k] for p in parts]) for k in ("image", "mask")}
+
+
+def two_stream_batches(pool: dict[str, torch.Tensor], steps_per_epoch: int, unlabeled_shard, cfg: TrainConfig,
+                       epoch: int, rank: int, shuffle_rows: int) -> Iterator[dict]:
+    """One epoch of two-stream batches (bonescan_model.batching): ``steps_per_epoch`` steps of
+    labeled_batch_size rows of the pool and unlabeled_batch_size rows of this worker's share of
+    the unlabeled stream (read again, reshuffled, when an epoch needs more than one pass), then
+    augmented; all seeded by (seed, epoch, rank). A supervised-only run (unsupervised_weight
+    0) draws no unlabeled rows: nothing would use them."""
+    def unlabeled_pass(number: int):
+        return unlabeled_shard.iter_torch_batches(
+            batch_size=max(1, cfg.unlabeled_scans_per_step), prefetch_batches=2, local_shuffle_buffer_size=shuffle_rows,
+            local_shuffle_seed=cfg.seed * 100_003 + epoch * 101 + rank + number * 7_919)
+
+    unlabeled = repeated(unlabeled_pass) if cfg.unsupervised_weight > 0 and cfg.unlabeled_batch_size else None
+    rng = np.random.default_rng([cfg.seed, epoch, rank])
+    batches = two_stream(pool, cfg.labeled_scans_per_step, unlabeled, cfg.unlabeled_scans_per_step,
+                         steps_per_epoch, rng)
+    if cfg.augment:
+        batches = augmenting(batches, rng)
     return iter(batches)
 
 
@@ -294,6 +333,7 @@ def trainer_for(run: Path, cfg: TrainConfig, data: str | Path, workers: int, gpu
         train_loop_config={"train": _plain(cfg.to_dict()), "run": run.name,  # the dashboards' run tag
                            "mlflow": json.loads((run / "run.json").read_text()).get("mlflow"),
                            "torch_threads": torch_threads, "epochs": selection.budget["planned_epochs"],
+                           "steps_per_epoch": selection.budget["planned_steps_per_epoch"],
                            "shuffle_rows": max(cfg.batch_size, min(rows_per_worker, SHUFFLE_ROWS))},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus,
                                      resources_per_worker={"CPU": cpu_per_worker}),
@@ -305,10 +345,25 @@ def trainer_for(run: Path, cfg: TrainConfig, data: str | Path, workers: int, gpu
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep,
                                                checkpoint_score_attribute="val_dsc",
                                                checkpoint_score_order="max")),
-        datasets={"train": stream.training_dataset(data, list(selection.labeled), cfg.dataset, without=chosen.val),
-                  "val": stream.evaluation_dataset(data, "train", only=list(chosen.val))},
+        datasets=training_datasets(data, cfg, selection),
         dataset_config=split_train(cpus - workers * cpu_per_worker),
     )
+
+
+def training_datasets(data: str | Path, cfg: TrainConfig, selection) -> dict:
+    """A run's datasets: "train" (mixed batches: every training row; two-stream: the
+    unlabeled stream), "labeled" (two-stream: the labeled stream, given whole to every
+    worker) and "val"."""
+    labeled, val = list(selection.labeled), list(selection.splits.val)
+    datasets = {"train": stream.training_dataset(data, labeled, cfg.dataset, without=val,
+                                                 part="unlabeled" if cfg.two_stream else None),
+                "val": stream.evaluation_dataset(data, "train", only=val)}
+    if cfg.two_stream:
+        if not selection.budget["labeled_rows"]:
+            raise InputError(data, "two-stream batches (labeled_batch_size) need labeled scans, and this "
+                                   "label budget labels none: raise label_fraction or labeled_scans")
+        datasets["labeled"] = stream.labeled_dataset(data, labeled, cfg.dataset)
+    return datasets
 
 
 def worker_resources(cpu_per_worker: float, gpus: bool) -> dict[str, float]:
