@@ -14,11 +14,25 @@ paired difference per seed, and the paired comparison the platform's sweeps repo
 (``bonescan_model.paired``: 95 % t interval, bootstrap over seeds and test images, p, the
 seeds 80 % power at 0.03 needs, and the verdict by the rule in docs/design.md).
 
-    python bench/semi.py [--patients 120 | --data SHARDS] [--epochs 16] [--seeds 3] [--first-seed 0]
-                         [--fractions 0.15,0.62] [--arms A,B,...] [--name experiment] [--out DIR]
+    python bench/semi.py [--patients 120 | --data SHARDS] [--epochs 16 | --max-steps N] [--seeds 3]
+                         [--first-seed 0] [--fractions 0.15,0.62 | --labeled-scans 6,40]
+                         [--val-fraction F] [--arms A,B,...] [--name experiment] [--out DIR]
 
 ``--data SHARDS``: any ingested shard folder as the cohort (another generator's, a clinic's)
-instead of the synthetic one.
+instead of the synthetic one. ``--labeled-scans``: label budgets as counts (a few labeled
+scans beside a large unlabeled pool), the labeled patients redrawn per seed. ``--max-steps``:
+the same optimizer steps for every trial. The base is configs/demo.yaml, so batches are two
+streams (2 labeled + 2 unlabeled scans a step; the supervised-only arm draws the labeled
+stream alone). Both arms are scored by their student's weights: the mean teacher's EMA
+teacher is not what is evaluated, so weight averaging is credited to neither arm.
+
+The decision setting (issue 27; about an hour on 2 CPU cores): ::
+
+    python bench/semi.py --patients 300 --labeled-scans 6,60 --max-steps 400 --seeds 8 \
+        --val-fraction 0.3 --arms dice_ce/chan_vese/0,dice_ce/mean_teacher/1 --name decide
+
+On a GPU: ``--patients 1000 --max-steps 3000 --seeds 20`` (20 paired seeds give 80 % power
+at +0.03 for the paired SD of ~0.045 seen so far).
 
 The default arms (issue 12): supervised only (area-normalized Eq. 8), the paper's loss as
 written (Eq. 7 + Eq. 8), the paper's loss as fixed (Eq. 7 on local contrast + area-normalized
@@ -72,6 +86,10 @@ def main() -> int:
     parser.add_argument("--first-seed", type=int, default=0,
                         help="training seeds first-seed .. first-seed + seeds - 1 (more seeds into the same --out)")
     parser.add_argument("--fractions", default="0.15,0.62")
+    parser.add_argument("--labeled-scans", help="label budgets as counts of labeled scans (e.g. 6,40), in place "
+                                                "of --fractions; the labeled patients are redrawn per seed")
+    parser.add_argument("--max-steps", type=int, help="an equal step budget for every trial, in place of --epochs")
+    parser.add_argument("--val-fraction", type=float, default=None, help="validation patients' share (default: the config's)")
     parser.add_argument("--test-runs", type=int, default=1)
     parser.add_argument("--arms", default=ARMS, help="supervised/semi/weight, comma-separated; the first is the baseline")
     parser.add_argument("--name", default="experiment",
@@ -100,11 +118,14 @@ def main() -> int:
             ingest.ingest(str(out / "cohort" / "dicom"), str(data), str(out / "cohort" / "labels"))
         base = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
         # Each experiment's own base: a later one with other seeds leaves an earlier one resumable.
+        budget = {"max_steps": args.max_steps} if args.max_steps else {"epochs": args.epochs}
         (out / f"{args.name}.base.yaml").write_text(yaml.safe_dump(
-            {**base, "epochs": args.epochs, "test_runs": args.test_runs, "seed": args.first_seed}))
+            {**base, **budget, "test_runs": args.test_runs, "seed": args.first_seed,
+             **({"val_fraction": args.val_fraction} if args.val_fraction else {})}))
+        labels = ({"labeled_scans": {"grid": [int(n) for n in args.labeled_scans.split(",")]}} if args.labeled_scans
+                  else {"label_fraction": {"grid": [float(f) for f in args.fractions.split(",")]}})
         space = {"base": f"{args.name}.base.yaml", "fixed": {"dataset": "D1"},
-                 "parameters": {"label_fraction": {"grid": [float(f) for f in args.fractions.split(",")]},
-                                "arm": {"grid": [arm_case(a) for a in args.arms.split(",")]}},
+                 "parameters": {**labels, "arm": {"grid": [arm_case(a) for a in args.arms.split(",")]}},
                  "num_samples": args.seeds, "metric": "val_dsc", "mode": "max"}
         exp = out / args.name
         space_file = out / f"{args.name}.space.yaml"
@@ -135,7 +156,8 @@ def summarize(out: Path, args) -> int:
         tested = json.loads(run.read_text())
         budget = json.loads((run.parent / "budget.json").read_text())
         cfg = yaml.safe_load((run.parent / "config.yaml").read_text())
-        rows.append({"label_fraction": cfg["label_fraction"], "seed": cfg["seed"],
+        rows.append({"label_fraction": cfg["labeled_scans"] if cfg.get("labeled_scans") is not None
+                     else cfg["label_fraction"], "seed": cfg["seed"],
                      "arm": f"{cfg['supervised']}/{cfg.get('semi', 'chan_vese')}/{cfg['unsupervised_weight']:g}",
                      # the kept checkpoint's validation DSC: what chooses between arms (a weight)
                      "val_dsc": max(float(r["val_dsc"]) for r in read_history(run.parent)),
@@ -145,10 +167,11 @@ def summarize(out: Path, args) -> int:
     first = args.arms.split(",")[0].split("/")
     baseline = f"{first[0]}/{first[1]}/{float(first[2]):g}"
     cohort = f"cohort {args.data}" if args.data else f"{args.patients} synthetic patients"
-    print(f"\n{cohort}, demo model, {args.epochs} epochs, D1 + on-the-fly augmentation, "
+    length = f"{args.max_steps} steps" if args.max_steps else f"{args.epochs} epochs"
+    print(f"\n{cohort}, demo model, {length}, D1 + on-the-fly augmentation, "
           f"seeds {sorted({r['seed'] for r in rows})}; kept by val DSC; test split scored once per trial; "
           f"{len(rows)} trials with a test score. Arm = supervised term / semi method / its weight; baseline {baseline}")
-    print("label share of training scans (of all scans) | labeled scans | arm | val DSC of the kept checkpoint "
+    print("label budget: share of training scans or a count (share of all scans) | labeled scans | arm | val DSC of the kept checkpoint "
           "(mean ± std) | test DSC (mean ± std, n) | ratio to baseline | paired difference to baseline (per seed) "
           "| test lesion sensitivity | paired comparison (95 % CI t; bootstrap; p; seeds for 80 % power at 0.03): verdict")
     order = list(dict.fromkeys(r["arm"] for r in rows))  # arms in the order they were found
@@ -176,7 +199,8 @@ def summarize(out: Path, args) -> int:
                             [a for a, _ in images] if ok else None, [b for _, b in images] if ok else None)
                 verdict = (f"{c.ci95_low:+.3f} to {c.ci95_high:+.3f}; {c.boot95_low:+.3f} to {c.boot95_high:+.3f}; "
                            f"p {c.p_value:.2f}; {c.seeds_for_power}: {c.verdict}")
-            print(f"{fraction:.2f} ({share_all:.0%}) | {labeled:.0f} | {arm} | "
+            budget = f"{fraction} scans" if isinstance(fraction, int) else f"{fraction:.2f}"
+            print(f"{budget} ({share_all:.0%}) | {labeled:.0f} | {arm} | "
                   f"{np.mean(val):.3f} ± {np.std(val):.3f} | {np.mean(dsc):.3f} ± {np.std(dsc):.3f} "
                   f"(n={len(dsc)}) | {ratio(float(np.mean(dsc)), base_mean)} | {diff} | "
                   f"{sens:.2f} | {verdict}")
