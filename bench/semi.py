@@ -93,7 +93,7 @@ def main() -> int:
     parser.add_argument("--test-runs", type=int, default=1)
     parser.add_argument("--arms", default=ARMS, help="supervised/semi/weight, comma-separated; the first is the baseline")
     parser.add_argument("--name", default="experiment",
-                        help="the experiment folder under --out; --summarize reads every experiment* folder")
+                        help="the experiment folder under --out; --summarize reads every folder whose name starts with it")
     parser.add_argument("--out", default="/tmp/bonescan-bench-label-fraction")
     parser.add_argument("--summarize", action="store_true",
                         help="print the table of the trials finished so far, train nothing")
@@ -152,7 +152,7 @@ def summarize(out: Path, args) -> int:
     from bonescan_platform.runs import read_history
 
     rows = []
-    for run in sorted(out.glob("experiment*/runs/*/test.json")):
+    for run in sorted(out.glob(f"{args.name}*/runs/*/test.json")):
         tested = json.loads(run.read_text())
         budget = json.loads((run.parent / "budget.json").read_text())
         cfg = yaml.safe_load((run.parent / "config.yaml").read_text())
