@@ -35,17 +35,19 @@ def table(rows: list[dict], space: SearchSpace, runs: Path) -> list[dict]:
     if space.compare is None:
         return []
     control = space.compare["control"]
+    control_key = _key(control, control)
     others = [name for name in space.names if name not in control]
     usable = [r for r in rows if r["status"] == "finished" and _finite(r.get(METRIC))]
-    controls = {(_key(r, others), r["seed"]): r for r in usable if _key(r, control) == _key(control, control)}
+    controls = {(_key(r, others), r["seed"]): r for r in usable if _key(r, control) == control_key}
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        if _key(row, control) != _key(control, control):
+        if _key(row, control) != control_key:
             groups.setdefault((_key(row, control), _key(row, others)), []).append(row)
+    usable_ids = {r["trial_id"] for r in usable}
     out = []
     for (arm, rest), trials in sorted(groups.items(), key=lambda g: str(g[0])):
         pairs = [(t, controls[(rest, t["seed"])]) for t in sorted(trials, key=lambda t: t["seed"])
-                 if t in usable and (rest, t["seed"]) in controls]
+                 if t["trial_id"] in usable_ids and (rest, t["seed"]) in controls]
         images = [(per_image(runs / a["trial_id"]), per_image(runs / c["trial_id"])) for a, c in pairs]
         have_images = pairs and all(a is not None and c is not None and len(a) == len(c) for a, c in images)
         result = compare([a[METRIC] for a, _ in pairs], [c[METRIC] for _, c in pairs],
