@@ -26,13 +26,25 @@ streams (2 labeled + 2 unlabeled scans a step; the supervised-only arm draws the
 stream alone). Both arms are scored by their student's weights: the mean teacher's EMA
 teacher is not what is evaluated, so weight averaging is credited to neither arm.
 
-The decision setting (issue 27; about an hour on 2 CPU cores): ::
+``--test-patients N`` (or ``--test-data SHARDS``): a separate test cohort, made with another
+seed of the generator (1) and ingested beside the experiment; every trial's kept model is
+scored once on all of its labeled scans after the sweep, and the paired comparison is made on
+it (the cohort's own test split is printed beside it).
 
-    python bench/semi.py --patients 300 --labeled-scans 6,60 --max-steps 400 --seeds 8 \
-        --val-fraction 0.3 --arms dice_ce/chan_vese/0,dice_ce/mean_teacher/1 --name decide
+The decision setting (issue 27; about 75 minutes on 2 CPU cores): ::
 
-On a GPU: ``--patients 1000 --max-steps 3000 --seeds 20`` (20 paired seeds give 80 % power
-at +0.03 for the paired SD of ~0.045 seen so far).
+    bonescan synth --patients 300 --out OUT/cohort --seed 0
+    bonescan ingest --dicom OUT/cohort/dicom --labels OUT/cohort/labels --out OUT/shards
+    python bench/semi.py --data OUT/shards --labeled-scans 6,45 --max-steps 300 --seeds 6 \
+        --val-fraction 0.4 --test-patients 225 --arms dice_ce/chan_vese/0,dice_ce/mean_teacher/1 \
+        --name final --out OUT
+
+6 and 45 labeled scans of 126 training scans (45 is about the paper's 37 % of the scans a run
+trains on), validation 84 scans (about 65 lesion-bearing, what chooses each kept checkpoint),
+a separate test cohort of 225 patients (about 150 lesion-bearing labeled scans).
+
+On a GPU: ``--patients 1000 --max-steps 3000 --seeds 20 --test-patients 600`` (20 paired seeds
+give 80 % power at +0.03 for the paired SD of ~0.045 seen so far).
 
 The default arms (issue 12): supervised only (area-normalized Eq. 8), the paper's loss as
 written (Eq. 7 + Eq. 8), the paper's loss as fixed (Eq. 7 on local contrast + area-normalized
@@ -95,6 +107,10 @@ def main() -> int:
     parser.add_argument("--name", default="experiment",
                         help="the experiment folder under --out; --summarize reads every folder whose name starts with it")
     parser.add_argument("--out", default="/tmp/bonescan-bench-label-fraction")
+    parser.add_argument("--test-patients", type=int, default=0,
+                        help="also score every trial's kept model once on a separate synthetic cohort of this many "
+                             "patients (generator seed 1; every labeled scan of it, both splits), the decision's test set")
+    parser.add_argument("--test-data", help="a separate ingested shard folder as that test set, instead")
     parser.add_argument("--summarize", action="store_true",
                         help="print the table of the trials finished so far, train nothing")
     args = parser.parse_args()
@@ -132,6 +148,10 @@ def main() -> int:
         space_file.write_text(yaml.safe_dump(space))
         resume = (exp / "experiment.json").is_file()
         tune.sweep(str(data), str(space_file), str(exp), resume=resume)
+        if args.test_patients and not args.test_data and not (out / "external" / "_manifest.json").is_file():
+            write_cohort(out / "external-cohort", args.test_patients, seed=1)
+            ingest.ingest(str(out / "external-cohort" / "dicom"), str(out / "external"),
+                          str(out / "external-cohort" / "labels"))
     print(f"({time.perf_counter() - started:.0f} s)")
     return summarize(out, args)
 
@@ -142,68 +162,113 @@ def ratio(value: float, baseline: float) -> str:
     return f"{value / baseline:.2f}x" if baseline >= 0.01 else "n/a (baseline ~0)"
 
 
+def external_tests(out: Path, args, runs: list[Path]) -> dict[Path, Path]:
+    """Each trial's kept model scored once on the separate test cohort (``--test-patients`` /
+    ``--test-data``): every labeled original scan of it, both of its splits, the run-0 protocol
+    of ``evaluate``. Each score is a test.json in a folder of its own beside the experiment
+    (``<name>.external/<trial>/``), which ``comparisons.per_image`` reads as it reads a run's;
+    a trial is scored again only when its model is newer. {} when there is no such cohort."""
+    import json
+
+    from bonescan_model.checkpoint import FILENAME
+    from bonescan_platform import evaluate, stream
+    from bonescan_platform.runs import kept_model
+
+    data = Path(args.test_data) if args.test_data else out / "external"
+    if not (args.test_data or args.test_patients) or not (data / "_manifest.json").is_file():
+        return {}
+    crops, scored = None, {}
+    for run in runs:
+        folder = out / f"{args.name}.external" / run.name
+        if not evaluate.kept_score(run):
+            continue
+        tested = folder / evaluate.TEST_FILE
+        if not tested.is_file() or tested.stat().st_mtime < (run / FILENAME).stat().st_mtime:
+            crops = stream.crops(data, None) if crops is None else crops
+            trained = kept_model(run)
+            body = evaluate.score_runs(trained.model, crops, 1, trained.threshold, label=run.name)
+            folder.mkdir(parents=True, exist_ok=True)
+            tested.write_text(json.dumps({"split": f"all labeled scans of {data}", **body}))
+        scored[run] = folder
+    return scored
+
+
 def summarize(out: Path, args) -> int:
     """The table, from the run folders of every experiment under ``out`` whose trials have
-    their test score (test.json): a sweep cut short still shows what it measured."""
+    their test score (test.json): a sweep cut short still shows what it measured. With a
+    separate test cohort, the paired comparison is made on it (the decision's test set); the
+    cohort's own test split is printed beside it."""
     import json
 
     from bonescan_model.paired import compare
     from bonescan_platform.comparisons import per_image
     from bonescan_platform.runs import read_history
 
+    runs = [t.parent for t in sorted(out.glob(f"{args.name}*/runs/*/test.json"))]
+    external = external_tests(out, args, runs)
     rows = []
-    for run in sorted(out.glob(f"{args.name}*/runs/*/test.json")):
-        tested = json.loads(run.read_text())
-        budget = json.loads((run.parent / "budget.json").read_text())
-        cfg = yaml.safe_load((run.parent / "config.yaml").read_text())
+    for run in runs:
+        tested = json.loads((run / "test.json").read_text())
+        budget = json.loads((run / "budget.json").read_text())
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        ext = json.loads((external[run] / "test.json").read_text()) if run in external else None
         rows.append({"label_fraction": cfg["labeled_scans"] if cfg.get("labeled_scans") is not None
                      else cfg["label_fraction"], "seed": cfg["seed"],
                      "arm": f"{cfg['supervised']}/{cfg.get('semi', 'chan_vese')}/{cfg['unsupervised_weight']:g}",
                      # the kept checkpoint's validation DSC: what chooses between arms (a weight)
-                     "val_dsc": max(float(r["val_dsc"]) for r in read_history(run.parent)),
-                     "dsc": tested.get("dsc", float("nan")), "run": run.parent,
-                     "lesion_sensitivity": tested.get("lesion_sensitivity", float("nan")),
+                     "val_dsc": max(float(r["val_dsc"]) for r in read_history(run)),
+                     "dsc": tested.get("dsc", float("nan")),
+                     "ext_dsc": ext["dsc"] if ext else float("nan"),
+                     # the scores the paired comparison is made on: the separate cohort's where there is one
+                     "scored": external.get(run, run), "decision_dsc": ext["dsc"] if ext else tested.get("dsc", float("nan")),
+                     "lesion_sensitivity": (ext or tested).get("lesion_sensitivity", float("nan")),
                      "labeled_scans": budget["labeled_scans"], "labeled_share_of_all": budget["labeled_share_of_all"]})
     first = args.arms.split(",")[0].split("/")
     baseline = f"{first[0]}/{first[1]}/{float(first[2]):g}"
     cohort = f"cohort {args.data}" if args.data else f"{args.patients} synthetic patients"
     length = f"{args.max_steps} steps" if args.max_steps else f"{args.epochs} epochs"
+    ext_images = next((json.loads((f / "test.json").read_text()) for f in external.values()), None)
+    decided_on = (f"the separate test cohort ({ext_images['lesion_images']} lesion-bearing of {ext_images['images']} "
+                  f"labeled scans)" if ext_images else "the cohort's test split")
     print(f"\n{cohort}, demo model, {length}, D1 + on-the-fly augmentation, "
-          f"seeds {sorted({r['seed'] for r in rows})}; kept by val DSC; test split scored once per trial; "
-          f"{len(rows)} trials with a test score. Arm = supervised term / semi method / its weight; baseline {baseline}")
+          f"seeds {sorted({r['seed'] for r in rows})}; kept by val DSC; each test set scored once per trial; "
+          f"{len(rows)} trials with a test score. Arm = supervised term / semi method / its weight; baseline {baseline}; "
+          f"paired comparison on {decided_on}")
     print("label budget: share of training scans or a count (share of all scans) | labeled scans | arm | val DSC of the kept checkpoint "
-          "(mean ± std) | test DSC (mean ± std, n) | ratio to baseline | paired difference to baseline (per seed) "
-          "| test lesion sensitivity | paired comparison (95 % CI t; bootstrap; p; seeds for 80 % power at 0.03): verdict")
+          "(mean ± std) | test DSC, cohort's test split (mean ± std, n) | test DSC, separate cohort (mean ± std) "
+          "| ratio to baseline | paired difference to baseline (per seed) "
+          "| lesion sensitivity | paired comparison (95 % CI t; bootstrap; p; seeds for 80 % power at 0.03): verdict")
     order = list(dict.fromkeys(r["arm"] for r in rows))  # arms in the order they were found
     for fraction in sorted({r["label_fraction"] for r in rows}):
         here = [r for r in rows if r["label_fraction"] == fraction]
         share_all = np.mean([r["labeled_share_of_all"] for r in here])
         labeled = np.mean([r["labeled_scans"] for r in here])
         base_rows = {r["seed"]: r for r in here if r["arm"] == baseline}
-        base = {seed: r["dsc"] for seed, r in base_rows.items()}
+        base = {seed: r["decision_dsc"] for seed, r in base_rows.items()}
         base_mean = float(np.mean(list(base.values()))) if base else float("nan")
         for arm in sorted({r["arm"] for r in here}, key=lambda a: (a != baseline, order.index(a))):
             mine = sorted((r for r in here if r["arm"] == arm), key=lambda r: r["seed"])
-            dsc = [r["dsc"] for r in mine]
+            decision = [r["decision_dsc"] for r in mine]
+            dsc, ext = [r["dsc"] for r in mine], [r["ext_dsc"] for r in mine]
             val = [r["val_dsc"] for r in mine]
             sens = np.mean([r["lesion_sensitivity"] for r in mine])
-            paired = [r["dsc"] - base[r["seed"]] for r in mine if r["seed"] in base]
+            paired = [r["decision_dsc"] - base[r["seed"]] for r in mine if r["seed"] in base]
             diff = (f"{np.mean(paired):+.3f} ({', '.join(f'{d:+.3f}' for d in paired)})"
                     if paired and arm != baseline else "-")
             verdict = "-"
             if paired and arm != baseline:
                 pairs = [(r, base_rows[r["seed"]]) for r in mine if r["seed"] in base_rows]
-                images = [(per_image(a["run"]), per_image(c["run"])) for a, c in pairs]
+                images = [(per_image(a["scored"]), per_image(c["scored"])) for a, c in pairs]
                 ok = all(a is not None and c is not None and len(a) == len(c) for a, c in images)
-                c = compare([a["dsc"] for a, _ in pairs], [b["dsc"] for _, b in pairs],
+                c = compare([a["decision_dsc"] for a, _ in pairs], [b["decision_dsc"] for _, b in pairs],
                             [a for a, _ in images] if ok else None, [b for _, b in images] if ok else None)
                 verdict = (f"{c.ci95_low:+.3f} to {c.ci95_high:+.3f}; {c.boot95_low:+.3f} to {c.boot95_high:+.3f}; "
                            f"p {c.p_value:.2f}; {c.seeds_for_power}: {c.verdict}")
             budget = f"{fraction} scans" if isinstance(fraction, int) else f"{fraction:.2f}"
             print(f"{budget} ({share_all:.0%}) | {labeled:.0f} | {arm} | "
                   f"{np.mean(val):.3f} ± {np.std(val):.3f} | {np.mean(dsc):.3f} ± {np.std(dsc):.3f} "
-                  f"(n={len(dsc)}) | {ratio(float(np.mean(dsc)), base_mean)} | {diff} | "
-                  f"{sens:.2f} | {verdict}")
+                  f"(n={len(dsc)}) | {np.mean(ext):.3f} ± {np.std(ext):.3f} | "
+                  f"{ratio(float(np.mean(decision)), base_mean)} | {diff} | {sens:.2f} | {verdict}")
     return 0
 
 
