@@ -6,7 +6,8 @@ standard scan), the frame a physician reads and LabelMe labels are drawn in. Out
 nothing was looked at, so nothing is reported there.
 
 Per scan ``write_prediction`` writes the docs/design.md contract: ``<name>.mask.png`` (uint8 0/255),
-``<name>.json`` (LabelMe, one closed polygon per lesion) and ``<name>.overlay.png``.
+``<name>.json`` (LabelMe, one closed polygon per lesion, and the scan's ``burden``) and
+``<name>.overlay.png``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from skimage import io as skio
 from skimage import measure
 from torch import nn
 
+from bonescan_model.burden import Burden, burden
 from bonescan_model.cases import reference_view, scan_crop_box
 from bonescan_model.contours import mask_to_polygons
 from bonescan_model.engine import predict_masks
@@ -56,6 +58,8 @@ class Prediction:
     outside the crop box. polygons: one closed (N, 2) float64 (row, col) curve per lesion
     (8-connected component), first point repeated last, in ``contours.mask_to_polygons``
     order. lesion_areas_mm2: each lesion's pixel count times pixel_spacing_mm ** 2, same order.
+    burden: lesion count, lesion area and the share of the skeleton involved, inside the crop
+    box (``bonescan_model.burden``: the skeleton is segmented from the ANT counts there).
     """
 
     name: str
@@ -64,6 +68,7 @@ class Prediction:
     polygons: list[np.ndarray] = field(repr=False)
     lesion_areas_mm2: tuple[float, ...]
     pixel_spacing_mm: float
+    burden: Burden
 
     @property
     def lesions(self) -> int:
@@ -105,6 +110,8 @@ def make_prediction(scan: WholeBodyScan, box: tuple[int, int, int, int], crop_ma
         polygons=mask_to_polygons(mask),
         lesion_areas_mm2=tuple(float(n) * scan.pixel_spacing_mm**2 for n in pixels),
         pixel_spacing_mm=scan.pixel_spacing_mm,
+        # The share is of the skeleton the network looked at: inside the crop box only.
+        burden=burden(mask, reference_view(scan), scan.pixel_spacing_mm, region=box),
     )
 
 
@@ -157,12 +164,14 @@ def write_prediction(out_dir: str | os.PathLike, prediction: Prediction, ant_who
 
     ant_whole_body: (H, W) counts the prediction is drawn over (``reference_view(scan)``).
     The LabelMe imagePath names the mask PNG beside it: the one written picture on exactly
-    the polygons' pixel grid, so LabelMe opens it with every vertex in place.
+    the polygons' pixel grid, so LabelMe opens it with every vertex in place. The burden is
+    the file's extra top-level key "burden" (``Burden.to_json``), which LabelMe keeps.
     """
     paths = output_paths(out_dir, prediction.name)
     paths["mask"].parent.mkdir(parents=True, exist_ok=True)
     skio.imsave(paths["mask"], prediction.mask.astype(np.uint8) * 255, check_contrast=False)
-    write_labelme(paths["labelme"], prediction.polygons, prediction.mask.shape, paths["mask"].name)
+    write_labelme(paths["labelme"], prediction.polygons, prediction.mask.shape, paths["mask"].name,
+                  extra={"burden": prediction.burden.to_json()})
     render_overlay(paths["overlay"], prediction, ant_whole_body)
     return list(paths.values())
 
@@ -201,7 +210,9 @@ def render_overlay(path: str | os.PathLike, prediction: Prediction, counts: np.n
     # shown: a file name that is not UTF-8 (lone surrogates) cannot be drawn as text
     label = f"{shown(prediction.name)}\n{prediction.lesions} lesion{'s' if prediction.lesions != 1 else ''}"
     if prediction.lesions:
-        label += f", {area / 100:.1f} cm²"
+        # The share, on a line of its own: of the skeleton inside the dashed box, not the body's.
+        share = 100 * prediction.burden.skeleton_share
+        label += f", {area / 100:.1f} cm²\n{share:.2f} % of the skeleton in the box"
     ax.text(3, 3, label, color="black", fontsize=8, va="top", ha="left",
             bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none", "pad": 2})
     ax.set_xlim(-0.5, width - 0.5)

@@ -17,7 +17,7 @@ import torch
 from skimage.io import imread
 
 from bonescan_model import engine
-from bonescan_model.checkpoint import load_checkpoint, save_checkpoint
+from bonescan_model.checkpoint import load_checkpoint
 from bonescan_model.contours import polygons_to_mask
 from bonescan_model.io.deid import load_or_create_secret
 from bonescan_model.io.dicom import PatientIdentity, WholeBodyScan, read_scan, write_whole_body
@@ -35,29 +35,17 @@ from bonescan_model.preprocess import crop, mirror, thoracic_crop_box
 from bonescan_model.synth import synth_patient
 from bonescan_platform.cli import main
 from bonescan_platform.predict import plan_scans
+from tiny import constant_run
 
 GE_SCAN = pydicom.data.get_testdata_file("JPEG2000.dcm")
 SHAPE = (1024, 256)
 SEED = 3
 
 
-def _constant_run(folder: Path, logit: float) -> Path:
-    """A run folder whose model outputs ``logit`` at every pixel."""
-    torch.manual_seed(0)
-    config = ModelConfig(width=4, recurrence=1, dilations=(1, 2))
-    model = build_model(config)
-    final = model.head[-1]  # the 1x1 convolution to one logit per pixel
-    with torch.no_grad():
-        final.weight.zero_()
-        final.bias.fill_(logit)
-    save_checkpoint(folder / "model.pt", model, config)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    return {"all": _constant_run(root / "all", 10.0), "none": _constant_run(root / "none", -10.0)}
+    return {"all": constant_run(root / "all", 10.0), "none": constant_run(root / "none", -10.0)}
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
@@ -144,12 +144,16 @@ def write_labelme(
     polygons: Sequence[np.ndarray],
     image_shape: tuple[int, int],
     image_path: str,
+    extra: Mapping[str, object] | None = None,
 ) -> None:
     """Write polygons as a LabelMe 5.x file, one "lesion" polygon shape each.
 
     polygons: (N, 2) (row, col) arrays, closed or not (a repeated first point is dropped);
     image_shape: (H, W) of the image the polygons are drawn on; image_path: LabelMe's
     imagePath (no image data is embedded). An empty list writes a file with no shapes.
+    extra: more top-level keys (JSON values), e.g. predict's "burden". LabelMe keeps keys it
+    does not know (its LabelFile's otherData) and writes them back on save; ``read_labelme``
+    ignores them. A key of LabelMe's own is a ValueError.
     """
     shapes = []
     for polygon in polygons:
@@ -177,6 +181,10 @@ def write_labelme(
         "imageHeight": int(image_shape[0]),
         "imageWidth": int(image_shape[1]),
     }
+    for key, value in (extra or {}).items():
+        if key in document:
+            raise ValueError(f"extra key {key!r} is one of LabelMe's own")
+        document[key] = value
     Path(path).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
 
 

@@ -75,10 +75,18 @@ def _report(experiment: str, out: str) -> int:
     return report(experiment, out)
 
 
-def _predict(checkpoint: str, dicom: str, out: str) -> int:
+def _predict(checkpoint: str, dicom: str, out: str, seg: bool, seg_patient: str | None) -> int:
     from bonescan_platform.predict import predict
 
-    return predict(checkpoint, dicom, out)
+    if seg_patient is not None and not seg:
+        raise InputError("--seg-patient", "applies to the DICOM SEG only: add --seg")
+    return predict(checkpoint, dicom, out, seg, seg_patient or "source")
+
+
+def _serve(**kwargs) -> int:
+    from bonescan_platform.serve import serve
+
+    return serve(**kwargs)
 
 
 def _nnunet(**kwargs) -> int:
@@ -187,6 +195,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--dicom", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--seg", action="store_true",
+                   help="also write <name>.seg.dcm, a DICOM Segmentation of the source (needs 'bonescan[seg]')")
+    p.add_argument("--seg-patient", choices=["source", "deidentified"], default=None,
+                   help="the SEG's patient and study: the source's, for its PACS (default), or de-identified")
     p.set_defaults(run=_predict)
 
     p = sub.add_parser("nnunet", help="nnU-Net v2 as a baseline: trained on the label budget, scored on the test split")
@@ -203,6 +215,16 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="draws the labeled patients, as a training seed does")
     p.add_argument("--gpus", action="store_true", help="train on one GPU")
     p.set_defaults(run=_nnunet)
+
+    p = sub.add_parser("serve", help="the kept model as an HTTP service on Ray Serve: POST /segment, GET /healthz")
+    p.add_argument("--checkpoint", required=True, help="a run folder or a model.pt (local or a URI)")
+    p.add_argument("--host", default="127.0.0.1", help="the address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--replicas", type=int, default=1, help="copies of the model, one CPU (or GPU) each")
+    p.add_argument("--gpus", action="store_true", help="one GPU per replica")
+    p.add_argument("--max-body-mb", type=int, default=32, help="larger request bodies get 413 (default 32)")
+    p.add_argument("--ready-file", help="written (JSON: url, run) once the service answers")
+    p.set_defaults(run=_serve)
 
     p = sub.add_parser("report", help="an HTML report of an experiment or a run")
     p.add_argument("--experiment", required=True, help="an experiment folder (bonescan tune) or a run folder")

@@ -5,21 +5,25 @@ cost more than the prediction. A folder of several series is a Ray Data batch jo
 groups files per series from headers alone, then a pool of actors, each loading the checkpoint
 once, reads, crops and predicts a batch of scans and writes their outputs.
 A bad file is reported with its reason and skipped; the other scans still get their outputs.
+With ``--seg`` each scan also gets ``<name>.seg.dcm``, a DICOM Segmentation of its source files
+(``bonescan_model.io.seg``, the ``seg`` extra: highdicom), imported only then.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from torch import nn
 
 from bonescan_model.checkpoint import load_model, resolve
-from bonescan_model.errors import InputError, describe, shown
+from bonescan_model.errors import InputError, describe, quoted, shown
 from bonescan_model.io.deid import default_secret_path, load_or_create_secret
 from bonescan_model.io.dicom import group_series, read_scan, scan_name
 from bonescan_model.io.files import find_files
@@ -66,12 +70,14 @@ def plan_scans(dicom: Path, out_dir: str | Path, secret: bytes) -> tuple[list[di
 def predict_batch(model: nn.Module, tasks: list[dict], secret: bytes, threshold: float) -> list[dict]:
     """Read and crop the scans of ``tasks``, predict them (``predict_scans``), write their
     outputs; a lesion pixel is sigmoid > ``threshold``, the checkpoint's own. One status row per task: file, output (out_dir/name, the outputs' common stem),
-    ok, reason, lesions, area_mm2.
+    ok, reason, lesions, area_mm2, burden (``Burden.to_json``, or None until predicted).
+    A task with "seg" ("source" or "deidentified", the --seg-patient) also gets its DICOM SEG,
+    built from the scan's source files; the flag travels in the task, so Ray's actors get it too.
     Plain Python: each Ray actor runs it on its batches, a single scan runs it in process."""
     rows, ready = [], []
     for task in tasks:
         row = {"file": task["files"][0], "output": storage.join(task["out_dir"], task["name"]),
-               "ok": False, "reason": "", "lesions": 0, "area_mm2": 0.0}
+               "ok": False, "reason": "", "lesions": 0, "area_mm2": 0.0, "burden": None}
         rows.append(row)
         try:
             scan = read_scan(task["files"], secret)
@@ -89,31 +95,96 @@ def predict_batch(model: nn.Module, tasks: list[dict], secret: bytes, threshold:
     predictions = predict_scans(model, [r[2] for r in ready], boxes=[r[3] for r in ready], threshold=threshold)
     for (task, row, scan, _), prediction in zip(ready, predictions):
         prediction = dataclasses.replace(prediction, name=task["name"])
+        seg = None
+        if task.get("seg"):
+            seg = functools.partial(_write_seg, scan.source_files, prediction.mask, task["seg"], secret)
         try:
-            _write(task["out_dir"], prediction, reference_view(scan))
+            _write(task["out_dir"], prediction, reference_view(scan), seg)
         except OSError as err:  # a full disk or a name the filesystem refuses: this scan's outputs only
             row["reason"] = f"its outputs could not be written ({err.strerror or describe(err)})"
             continue
-        row.update(ok=True, lesions=prediction.lesions, area_mm2=sum(prediction.lesion_areas_mm2))
+        except SegFailed as err:  # this scan's outputs only; the reason quotes no header value
+            row.update(file=err.path or row["file"], reason=f"its DICOM SEG could not be written: {err.reason}")
+            continue
+        row.update(ok=True, lesions=prediction.lesions, area_mm2=sum(prediction.lesion_areas_mm2),
+                   burden=prediction.burden.to_json())
     return rows
 
 
-def _write(out_dir: str, prediction, counts: np.ndarray) -> None:
+def _write(out_dir: str, prediction, counts: np.ndarray, seg: Callable[[Path], object] | None = None) -> None:
     """``write_prediction`` into a local folder, or into object storage by way of a local one
     (skimage and matplotlib write files): from the process that predicted, on whatever node.
-    A local write that fails (a full disk) removes what it had written of this scan's
-    outputs: no half PNG is left to look like a result."""
+    seg: writes the scan's DICOM SEG to the path it is given (``_write_seg``), after the others.
+    A local write that fails (a full disk, a SEG that cannot be built) removes what it had
+    written of this scan's outputs: no half PNG is left to look like a result, and no mask
+    without the SEG that was asked for."""
+
+    def write_all(folder: str | Path) -> None:
+        write_prediction(folder, prediction, counts)
+        if seg is not None:
+            seg(seg_file(folder, prediction.name))
+
     if not storage.is_uri(out_dir):
         try:
-            write_prediction(out_dir, prediction, counts)
-        except OSError:
-            for path in output_paths(out_dir, prediction.name).values():
+            write_all(out_dir)
+        except (OSError, SegFailed):
+            written = list(output_paths(out_dir, prediction.name).values())
+            for path in written + ([seg_file(out_dir, prediction.name)] if seg is not None else []):
                 path.unlink(missing_ok=True)
             raise
         return
     with tempfile.TemporaryDirectory(prefix="bonescan-predict-") as tmp:
-        write_prediction(tmp, prediction, counts)
+        write_all(tmp)
         storage.upload(Path(tmp), out_dir)
+
+
+# `--seg` without highdicom: one line saying what to install.
+SEG_EXTRA = "it needs highdicom: pip install 'bonescan[seg]'"
+SEG_PATIENTS = ("source", "deidentified")
+
+
+def seg_file(out_dir: str | Path, name: str) -> Path:
+    """``<out_dir>/<name>.seg.dcm``, beside the scan's other outputs."""
+    return Path(out_dir) / f"{name}.seg.dcm"
+
+
+class SegFailed(Exception):
+    """A scan's DICOM SEG could not be built: the source file at fault (or None) and why."""
+
+    def __init__(self, path: str | None, reason: str):
+        super().__init__(reason)
+        self.path, self.reason = path, reason
+
+
+def _write_seg(source_files: tuple[str, ...], mask: np.ndarray, patient: str, secret: bytes, path: Path) -> None:
+    """The scan's DICOM SEG at ``path``, its source files read again with pydicom. A SEG that
+    cannot be built is SegFailed (a failed write stays an OSError)."""
+    try:
+        from bonescan_model.io.seg import write_segmentation
+    except ModuleNotFoundError as err:  # a node of the cluster without the extra
+        if not _is_highdicom(err):
+            raise
+        raise SegFailed(None, SEG_EXTRA) from None
+    try:
+        write_segmentation(path, source_files, mask, patient=patient, secret=secret)
+    except InputError as err:  # a source the SEG cannot reference
+        raise SegFailed(err.path, err.reason) from None
+    except ValueError as err:
+        raise SegFailed(None, " ".join(str(err).split())) from None
+
+
+def _require_seg() -> None:
+    """InputError, before any work, when --seg cannot be served here (highdicom missing)."""
+    try:
+        import bonescan_model.io.seg  # noqa: F401
+    except ModuleNotFoundError as err:
+        if not _is_highdicom(err):
+            raise
+        raise InputError("--seg", f"writing DICOM SEG: {SEG_EXTRA}") from None
+
+
+def _is_highdicom(err: ModuleNotFoundError) -> bool:
+    return (err.name or "").split(".")[0] == "highdicom"
 
 
 class _BatchPredictor:
@@ -150,10 +221,16 @@ def _run_on_ray(checkpoint: str, tasks: list[dict], secret: bytes) -> list[dict]
         return [json.loads(r["row"]) for r in collect_rows(ds, total=len(tasks), desc="predict", unit="scan")]
 
 
-def predict(checkpoint: str, dicom: str, out: str) -> int:
+def predict(checkpoint: str, dicom: str, out: str, seg: bool = False, seg_patient: str = "source") -> int:
     """Exit code 0 when at least one scan was predicted, 2 when none was.
     Raises InputError for a bad --checkpoint or a --dicom that does not exist. checkpoint and
-    out: local or URIs (``storage``); dicom: files (pydicom reads files, as ingest does)."""
+    out: local or URIs (``storage``); dicom: files (pydicom reads files, as ingest does).
+    seg: also write each scan's DICOM SEG, its patient module the source's or de-identified
+    (seg_patient; ``bonescan_model.io.seg``); InputError at once when highdicom is missing."""
+    if seg_patient not in SEG_PATIENTS:
+        raise InputError("--seg-patient", f"{quoted(seg_patient)} is not one of {', '.join(SEG_PATIENTS)}")
+    if seg:
+        _require_seg()
     if storage.is_uri(dicom):
         raise InputError(dicom, "--dicom reads files the cluster's nodes can open (pydicom takes files): "
                                 "copy the scans out of object storage first")
@@ -168,6 +245,8 @@ def predict(checkpoint: str, dicom: str, out: str) -> int:
     out_dir = storage.absolute(out) if storage.is_uri(out) else out
     storage.check_writable(out_dir)
     tasks, unreadable = plan_scans(Path(dicom), out_dir, secret)
+    if seg:
+        tasks = [{**task, "seg": seg_patient} for task in tasks]
     if len(tasks) > 1:
         rows = _run_on_ray(checkpoint, tasks, secret)
     else:
@@ -175,21 +254,25 @@ def predict(checkpoint: str, dicom: str, out: str) -> int:
     rejected = [{"file": e.path, "reason": e.reason} for e in unreadable]
     rejected += [{"file": r["file"], "reason": r["reason"]} for r in rows if not r["ok"]]
     predicted = [r for r in rows if r["ok"]]
-    _print_summary(predicted, rejected, out_dir)
+    _print_summary(predicted, rejected, out_dir, seg)
     return 0 if predicted else 2
 
 
-def _print_summary(predicted: list[dict], rejected: list[dict], out_dir: str) -> None:
+def _print_summary(predicted: list[dict], rejected: list[dict], out_dir: str, seg: bool = False) -> None:
     lesions = sum(r["lesions"] for r in predicted)
     print(f"predicted {len(predicted)} scan(s), {lesions} lesion(s) found; "
           f"rejected {len(rejected)} file(s)")
     scans = sorted(((shown(storage.relative(r["output"], out_dir)), r) for r in predicted), key=lambda s: s[0])
     width = max((len(name) for name, _ in scans), default=4)
     if scans:
-        print(f"  {'scan':<{width}} {'lesions':>7} {'area mm²':>9}")
+        # skeleton %: lesion area over the skeleton's inside the crop box (bonescan_model.burden)
+        print(f"  {'scan':<{width}} {'lesions':>7} {'area cm²':>9} {'skeleton %':>10}")
     for name, r in scans:
-        print(f"  {name:<{width}} {r['lesions']:>7} {r['area_mm2']:>9.1f}")
-    print(f"outputs: {out_dir}  (per scan: <name>.mask.png, <name>.json, <name>.overlay.png)")
+        burden = r["burden"]
+        print(f"  {name:<{width}} {r['lesions']:>7} {burden['lesion_area_cm2']:>9.2f} "
+              f"{100 * burden['skeleton_share']:>10.2f}")
+    seg_output = ", <name>.seg.dcm" if seg else ""
+    print(f"outputs: {out_dir}  (per scan: <name>.mask.png, <name>.json, <name>.overlay.png{seg_output})")
     if rejected:
         print("rejected:")
         for r in sorted(rejected, key=lambda r: r["file"]):

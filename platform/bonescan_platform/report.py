@@ -27,6 +27,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
+from bonescan_model.burden import burden, skeleton_mask
 from bonescan_model.checkpoint import FILENAME
 from bonescan_model.engine import predict_masks
 from bonescan_model.errors import InputError
@@ -430,7 +431,8 @@ def training_figure(groups: list[dict], runs: Path) -> Figure:
 
 def prediction_panel(data: str | Path, models: Sequence[tuple[str, Path]]) -> str:
     """Figure 10 of the paper: rows of test scans; columns: the scan, its manual label and each
-    model's prediction (lesion outlines; DSC of that scan in the title)."""
+    model's prediction (lesion outlines; in the titles the burden of each mask, and DSC of that
+    scan for a prediction)."""
     try:
         crops = split_crops(data, "test")
     except (InputError, OSError) as err:
@@ -439,6 +441,7 @@ def prediction_panel(data: str | Path, models: Sequence[tuple[str, Path]]) -> st
     if not picks:
         return "<p class='note'>The test split has no labeled scan to show.</p>"
     images, truths = crops["image"][picks], crops["mask"][picks, 0] > 0.5
+    spacings = crops["pixel_spacing_mm"][picks]
     predictions = []
     for label, run in models:
         if (run / FILENAME).is_file():
@@ -448,11 +451,13 @@ def prediction_panel(data: str | Path, models: Sequence[tuple[str, Path]]) -> st
     cols = 2 + len(predictions)
     fig = _figure(2.8 * cols, 3.0 * len(picks) + 0.3)
     axes = np.atleast_2d(fig.subplots(len(picks), cols, squeeze=False))
-    for r, (image, truth) in enumerate(zip(images, truths)):
+    for r, (image, truth, spacing) in enumerate(zip(images, truths, spacings)):
         ant = image[0]
         norm = display_norm(ant)
-        panels = [("scan (ANT)", None), ("manual label", truth)] + [
-            (f"{label}\nDSC {scores[r]:.2f}", pred[r]) for label, pred, scores in predictions]
+        skeleton = skeleton_mask(ant)  # one per scan: label and predictions differ by their lesions only
+        panels = [("scan (ANT)", None), ("manual label\n" + _burden_title(truth, ant, spacing, skeleton), truth)]
+        panels += [(f"{label}\nDSC {scores[r]:.2f}\n{_burden_title(pred[r], ant, spacing, skeleton)}", pred[r])
+                   for label, pred, scores in predictions]
         for c, (title, mask) in enumerate(panels):
             ax = axes[r, c]
             ax.imshow(ant, cmap="gray_r", norm=norm, interpolation="nearest")
@@ -464,14 +469,23 @@ def prediction_panel(data: str | Path, models: Sequence[tuple[str, Path]]) -> st
                 ax.contour(mask.astype(float), levels=[0.5], colors=[color], linewidths=1.2)
             ax.set_xticks([])
             ax.set_yticks([])
-            if r == 0 or c >= 1:
-                ax.set_title(title if r == 0 or c >= 2 else "", fontsize=7)
+            if r == 0 or c >= 1:  # every row's burden: the label's and each prediction's
+                ax.set_title(title, fontsize=7)
         axes[r, 0].set_ylabel(f"test scan {picks[r] + 1}", fontsize=8)
     fig.tight_layout()
     return (_img(fig, "test scans with manual labels and predictions") +
             "<p class='note'>Thoracic crops shown inverted (hot = dark); green: the manual label, red: a "
-            "model's prediction. Scans chosen by lesion area: the largest, the median and the smallest (scans "
-            "without a lesion fill in when fewer have one).</p>")
+            "model's prediction. Titles: each mask's burden in the crop (lesions, lesion area, share of the "
+            "skeleton segmented from the crop's counts; docs/design.md, \"Burden per scan\"). Scans chosen by "
+            "lesion area: the largest, the median and the smallest (scans without a lesion fill in when fewer "
+            "have one).</p>")
+
+
+def _burden_title(mask: np.ndarray, ant: np.ndarray, spacing: float, skeleton: np.ndarray) -> str:
+    """One mask's burden in the crop, for a panel's title (``bonescan_model.burden``)."""
+    b = burden(mask, ant, float(spacing), skeleton=skeleton)
+    return (f"{b.lesions} lesion{'s' if b.lesions != 1 else ''}, {b.lesion_area_cm2:.2f} cm², "
+            f"{100 * b.skeleton_share:.2f} % of skeleton")
 
 
 def _pick_scans(masks: np.ndarray) -> list[int]:

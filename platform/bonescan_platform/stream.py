@@ -109,7 +109,8 @@ def evaluation_dataset(shard_dir: str | Path, split: str = "test", only: list[st
 def crops(shard_dir: str | Path, split: str = "test", only: list[str] | None = None) -> dict[str, np.ndarray]:
     """The labeled original scans of ``split`` (of the patients ``only``), decoded in this
     process without Ray: {"image": (N, 2, 256, 256) float32, "mask": (N, 1, 256, 256),
-    "labeled": (N,)}, in scan_key order. For scoring a kept model once and for the report."""
+    "labeled": (N,), "pixel_spacing_mm": (N,) float32}, in scan_key order. For scoring a kept
+    model once and for the report (the spacing: lesion areas in cm², ``bonescan_model.burden``)."""
     import pyarrow.compute as pc
 
     # Only what decode_batch keeps for evaluation is read: a training split of augmented copies
@@ -117,10 +118,15 @@ def crops(shard_dir: str | Path, split: str = "test", only: list[str] | None = N
     where = pc.field("source").isin(list(ORIGINAL_SOURCES)) & pc.field("mask").is_valid()
     if only is not None:
         where &= pc.field("patient_key").isin(sorted(only))
-    table = shards.read_table(shards.shard_paths(shard_dir, split), COLUMNS + ["scan_key"], where)
+    columns = COLUMNS + ["scan_key", "pixel_spacing_mm"]
+    table = shards.read_table(shards.shard_paths(shard_dir, split), columns, where)
     table = table.sort_by("scan_key")
-    return decode_batch({k: np.array(v, dtype=object) for k, v in table.to_pydict().items()}, None,
-                        only=None if only is None else frozenset(only))
+    decoded = decode_batch({k: np.array(v, dtype=object) for k, v in table.to_pydict().items()}, None,
+                           only=None if only is None else frozenset(only))
+    # The filter above is decode_batch's own, so every row read is kept, in order.
+    spacing = table.column("pixel_spacing_mm").to_numpy().astype(np.float32)
+    assert len(spacing) == len(decoded["labeled"]), (len(spacing), len(decoded["labeled"]))
+    return {**decoded, "pixel_spacing_mm": spacing}
 
 
 def batches(crops: dict[str, np.ndarray], batch_size: int):
