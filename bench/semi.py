@@ -186,7 +186,8 @@ def external_tests(out: Path, args, runs: list[Path]) -> dict[Path, Path]:
         if not tested.is_file() or tested.stat().st_mtime < (run / FILENAME).stat().st_mtime:
             crops = stream.crops(data, None) if crops is None else crops
             trained = kept_model(run)
-            body = evaluate.score_runs(trained.model, crops, 1, trained.threshold, label=run.name)
+            body = evaluate.score_runs(trained.model, crops, 1, trained.threshold, label=run.name,
+                                       split="separate cohort, all labeled scans")
             folder.mkdir(parents=True, exist_ok=True)
             tested.write_text(json.dumps({"split": f"all labeled scans of {data}", **body}))
         scored[run] = folder
