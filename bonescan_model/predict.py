@@ -32,8 +32,8 @@ from bonescan_model.burden import Burden, burden
 from bonescan_model.cases import reference_view, scan_crop_box
 from bonescan_model.contours import mask_to_polygons
 from bonescan_model.engine import predict_masks
-from bonescan_model.errors import shown
-from bonescan_model.io.dicom import WholeBodyScan
+from bonescan_model.errors import InputError, describe, shown
+from bonescan_model.io.dicom import WholeBodyScan, read_scan
 from bonescan_model.io.labelme import write_labelme
 from bonescan_model.preprocess import crop, model_input
 
@@ -73,6 +73,21 @@ class Prediction:
     @property
     def lesions(self) -> int:
         return len(self.polygons)
+
+
+def read_and_crop(files: list[str], secret: bytes) -> tuple[WholeBodyScan, tuple[int, int, int, int]]:
+    """One scan read and de-identified (``read_scan``) and its thoracic crop box, or InputError
+    naming the file and the reason: a scan the crop finds no body in, and any failure of a
+    reader on a bad file, included (one bad scan must not cost a batch, or a service's replica)."""
+    try:
+        scan = read_scan(files, secret)
+        return scan, scan_crop_box(scan)
+    except InputError:
+        raise
+    except ValueError as err:  # the crop found no body, e.g. an empty image
+        raise InputError(files[0], " ".join(str(err).split())) from None
+    except Exception as err:  # noqa: BLE001
+        raise InputError(files[0], f"could not be read or cropped ({describe(err, redact=True)})") from None
 
 
 def scan_input(scan: WholeBodyScan, box: tuple[int, int, int, int]) -> np.ndarray:

@@ -25,9 +25,9 @@ from torch import nn
 from bonescan_model.checkpoint import load_model, resolve
 from bonescan_model.errors import InputError, describe, quoted, shown
 from bonescan_model.io.deid import default_secret_path, load_or_create_secret
-from bonescan_model.io.dicom import group_series, read_scan, scan_name
+from bonescan_model.io.dicom import group_series, scan_name
 from bonescan_model.io.files import find_files
-from bonescan_model.predict import output_paths, predict_scans, reference_view, scan_crop_box, write_prediction
+from bonescan_model.predict import output_paths, predict_scans, read_and_crop, reference_view, write_prediction
 from bonescan_platform import storage
 from bonescan_platform.cluster import ray_session
 from bonescan_platform.progress import collect_rows
@@ -70,26 +70,19 @@ def plan_scans(dicom: Path, out_dir: str | Path, secret: bytes) -> tuple[list[di
 def predict_batch(model: nn.Module, tasks: list[dict], secret: bytes, threshold: float) -> list[dict]:
     """Read and crop the scans of ``tasks``, predict them (``predict_scans``), write their
     outputs; a lesion pixel is sigmoid > ``threshold``, the checkpoint's own. One status row per task: file, output (out_dir/name, the outputs' common stem),
-    ok, reason, lesions, area_mm2, burden (``Burden.to_json``, or None until predicted).
+    ok, reason, lesions, burden (``Burden.to_json``, or None until predicted).
     A task with "seg" ("source" or "deidentified", the --seg-patient) also gets its DICOM SEG,
     built from the scan's source files; the flag travels in the task, so Ray's actors get it too.
     Plain Python: each Ray actor runs it on its batches, a single scan runs it in process."""
     rows, ready = [], []
     for task in tasks:
         row = {"file": task["files"][0], "output": storage.join(task["out_dir"], task["name"]),
-               "ok": False, "reason": "", "lesions": 0, "area_mm2": 0.0, "burden": None}
+               "ok": False, "reason": "", "lesions": 0, "burden": None}
         rows.append(row)
         try:
-            scan = read_scan(task["files"], secret)
-            box = scan_crop_box(scan)
+            scan, box = read_and_crop(task["files"], secret)
         except InputError as err:
             row.update(file=err.path, reason=err.reason)
-            continue
-        except ValueError as err:  # the crop found no body, e.g. an empty image
-            row["reason"] = " ".join(str(err).split())
-            continue
-        except Exception as err:  # noqa: BLE001 - one bad scan must not lose the others
-            row["reason"] = f"could not be read or cropped ({describe(err, redact=True)})"
             continue
         ready.append((task, row, scan, box))
     predictions = predict_scans(model, [r[2] for r in ready], boxes=[r[3] for r in ready], threshold=threshold)
@@ -106,8 +99,7 @@ def predict_batch(model: nn.Module, tasks: list[dict], secret: bytes, threshold:
         except SegFailed as err:  # this scan's outputs only; the reason quotes no header value
             row.update(file=err.path or row["file"], reason=f"its DICOM SEG could not be written: {err.reason}")
             continue
-        row.update(ok=True, lesions=prediction.lesions, area_mm2=sum(prediction.lesion_areas_mm2),
-                   burden=prediction.burden.to_json())
+        row.update(ok=True, lesions=prediction.lesions, burden=prediction.burden.to_json())
     return rows
 
 

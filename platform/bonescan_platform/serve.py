@@ -46,10 +46,9 @@ import numpy as np
 from skimage import measure
 
 from bonescan_model.checkpoint import FILENAME, load_model, resolve
-from bonescan_model.errors import InputError, describe, shown
+from bonescan_model.errors import InputError, shown
 from bonescan_model.io.deid import default_secret_path, load_or_create_secret
-from bonescan_model.io.dicom import read_scan
-from bonescan_model.predict import Prediction, predict_scans, reference_view, scan_crop_box
+from bonescan_model.predict import Prediction, predict_scans, read_and_crop, reference_view
 from bonescan_platform import storage
 from bonescan_platform.cluster import ray_session
 
@@ -211,15 +210,12 @@ def build_app(options: Options, replicas: int = 1):
             return JSONResponse({**body, "scan": {**body["scan"], "name": name}})
 
         def _read(self, paths: list[Path], name: str):
-            """One de-identified scan and its crop box, or Rejected naming the upload."""
+            """One de-identified scan and its crop box (predict's ``read_and_crop``), or
+            Rejected naming the upload."""
             try:
-                scan = read_scan(paths, options.secret)
-                return scan, scan_crop_box(scan)
+                return read_and_crop([str(p) for p in paths], options.secret)
             except InputError as err:
                 raise Rejected(400, f"{name}: {err.reason}") from None
-            except Exception as err:  # noqa: BLE001 - a bad upload must not cost the replica
-                raise Rejected(400, f"{name}: could not be read as a whole-body scan "
-                                    f"({describe(err, redact=True)})") from None
 
         def _seg(self, paths: list[Path], prediction: Prediction, patient: str) -> bytes:
             from bonescan_model.io import seg
