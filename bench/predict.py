@@ -38,7 +38,7 @@ from bonescan_model import engine
 from bonescan_model.io.deid import load_or_create_secret
 from bonescan_model.io.dicom import group_series, read_scan, scan_name
 from bonescan_model.network import ModelConfig, build_model, count_parameters
-from bonescan_model.predict import (
+from bonescan_model.inference import (
     make_prediction,
     reference_view,
     render_overlay,

@@ -146,7 +146,9 @@ def main() -> int:
         exp = out / args.name
         space_file = out / f"{args.name}.space.yaml"
         space_file.write_text(yaml.safe_dump(space))
-        resume = (exp / "experiment.json").is_file()
+        from bonescan_platform.runs import Experiment
+
+        resume = Experiment.is_experiment(exp)
         tune.sweep(str(data), str(space_file), str(exp), resume=resume)
         if args.test_patients and not args.test_data and not (out / "external" / "_manifest.json").is_file():
             write_cohort(out / "external-cohort", args.test_patients, seed=1)
@@ -168,29 +170,27 @@ def external_tests(out: Path, args, runs: list[Path]) -> dict[Path, Path]:
     of ``evaluate``. Each score is a test.json in a folder of its own beside the experiment
     (``<name>.external/<trial>/``), which ``comparisons.per_image`` reads as it reads a run's;
     a trial is scored again only when its model is newer. {} when there is no such cohort."""
-    import json
-
-    from bonescan_model.checkpoint import FILENAME
-    from bonescan_platform import evaluate, stream
-    from bonescan_platform.runs import kept_model
+    from bonescan_platform import scoring, stream
+    from bonescan_platform.runs import Run
 
     data = Path(args.test_data) if args.test_data else out / "external"
     if not (args.test_data or args.test_patients) or not (data / "_manifest.json").is_file():
         return {}
     crops, scored = None, {}
     for run in runs:
-        folder = out / f"{args.name}.external" / run.name
-        if not evaluate.kept_score(run):
+        if not run.test_score:
             continue
-        tested = folder / evaluate.TEST_FILE
-        if not tested.is_file() or tested.stat().st_mtime < (run / FILENAME).stat().st_mtime:
+        # A folder holding only the kept model's score on the separate cohort (a Run's test score).
+        external = Run(out / f"{args.name}.external" / run.name)
+        if not external.any_test_score or external.any_test_score.get("model_mtime") != run.model_path.stat().st_mtime:
             crops = stream.crops(data, None) if crops is None else crops
-            trained = kept_model(run)
-            body = evaluate.score_runs(trained.model, crops, 1, trained.threshold, label=run.name,
-                                       split="separate cohort, all labeled scans")
-            folder.mkdir(parents=True, exist_ok=True)
-            tested.write_text(json.dumps({"split": f"all labeled scans of {data}", **body}))
-        scored[run] = folder
+            trained = run.kept_model()
+            body = scoring.score_runs(trained.model, crops, 1, trained.threshold, label=run.name,
+                                      split="separate cohort, all labeled scans")
+            external.root.mkdir(parents=True, exist_ok=True)
+            external.write_test_score({"split": f"all labeled scans of {data}", **body,
+                                       "model_mtime": run.model_path.stat().st_mtime})
+        scored[run.name] = external
     return scored
 
 
@@ -199,36 +199,33 @@ def summarize(out: Path, args) -> int:
     their test score (test.json): a sweep cut short still shows what it measured. With a
     separate test cohort, the paired comparison is made on it (the decision's test set); the
     cohort's own test split is printed beside it."""
-    import json
 
     from bonescan_model.paired import compare
     from bonescan_platform.comparisons import per_image
-    from bonescan_platform.runs import read_history
+    from bonescan_platform.runs import Experiment
 
-    runs = [t.parent for t in sorted(out.glob(f"{args.name}*/runs/*/test.json"))]
+    runs = [run for exp in sorted(out.glob(f"{args.name}*")) if Experiment.is_experiment(exp)
+            for run in Experiment.open(exp).trial_runs() if run.any_test_score]
     external = external_tests(out, args, runs)
     rows = []
     for run in runs:
-        tested = json.loads((run / "test.json").read_text())
-        budget = json.loads((run / "budget.json").read_text())
-        cfg = yaml.safe_load((run / "config.yaml").read_text())
-        ext = json.loads((external[run] / "test.json").read_text()) if run in external else None
-        rows.append({"label_fraction": cfg["labeled_scans"] if cfg.get("labeled_scans") is not None
-                     else cfg["label_fraction"], "seed": cfg["seed"],
-                     "arm": f"{cfg['supervised']}/{cfg.get('semi', 'chan_vese')}/{cfg['unsupervised_weight']:g}",
+        tested, budget, cfg = run.any_test_score, run.budget, run.config
+        ext = external[run.name].any_test_score if run.name in external else None
+        rows.append({"label_fraction": cfg.labeled_scans if cfg.labeled_scans is not None else cfg.label_fraction,
+                     "seed": cfg.seed, "arm": f"{cfg.supervised}/{cfg.semi}/{cfg.unsupervised_weight:g}",
                      # the kept checkpoint's validation DSC: what chooses between arms (a weight)
-                     "val_dsc": max(float(r["val_dsc"]) for r in read_history(run)),
+                     "val_dsc": max(float(r["val_dsc"]) for r in run.history),
                      "dsc": tested.get("dsc", float("nan")),
                      "ext_dsc": ext["dsc"] if ext else float("nan"),
                      # the scores the paired comparison is made on: the separate cohort's where there is one
-                     "scored": external.get(run, run), "decision_dsc": ext["dsc"] if ext else tested.get("dsc", float("nan")),
+                     "scored": external.get(run.name, run), "decision_dsc": ext["dsc"] if ext else tested.get("dsc", float("nan")),
                      "lesion_sensitivity": (ext or tested).get("lesion_sensitivity", float("nan")),
                      "labeled_scans": budget["labeled_scans"], "labeled_share_of_all": budget["labeled_share_of_all"]})
     first = args.arms.split(",")[0].split("/")
     baseline = f"{first[0]}/{first[1]}/{float(first[2]):g}"
     cohort = f"cohort {args.data}" if args.data else f"{args.patients} synthetic patients"
     length = f"{args.max_steps} steps" if args.max_steps else f"{args.epochs} epochs"
-    ext_images = next((json.loads((f / "test.json").read_text()) for f in external.values()), None)
+    ext_images = next((f.any_test_score for f in external.values()), None)
     decided_on = (f"the separate test cohort ({ext_images['lesion_images']} lesion-bearing of {ext_images['images']} "
                   f"labeled scans)" if ext_images else "the cohort's test split")
     print(f"\n{cohort}, demo model, {length}, D1 + on-the-fly augmentation, "

@@ -44,10 +44,10 @@ import requests  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from bonescan_model.checkpoint import load_model, resolve, save_checkpoint  # noqa: E402
+from bonescan_model.checkpoint import load_model, model_file, save_checkpoint  # noqa: E402
 from bonescan_model.io.dicom import group_series, read_scan  # noqa: E402
 from bonescan_model.network import ModelConfig, build_model  # noqa: E402
-from bonescan_model.predict import predict_scans, scan_crop_box  # noqa: E402
+from bonescan_model.inference import predict_scans, scan_crop_box  # noqa: E402
 from bonescan_model.synth import write_cohort  # noqa: E402
 from bonescan_platform.predict import predict_batch  # noqa: E402
 
@@ -61,7 +61,7 @@ SECRET = b"bench" * 8
 
 def _checkpoint(args, root: Path) -> Path:
     if args.checkpoint:
-        return resolve(args.checkpoint)
+        return model_file(args.checkpoint)
     torch.manual_seed(0)
     model_cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
                                for k, v in yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["model"].items()})

@@ -10,14 +10,23 @@ step gets; here it is constant.
 Plain Python and torch: the Ray Train adapter hands in the labeled pool (small: the labeled
 scans of a run and their copies, held on each worker) and the unlabeled stream (Ray Data's,
 re-read pass after pass); a laptop loop can hand in anything with the same batch dicts.
+
+One epoch's batches for a run (``epoch_batches``: mixed; ``two_stream_batches``: two streams)
+take their data from a *shard*: anything with Ray Data's ``iter_torch_batches`` (a
+``DataIterator`` on a Train worker); shuffling and augmentation are seeded by
+(seed, epoch, rank), so a resumed run draws what an unbroken one would.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+
+from bonescan_model.train_config import TrainConfig
+from bonescan_model.transforms import augmenting
 
 
 def labeled_indices(rows: int, batch_size: int, steps: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
@@ -82,3 +91,77 @@ def two_stream(pool: dict[str, torch.Tensor], labeled_batch_size: int, unlabeled
                      "mask": torch.cat([batch["mask"], torch.zeros_like(more["mask"])]),
                      "labeled": torch.cat([batch["labeled"], torch.zeros(len(more["image"]), dtype=torch.bool)])}
         yield batch
+
+
+# ---------------------------------------------------------------- one epoch of a run
+def epoch_batches(train_shard, cfg: TrainConfig, epoch: int, rank: int, shuffle_rows: int) -> Iterator[dict]:
+    """One epoch of this worker's training batches, shuffled (over ``shuffle_rows``: the whole
+    epoch up to SHUFFLE_ROWS) and augmented, seeded by (seed, epoch, rank)."""
+    batches = train_shard.iter_torch_batches(
+        batch_size=cfg.scans_per_batch, prefetch_batches=2,
+        local_shuffle_buffer_size=shuffle_rows, local_shuffle_seed=cfg.seed * 100_003 + epoch * 101 + rank)
+    if cfg.augment:
+        batches = augmenting(batches, np.random.default_rng([cfg.seed, epoch, rank]))
+    return iter(batches)
+
+
+def labeled_pool(shard) -> dict[str, torch.Tensor]:
+    """The labeled stream's rows, read once: {"image": (N, 2, H, W), "mask": (N, 1, H, W)}."""
+    parts = list(shard.iter_torch_batches(batch_size=64))
+    if not parts:
+        raise ValueError("the labeled stream is empty: two-stream batches need labeled scans")
+    return {k: torch.cat([p[k] for p in parts]) for k in ("image", "mask")}
+
+
+def two_stream_batches(pool: dict[str, torch.Tensor], steps_per_epoch: int, unlabeled_shard, cfg: TrainConfig,
+                       epoch: int, rank: int, shuffle_rows: int) -> Iterator[dict]:
+    """One epoch of two-stream batches (bonescan_model.batching): ``steps_per_epoch`` steps of
+    labeled_batch_size rows of the pool and unlabeled_batch_size rows of this worker's share of
+    the unlabeled stream (read again, reshuffled, when an epoch needs more than one pass), then
+    augmented; all seeded by (seed, epoch, rank). A supervised-only run (unsupervised_weight
+    0) draws no unlabeled rows: nothing would use them."""
+    def unlabeled_pass(number: int):
+        return unlabeled_shard.iter_torch_batches(
+            batch_size=max(1, cfg.unlabeled_scans_per_step), prefetch_batches=2, local_shuffle_buffer_size=shuffle_rows,
+            local_shuffle_seed=cfg.seed * 100_003 + epoch * 101 + rank + number * 7_919)
+
+    unlabeled = repeated(unlabeled_pass) if cfg.unsupervised_weight > 0 and cfg.unlabeled_batch_size else None
+    rng = np.random.default_rng([cfg.seed, epoch, rank])
+    batches = two_stream(pool, cfg.labeled_scans_per_step, unlabeled, cfg.unlabeled_scans_per_step,
+                         steps_per_epoch, rng)
+    if cfg.augment:
+        batches = augmenting(batches, rng)
+    return iter(batches)
+
+
+def started_early(batches: Iterator[dict]) -> Iterator[dict]:
+    """``batches``, its first item already being pulled on a background thread.
+
+    Items come out in the same order as from ``batches``; an error raised while pulling the
+    first one is raised to the consumer. The thread is a daemon: a worker that fails while a
+    pull waits on the other ranks (the epoch barrier) can still exit."""
+    first: list = []
+
+    def pull() -> None:
+        try:
+            first.append(next(batches, _END))
+        except BaseException as error:  # handed to the consumer below
+            first.append(error)
+
+    thread = threading.Thread(target=pull, name="next-epoch", daemon=True)
+    thread.start()
+
+    def handover() -> Iterator[dict]:
+        thread.join()
+        item = first[0]
+        if isinstance(item, BaseException):
+            raise item
+        if item is _END:
+            return
+        yield item
+        yield from batches
+
+    return handover()
+
+
+_END = object()

@@ -69,7 +69,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, config: ModelConf
     return write_file(path, {"model_config": dataclasses.asdict(config), "state_dict": state, "meta": meta})
 
 
-def resolve(path: str | os.PathLike) -> Path:
+def model_file(path: str | os.PathLike) -> Path:
     """A checkpoint file, a folder holding ``model.pt`` (a run folder keeps its best there)."""
     path = Path(path)
     if path.is_dir():
@@ -100,7 +100,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
                     ) -> tuple[nn.Module, ModelConfig, dict]:
     """-> (model in eval mode, its config, meta). Anything but a checkpoint that rebuilds
     its model is an InputError naming the file."""
-    path = resolve(path)
+    path = model_file(path)
     blob = read_file(path, map_location)
     if not {"model_config", "state_dict"} <= set(blob):
         raise InputError(path, "not a bonescan checkpoint: no model_config and state_dict in it")
@@ -134,6 +134,3 @@ def run_threshold(meta: dict) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
         raise ValueError(f"its threshold {quoted(value)} is not a probability between 0 and 1 (exclusive)")
     return float(value)
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__

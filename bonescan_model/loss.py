@@ -227,7 +227,7 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 class SemiSupervisedLoss(nn.Module):
-    """l = l_U + alpha * l_S (Eq. 6), defaults from the paper: alpha = 0.4, nu = 0.004.
+    """l = w_U * l_U + alpha * l_S (Eq. 6, where w_U = 1), defaults from the paper: alpha = 0.4, nu = 0.004.
 
     l_U is applied to every image, l_S only to the images marked labeled. supervised: one of
     SUPERVISED_KINDS; semi: one of SEMI_KINDS (for chan_vese_local, nu is in
@@ -304,11 +304,12 @@ class SemiSupervisedLoss(nn.Module):
         unsupervised_scale: a factor on w_U for this step (the mean teacher's ramp-up).
 
         Returns {"loss", "unsupervised", "supervised", "n_labeled"}.
-        (Weights as in the class docstring: w_U * l_U below where it says l_U, in "loss" only.)
-        - "mean": loss = mean over all images of l_U + alpha * mean over labeled images of l_S;
-          "supervised" is that labeled mean (0 when no image is labeled, so loss == l_U).
+        w_U = unsupervised_weight * unsupervised_scale weighs l_U in "loss" only; "unsupervised"
+        is l_U itself, unweighted, so it can be watched at any weight.
+        - "mean": loss = w_U * mean over all images of l_U + alpha * mean over labeled images of
+          l_S; "supervised" is that labeled mean (0 when no image is labeled, so loss == w_U * l_U).
         - "sum": the same with sums.
-        - "none": (B,) tensors, loss_i = l_U_i + alpha * l_S_i with l_S_i = 0 for unlabeled
+        - "none": (B,) tensors, loss_i = w_U * l_U_i + alpha * l_S_i with l_S_i = 0 for unlabeled
           images; their mean is therefore not the "mean" loss unless every image is labeled.
         """
         _check_image_batch("logits", logits)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -45,6 +46,23 @@ def deid_secret(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def cohort(tmp_path_factory, ray_local, deid_secret):
+    """The session's synthesized and ingested cohorts: ``cohort(patients, seed)`` -> the shard
+    folder of that cohort, made once (``tiny.ingested_cohort``) and shared by every module
+    that asks for the same one. Read-only: a test that changes shards copies them first."""
+    from tiny import ingested_cohort
+
+    made: dict[tuple[int, int], object] = {}
+
+    def shards(patients: int, seed: int):
+        if (patients, seed) not in made:
+            made[patients, seed] = ingested_cohort(tmp_path_factory.mktemp(f"cohort-{patients}-{seed}"), patients, seed)
+        return made[patients, seed]
+
+    return shards
+
+
 def pytest_collection_modifyitems(config, items):
     """Every test that uses the shared Ray (directly or through a fixture) is a `ray` test, so
     `-m "not ray"` leaves the fast layer. Tests that start Ray another way carry the mark
@@ -69,48 +87,69 @@ def _no_ray_outside_the_ray_layer(request):
         pytest.fail("this test started Ray in-process: mark it @pytest.mark.ray (or use the ray_local fixture)")
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 (SQLite backend, artifacts proxied to a local
-    folder), started once for the tests that track to it; its URI. Stopped by its pid."""
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the OS's pick)."""
     import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(command: list[str], ready_url: str, log_path, name: str, timeout: float = 120, env=None):
+    """A server process started for a test session (its own process group, so its workers stop
+    with it), polled at ``ready_url`` until it answers, then stopped by its pid (SIGTERM, then
+    SIGKILL after 30 s). A server that exits or does not answer in ``timeout`` fails the test
+    with the end of its log."""
     import subprocess
-    import sys
     import time
     import urllib.request
 
+    log = open(log_path, "w")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                              env=None if env is None else {**os.environ, **env})
+    deadline = time.time() + timeout
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(ready_url, timeout=2):
+                    break
+            except OSError:
+                pass
+            if server.poll() is not None or time.time() > deadline:
+                pytest.fail(f"{name} did not start: {open(log_path).read()[-2000:]}")
+            time.sleep(0.3)
+        yield server
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 (SQLite backend, artifacts proxied to a local
+    folder), started once for the tests that track to it; its URI."""
+    import sys
+
     pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
     root = tmp_path_factory.mktemp("mlflow")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(root / "server.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True)  # its own process group: the server's uvicorn workers stop with it
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as answer:
-                if answer.status == 200:
-                    break
-        except OSError:
-            pass
-        if server.poll() is not None or time.time() > deadline:
-            os.killpg(server.pid, signal.SIGKILL)
-            pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
-    yield uri
-    os.killpg(server.pid, signal.SIGTERM)
-    try:
-        server.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
-    log.close()
+    uri = f"http://127.0.0.1:{free_port()}"
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", uri.rsplit(":", 1)[1],
+               "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+               "--artifacts-destination", str(root / "artifacts"), "--workers", "1"]
+    # MLflow 3's job execution (GenAI scorers, trace archival: nothing bonescan logs) starts a job
+    # runner and seven Huey consumer processes that take both cores for ~10 s after the server
+    # answers, and the tests running then with them.
+    with running_server(command, f"{uri}/health", root / "server.log", "mlflow server",
+                        env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}):
+        yield uri
 
 
 class S3Endpoint:
@@ -132,37 +171,12 @@ class S3Endpoint:
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real S3 endpoint on 127.0.0.1: moto's server mode (the s3test extra), started once
-    for the tests that keep data in object storage. Stopped by its pid."""
-    import socket
-    import subprocess
+    for the tests that keep data in object storage."""
     import sys
-    import time
-    import urllib.request
 
     pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install -e '.[test]')")
     root = tmp_path_factory.mktemp("s3")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(root / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/moto-api/", timeout=2):
-                break
-        except OSError:
-            pass
-        if server.poll() is not None or time.time() > deadline:
-            os.killpg(server.pid, signal.SIGKILL)
-            pytest.fail(f"moto server did not start: {(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.3)
-    yield S3Endpoint(url)
-    os.killpg(server.pid, signal.SIGTERM)
-    try:
-        server.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
-    log.close()
+    url = f"http://127.0.0.1:{free_port()}"
+    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", url.rsplit(":", 1)[1]]
+    with running_server(command, f"{url}/moto-api/", root / "server.log", "moto server", timeout=60):
+        yield S3Endpoint(url)

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from skimage.transform import rotate
 
-from bonescan_model.augment import Transform, apply, augment_batch, distinct_transforms, random_transform
+from bonescan_model.transforms import Transform, apply, augment_batch, distinct_transforms, random_transform
 from bonescan_model.errors import InputError
 from bonescan_platform import shards
 
@@ -294,14 +294,6 @@ def test_bad_input_is_refused_before_ray_starts(tmp_path):
     with pytest.raises(InputError, match="not a shard folder"):
         augment(data, foreign)
     assert (foreign / "keep.parquet").exists()
-    # A D3 an earlier bonescan wrote: its GAN run sat in dcgan/, which Parquet readers take for data.
-    old = tmp_path / "old_d3"
-    (old / "dcgan").mkdir(parents=True)
-    (old / "dcgan" / "gan.yaml").write_text("epochs: 1\n")
-    shards.write_manifest(old, [], {"job": "augment"})
-    with pytest.raises(InputError, match="rename it to _dcgan"):
-        augment(data, old, dcgan=True, samples=2)
-    assert (old / "dcgan" / "gan.yaml").exists()
     (data / "train-00000.parquet").write_bytes(b"garbage")
     with pytest.raises(InputError, match="train-00000.parquet: its content is not what the shard manifest"):
         augment(data, tmp_path / "out")

@@ -3,10 +3,13 @@ the label fraction."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
 
+from bonescan_model import batching
 from bonescan_model.batching import labeled_indices, rebatched, repeated, two_stream
 
 
@@ -58,3 +61,30 @@ def test_rebatched_and_repeated():
     stream = repeated(lambda n: passes.append(n) or _unlabeled(2))
     assert len([b for _, b in zip(range(5), stream)]) == 5 and passes[:3] == [0, 1, 2]
     assert list(repeated(lambda n: iter(()))) == []  # an empty stream ends
+
+
+def test_started_early_hands_over_every_item_in_order():
+    assert list(batching.started_early(iter(range(5)))) == [0, 1, 2, 3, 4]
+    assert list(batching.started_early(iter([]))) == []
+
+
+def test_started_early_pulls_before_it_is_asked_and_passes_errors_on():
+    pulled = threading.Event()
+
+    def source():
+        pulled.set()
+        yield "first"
+        raise OSError("shard unreadable")
+
+    batches = batching.started_early(source())
+    assert pulled.wait(5)  # the first pull happened with nobody consuming yet
+    assert next(batches) == "first"
+    with pytest.raises(OSError, match="shard unreadable"):
+        next(batches)
+
+    def broken():
+        raise ValueError("bad first batch")
+        yield
+
+    with pytest.raises(ValueError, match="bad first batch"):
+        list(batching.started_early(broken()))

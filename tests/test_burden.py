@@ -14,10 +14,11 @@ from bonescan_model.baseline import ThresholdModel
 from bonescan_model.burden import Burden, burden, region_mask, skeleton_mask
 from bonescan_model.io.dicom import WholeBodyScan
 from bonescan_model.io.labelme import rasterize, read_labelme, write_labelme
-from bonescan_model.predict import make_prediction, write_prediction
+from bonescan_model.inference import make_prediction, write_prediction
 from bonescan_model.preprocess import crop, mirror, model_input, thoracic_crop_box
 from bonescan_model.synth import PIXEL_SPACING_MM, synth_patient
-from bonescan_platform import evaluate, report, shards, stream
+from bonescan_platform import report, scoring, shards, stream
+from bonescan_platform.runs import Run
 from bonescan_platform.cli import main
 from tiny import constant_run
 
@@ -219,9 +220,9 @@ def test_crops_carry_their_pixel_spacing(shard_dir):
 
 def test_burden_agreement_of_the_truth_with_itself_is_perfect(shard_dir):
     crops = stream.crops(shard_dir, "test")
-    body = evaluate.burden_agreement(crops["mask"][:, 0] > 0.5, crops)
+    body = scoring.burden_agreement(crops["mask"][:, 0] > 0.5, crops)
     assert (body["split"], body["images"], body["order"]) == ("test", 4, "scan_key")
-    for name in evaluate.BURDEN_FIELDS:
+    for name in scoring.BURDEN_FIELDS:
         assert body[name]["pearson"] == pytest.approx(1.0)
         assert body[name]["spearman"] == pytest.approx(1.0)
         assert body[name]["mean_abs_error"] == 0.0
@@ -231,15 +232,15 @@ def test_burden_agreement_of_the_truth_with_itself_is_perfect(shard_dir):
 
 def test_score_runs_reports_the_burden_correlation(shard_dir, capsys):
     crops = stream.crops(shard_dir, "test")
-    body = evaluate.score_runs(ThresholdModel(0.9), crops, runs=1)
+    body = scoring.score_runs(ThresholdModel(0.9), crops, runs=1)
     agreement = body["burden"]
     assert agreement["split"] == "test" and agreement["images"] == 4
-    for name in evaluate.BURDEN_FIELDS:
+    for name in scoring.BURDEN_FIELDS:
         for stat in ("pearson", "spearman"):
             value = agreement[name][stat]
             assert math.isnan(value) or -1.0 <= value <= 1.0
         assert len(agreement[name]["predicted"]) == len(agreement[name]["true"]) == 4
-    evaluate.print_summary({"split": "test", **body})
+    scoring.print_summary({"split": "test", **body})
     assert "burden (test): lesion area r " in capsys.readouterr().out
 
 
@@ -267,7 +268,7 @@ def test_prediction_panel_titles_carry_the_burden(shard_dir, tmp_path, monkeypat
         return titles[-1]
 
     monkeypatch.setattr(report, "_burden_title", recording)
-    html = report.prediction_panel(shard_dir, [("constant", run)])
+    html = report.prediction_panel(shard_dir, [("constant", Run(run))])
     assert "<img" in html
     assert len(titles) == 2 * 3  # the label's and the model's, for each of the three scans shown
     assert sum(t.startswith("0 lesions, 0.00 cm²") for t in titles) == 3  # the model finds nothing

@@ -19,14 +19,14 @@ import yaml
 
 from bonescan_platform import cluster
 from bonescan_platform.cli import main
-from tiny import ingested_cohort, tiny_config
+from tiny import tiny_config
 
 pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, ray_local, deid_secret):
-    return ingested_cohort(tmp_path_factory.mktemp("concurrent"), 6, seed=13)
+def data(cohort):
+    return cohort(6, 5)
 
 
 def _loopback(address: str) -> bool:

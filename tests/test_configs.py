@@ -9,7 +9,7 @@ from bonescan_model.errors import InputError
 from bonescan_model.frozen import from_mapping
 from bonescan_model.gan_network import GanConfig
 from bonescan_model.network import ModelConfig
-from bonescan_platform.config import TrainConfig
+from bonescan_model.train_config import TrainConfig
 from bonescan_platform.search_space import Scheduler, Search
 
 

@@ -136,8 +136,14 @@ def test_a_mean_teacher_epoch_trains_every_student_parameter_and_moves_the_teach
 def test_a_checkpoint_brings_the_teacher_back(tmp_path):
     from ray.train import Checkpoint
 
-    from bonescan_platform.config import TrainConfig
-    from bonescan_platform.train import _restore, write_state
+    from bonescan_model.train_config import TrainConfig
+    from bonescan_platform.harness import restore, write_state
+    from bonescan_platform.segmentation import load_state, save_state
+
+    def checkpoint(teacher):
+        extra = save_state(student, optimizer, cfg, {"epoch": 3}, teacher, tmp_path)
+        write_state(tmp_path, 3, [{"epoch": 3}], extra)
+        return Checkpoint.from_directory(str(tmp_path))
 
     cfg = TrainConfig.from_dict({"model": {"width": 4, "recurrence": 1, "dilations": [1, 2]}, "semi": "mean_teacher"})
     student = build_model(cfg.model)
@@ -147,15 +153,14 @@ def test_a_checkpoint_brings_the_teacher_back(tmp_path):
             p.add_(torch.randn_like(p))
     teacher.steps = 37  # where its decay's ramp-up stands comes back too
     optimizer = torch.optim.Adam(student.parameters())
-    write_state(tmp_path, student, optimizer, cfg, {"epoch": 3}, [{"epoch": 3}], teacher)
     fresh_student = build_model(cfg.model)
     fresh = MeanTeacher(fresh_student, decay=cfg.ema_decay)
-    epoch, history = _restore(Checkpoint.from_directory(str(tmp_path)), fresh_student,
-                              torch.optim.Adam(fresh_student.parameters()), fresh)
+    epoch, history = restore(checkpoint(teacher), lambda folder, state: load_state(
+        fresh_student, torch.optim.Adam(fresh_student.parameters()), fresh, folder, state))
     assert epoch == 3 and history[-1]["resumed"] is True and fresh.steps == 37
     for a, b in zip(teacher.model.state_dict().values(), fresh.model.state_dict().values()):
         assert torch.equal(a, b)
     # a checkpoint without a teacher cannot be a mean-teacher run's
-    write_state(tmp_path, student, optimizer, cfg, {"epoch": 3}, [{"epoch": 3}])
     with pytest.raises(ValueError, match="no mean teacher"):
-        _restore(Checkpoint.from_directory(str(tmp_path)), fresh_student, torch.optim.Adam(fresh_student.parameters()), fresh)
+        restore(checkpoint(None), lambda folder, state: load_state(
+            fresh_student, torch.optim.Adam(fresh_student.parameters()), fresh, folder, state))

@@ -20,7 +20,7 @@ from bonescan_model import gan, gan_network, metrics
 from bonescan_model.errors import InputError
 from bonescan_model.preprocess import crop, mirror, model_input, thoracic_crop_box
 from bonescan_model.synth import synth_patient
-from bonescan_platform import gan as gan_job
+from bonescan_platform import dcgan as gan_job
 from bonescan_platform import shards, stream
 
 SMALL = dict(width=4, latent=8)  # every network below runs in well under a second

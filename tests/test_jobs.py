@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tiny import ingested_cohort, tiny_config
+from tiny import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = tiny_config(epochs=1, batch_size=2)
@@ -81,9 +81,8 @@ def head():
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory, ray_local, deid_secret):
-    root = tmp_path_factory.mktemp("jobs")
-    return ingested_cohort(root, 6, seed=5)
+def shards(cohort):
+    return cohort(6, 5)
 
 
 def _readme_runtime_env() -> dict:

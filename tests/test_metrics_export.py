@@ -25,8 +25,8 @@ import pytest
 import torch
 import yaml
 
-from bonescan_platform import metrics, train
-from tiny import ingested_cohort, tiny_config
+from bonescan_platform import telemetry, train
+from tiny import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARDS = REPO / "platform" / "dashboards"
@@ -97,13 +97,13 @@ class Scraper(threading.Thread):
 
 
 @pytest.fixture(scope="module")
-def exported(ray_local, deid_secret, tmp_path_factory):
+def exported(ray_local, cohort, tmp_path_factory):
     """One short training on the session's Ray, with the cluster's endpoints scraped
     meanwhile and, where installed, Prometheus started by start.sh scraping them too."""
     import ray
 
     root = tmp_path_factory.mktemp("metrics")
-    ingested_cohort(root, 6, seed=7)
+    shards = cohort(6, 5)
     (root / "config.yaml").write_text(yaml.safe_dump(TINY))
     session = Path(ray._private.worker.global_worker.node.get_session_dir_path())
 
@@ -117,10 +117,10 @@ def exported(ray_local, deid_secret, tmp_path_factory):
     start = time.time()
     try:
         scraper.start()
-        assert train.train(str(root / "shards"), str(root / "config.yaml"), str(root / RUN)) == 0
+        assert train.train(str(shards), str(root / "config.yaml"), str(root / RUN)) == 0
         # Workers flush their metrics every few seconds; wait for the last epoch's.
         deadline = time.time() + 30
-        while time.time() < deadline and not all(_for_run(scraper.seen, n) for n in metrics.EXPORTED):
+        while time.time() < deadline and not all(_for_run(scraper.seen, n) for n in telemetry.EXPORTED):
             time.sleep(1)
         if prometheus:
             while time.time() < deadline and not _query_range(prometheus, f'ray_bonescan_epoch{{run="{RUN}"}}', start):
@@ -152,7 +152,7 @@ def _query_range(prometheus: str, query: str, start: float) -> list[dict]:
 
 def test_training_metrics_carry_the_run_and_rank_and_the_epoch_values(exported):
     history = exported["history"]
-    values = {name: _for_run(exported["seen"], f"ray_{name}") for name in metrics.GAUGES}
+    values = {name: _for_run(exported["seen"], f"ray_{name}") for name in telemetry.GAUGES}
     for name, samples in values.items():
         assert [labels["rank"] for labels, _ in samples] == ["0"], name
     value = {name: samples[0][1] for name, samples in values.items()}
@@ -185,13 +185,13 @@ def test_prometheus_answers_every_panel_query(exported, panel):
 
 def test_epoch_values_rates_from_the_epoch_and_dsc_only_where_validated():
     epoch = {"epoch": 3, "train_loss": 0.5, "train_images": 40, "train_seconds": 8.0, "train_data_wait_seconds": 2.0}
-    assert metrics.epoch_values(epoch) == {
+    assert telemetry.epoch_values(epoch) == {
         "bonescan_epoch": 3.0, "bonescan_train_loss": 0.5,
         "bonescan_train_images_per_second": 5.0, "bonescan_train_data_wait_fraction": 0.25}
     # Rank 0 validates; an epoch with no timed step reports no rate rather than a division by zero.
-    assert metrics.epoch_values({**epoch, "train_seconds": 0.0, "val_dsc": 0.7}) == {
+    assert telemetry.epoch_values({**epoch, "train_seconds": 0.0, "val_dsc": 0.7}) == {
         "bonescan_epoch": 3.0, "bonescan_train_loss": 0.5, "bonescan_val_dsc": 0.7}
-    assert set(metrics.EXPORTED) == {f"ray_{name}" for name in metrics.GAUGES}
+    assert set(telemetry.EXPORTED) == {f"ray_{name}" for name in telemetry.GAUGES}
 
 
 def test_gpu_panels_say_they_need_gpu_nodes():

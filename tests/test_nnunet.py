@@ -10,7 +10,6 @@ import sys
 import pytest
 
 from bonescan_platform.cli import main
-from tiny import ingested_cohort
 
 nnunetv2 = pytest.importorskip("nnunetv2", reason="the nnunet extra is not installed (pip install -e '.[nnunet]')")
 
@@ -27,8 +26,8 @@ def test_without_the_extra_it_says_how_to_install_it(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, ray_local, deid_secret):
-    return ingested_cohort(tmp_path_factory.mktemp("nnunet"), 8, seed=21)
+def data(cohort):
+    return cohort(8, 11)
 
 
 @pytest.mark.ray

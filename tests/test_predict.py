@@ -23,7 +23,7 @@ from bonescan_model.io.deid import load_or_create_secret
 from bonescan_model.io.dicom import PatientIdentity, WholeBodyScan, read_scan, write_whole_body
 from bonescan_model.io.labelme import rasterize, read_labelme
 from bonescan_model.network import ModelConfig, build_model
-from bonescan_model.predict import (
+from bonescan_model.inference import (
     make_prediction,
     paste,
     predict_scan,

@@ -7,7 +7,6 @@ and `tune.collect` scores the models and writes the results table, as after a sw
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import itertools
 import json
@@ -24,9 +23,7 @@ from bonescan_model.checkpoint import save_checkpoint
 from bonescan_model.network import build_model
 from bonescan_platform import splits, tune
 from bonescan_platform.cli import main
-from bonescan_platform.config import save_train_config
-from bonescan_platform.runs import Experiment, Plan
-from tiny import ingested_cohort
+from bonescan_platform.runs import Experiment, Plan, Run, RunRecord, Trial
 
 pytestmark = pytest.mark.ray  # experiments are laid out on shards that Ray ingests
 
@@ -38,16 +35,15 @@ needs_chromium = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, ray_local, deid_secret):
-    root = tmp_path_factory.mktemp("report")
-    return ingested_cohort(root, 8, seed=3)
+def data(cohort):
+    return cohort(8, 11)
 
 
 def laid_out_experiment(root: Path, data: Path, space_file: str, seeds: int = 2) -> Path:
     """An experiment folder of the space `tune_spaces/<space_file>`: one trial per grid point and
     seed (``seeds`` of them), each with its splits, label budget, checkpoint and history."""
     exp = Experiment.create(root, data, REPO / "tune_spaces" / space_file)
-    exp = exp.save_plan(Plan(trials=1, workers=1, cpu_per_worker=1.0, gpus=False))
+    exp = exp.save_resource_plan(Plan(trials=1, workers=1, cpu_per_worker=1.0, gpus=False))
     names = [p.name for p in exp.space.parameters]
     grid = list(itertools.product(*(p.values for p in exp.space.parameters)))
     for i, (values, seed) in enumerate(itertools.product(grid, range(seeds))):
@@ -55,27 +51,21 @@ def laid_out_experiment(root: Path, data: Path, space_file: str, seeds: int = 2)
         cfg = exp.space.trial_config(params)
         # A space's step budget, cut to a few steps: a laid-out history has a row per epoch.
         cfg = dataclasses.replace(cfg, test_runs=2, **({"max_steps": 6} if cfg.max_steps else {}))
-        run = exp.runs / f"laidout_{i:05d}"
-        run.mkdir(parents=True)
-        save_train_config(cfg, run / "config.yaml")
-        (run / "run.json").write_text(json.dumps({"data": str(data), "workers": 1, "gpus": False}))
-        (run / "trial.json").write_text(json.dumps(
-            {"trial_id": run.name, "params": params, "label": tune.trial_label(params)}))
+        run = Run.create(exp.runs / f"laidout_{i:05d}", cfg, RunRecord(data=str(data)))
+        run.write_trial(Trial(trial_id=run.name, params=params, label=tune.trial_label(params)))
         selection = splits.for_config(data, cfg)
-        selection.save(run)
+        run.save_selection(selection)
         torch.manual_seed(i)
-        save_checkpoint(run / "model.pt", build_model(cfg.model), cfg.model, epoch=cfg.epochs,
+        save_checkpoint(run.model_path, build_model(cfg.model), cfg.model, epoch=cfg.epochs,
                         threshold=cfg.threshold)
         plan = {k: selection.budget[f"planned_{k}"] for k in ("epochs", "steps_per_epoch", "steps")}
-        with open(run / "history.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["epoch", "steps", "samples", "train_loss", "train_seconds",
-                                                   "val_dsc", "val_cpa", "val_recall"])
-            writer.writeheader()
-            for epoch in range(1, plan["epochs"] + 1):
-                steps = min(epoch * plan["steps_per_epoch"], plan["steps"])
-                writer.writerow({"epoch": epoch, "steps": steps, "samples": steps * cfg.batch_size,
-                                 "train_loss": 1.0 / (epoch + i), "train_seconds": 3.0,
-                                 "val_dsc": epoch / (plan["epochs"] + i), "val_cpa": 0.2, "val_recall": 0.3})
+        history = []
+        for epoch in range(1, plan["epochs"] + 1):
+            steps = min(epoch * plan["steps_per_epoch"], plan["steps"])
+            history.append({"epoch": epoch, "steps": steps, "samples": steps * cfg.batch_size,
+                            "train_loss": 1.0 / (epoch + i), "train_seconds": 3.0,
+                            "val_dsc": epoch / (plan["epochs"] + i), "val_cpa": 0.2, "val_recall": 0.3})
+        run.write_history(history)
     rows = tune.collect(root)
     assert len(rows) == len(grid) * seeds and all(r["status"] == "finished" for r in rows)
     assert sorted({r["seed"] for r in rows}) == list(range(seeds))
@@ -219,8 +209,7 @@ def test_report_marks_what_differs_from_the_papers_arm(data, tmp_path):
     table = re.search(r"<table id='paper-table'>.*?</table>", page.read_text(), re.S).group(0)
     assert "differs from the paper&#x27;s arm" in table
     rows = {re.search(r"<td>([^<]*)</td>", r).group(1): r for r in re.findall(r"<tr>(.*?)</tr>", table, re.S)[2:]}
-    budgets = {json.loads((run / "trial.json").read_text())["params"]["arm"]["name"]: splits.load_budget(run)
-               for run in (exp / "runs").iterdir()}
+    budgets = {run.trial.params["arm"]["name"]: run.budget for run in Experiment.open(exp).trial_runs()}
     views, summed = budgets["D2: views as samples"], budgets["D2_Agg: ANT + POST"]
     assert views["training_samples"] == 2 * summed["training_samples"] > 0
     for arm, paper_samples in (("D2: views as samples", "1,596"), ("D2_Agg: ANT + POST", "798")):

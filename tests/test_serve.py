@@ -26,7 +26,7 @@ from pydicom.uid import generate_uid
 
 from bonescan_model.checkpoint import load_checkpoint
 from bonescan_model.io.dicom import PatientIdentity, read_scan, write_whole_body
-from bonescan_model.predict import predict_scan
+from bonescan_model.inference import predict_scan
 from bonescan_model.synth import synth_patient
 from one_line import fails
 from tiny import constant_run

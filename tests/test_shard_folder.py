@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import duckdb
 import pandas as pd
@@ -32,10 +31,6 @@ def folder(tmp_path_factory, ray_local, deid_secret):
     root = tmp_path_factory.mktemp("shard_folder")
     write_cohort(root / "cohort", PATIENTS, seed=3)
     out = root / "shards"
-    # A folder an earlier bonescan wrote: its report sat among the shards under a plain name.
-    out.mkdir()
-    shards.write_manifest(out, [], {})
-    (out / "ingest_report.json").write_text('{"scans_ingested": 4}')
     assert main(["ingest", "--dicom", str(root / "cohort" / "dicom"), "--labels", str(root / "cohort" / "labels"),
                  "--out", str(out)]) == 0
     return out
@@ -52,7 +47,6 @@ def expected(folder):
 def test_everything_beside_the_shards_starts_with_an_underscore(folder):
     names = sorted(p.name for p in folder.iterdir())
     assert shards.MANIFEST in names and REPORT in names
-    assert "ingest_report.json" not in names  # the earlier version's report, replaced
     assert [n for n in names if not n.endswith(".parquet") and not n.startswith("_")] == []
 
 
@@ -76,26 +70,6 @@ def test_duckdb_reads_the_folder(folder, expected):
 def test_ray_data_reads_the_folder(folder, expected, ray_local):
     ds = ray_local.data.read_parquet(str(folder)).select_columns(["scan_key"])
     assert sorted(r["scan_key"] for r in ds.take_all()) == expected
-
-
-def test_a_plain_named_file_is_removed_only_when_it_is_bonescan_s_own(tmp_path, capsys):
-    # An ingest report and a DCGAN sheet of an earlier bonescan go; a user's files of the same
-    # names, which bonescan never wrote, stay and are named.
-    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
-    for folder in (ours, theirs):
-        folder.mkdir()
-    (ours / "ingest_report.json").write_text('{"scans_ingested": 3, "rejected": []}')
-    (ours / "samples.png").write_bytes(b"png")
-    assert shards.remove_legacy_files(ours, {"job": "augment", "dcgan": {"samples": 2}}) == []
-    assert list(ours.iterdir()) == []
-    (theirs / "ingest_report.json").write_text('{"notes": "mine"}')
-    (theirs / "samples.png").write_bytes(b"my picture")
-    kept = shards.remove_legacy_files(theirs, {"job": "ingest"})
-    assert sorted(Path(p).name for p in kept) == ["ingest_report.json", "samples.png"]
-    assert (theirs / "samples.png").read_bytes() == b"my picture"
-    shards.say_kept(kept)
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 2 and all(": left in place (not written by bonescan)" in line for line in lines)
 
 
 def test_an_ingest_killed_midway_leaves_the_old_set_whole(folder, expected, tmp_path, ray_local):

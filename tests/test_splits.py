@@ -78,12 +78,14 @@ def test_labeled_scans_takes_a_count_and_refuses_more_than_there_are(tmp_path):
 
 def test_a_run_writes_its_splits_and_budget(tmp_path):
     data = _cohort(tmp_path / "d")
-    run = tmp_path / "run"
-    run.mkdir()
+    from bonescan_platform.runs import Run
+
+    run = Run(tmp_path / "run")
+    run.root.mkdir()
     chosen = splits.select(data, val_fraction=0.15, val_seed=0, seed=0, label_fraction=1.0)
-    chosen.save(run)
-    assert splits.load(run) == chosen.splits
-    assert splits.load_budget(run)["labeled_scans"] == 14  # every masked scan the 7 labeled patients have
+    run.save_selection(chosen)
+    assert run.splits == chosen.splits
+    assert run.budget["labeled_scans"] == 14  # every masked scan the 7 labeled patients have
 
 
 def test_val_holds_lesion_bearing_patients_in_their_share(tmp_path):

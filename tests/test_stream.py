@@ -6,7 +6,7 @@ import yaml
 
 from bonescan_model.errors import InputError
 from bonescan_platform import shards, stream
-from bonescan_platform.config import TrainConfig, load_train_config
+from bonescan_model.train_config import TrainConfig, load_train_config
 
 
 def _rows(sources, masks):

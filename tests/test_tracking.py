@@ -49,14 +49,16 @@ def test_without_the_extra_mlflow_says_how_to_install_it(tmp_path, command):
 def test_a_run_round_trips_through_a_real_server(mlflow_server, tmp_path):
     from mlflow import MlflowClient
 
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "model.pt").write_bytes(b"weights")
-    (run / "history.csv").write_text("epoch,val_dsc\n1,0.2\n2,0.4\n")
+    from bonescan_platform.runs import Run
+
+    run = Run(tmp_path / "run")
+    run.root.mkdir()
+    run.model_path.write_bytes(b"weights")
+    run.write_history([{"epoch": 1, "val_dsc": 0.2}, {"epoch": 2, "val_dsc": 0.4}])
     tracker = tracking.start(mlflow_server, "run", {"lr": 0.002, "model": {"width": 4}}, tags={"bonescan.job": "x"})
     tracker.log_epoch({"epoch": 1, "val_dsc": 0.2, "resumed": True, "train_loss": float("nan")})
     tracker.log_epoch({"epoch": 2, "val_dsc": 0.4})
-    tracker.finish(run, {"dsc": 0.3, "split": "test", "runs": [{"dsc": 0.3}]}, {"best_val_dsc": 0.4})
+    tracker.finish(run.artifacts(), {"dsc": 0.3, "split": "test", "runs": [{"dsc": 0.3}]}, {"best_val_dsc": 0.4})
     version = tracker.register("bonescan-run")
 
     client = MlflowClient(mlflow_server)

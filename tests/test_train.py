@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -15,17 +14,17 @@ import pytest
 import torch
 import yaml
 
-from bonescan_platform import shards, train
+from bonescan_model import batching
+from bonescan_platform import harness, shards, train
 from bonescan_platform.cli import main
-from tiny import ingested_cohort, tiny_config
+from tiny import tiny_config
 
 TINY = tiny_config()
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, ray_local, deid_secret):
-    root = tmp_path_factory.mktemp("train")
-    return ingested_cohort(root, 8, seed=11)
+def data(cohort):
+    return cohort(8, 11)
 
 
 def _config(tmp_path: Path, **overrides) -> Path:
@@ -143,26 +142,8 @@ def test_arms_given_the_same_step_budget_take_the_same_optimizer_steps(data, fir
     assert int(history[-1]["samples"]) == sum(int(r["train_images"]) for r in history) <= steps * TINY["batch_size"]
 
 
-def test_two_stream_batches_give_every_step_the_same_labeled_scans(data, tmp_path):
-    # 2 labeled + 2 unlabeled scans a step, with a mean teacher (which trains on both streams):
-    # the labeled scans the supervised term saw are exactly 2 a step, whatever the label share.
-    run = tmp_path / "two"
-    config = _config(tmp_path, epochs=2, labeled_batch_size=2, unlabeled_batch_size=2, label_fraction=0.3,
-                     semi="mean_teacher")
-    assert main(["train", "--data", str(data), "--config", str(config), "--out", str(run)]) == 0
-    history, budget = _history(run), json.loads((run / "budget.json").read_text())
-    assert budget["batching"] == "two_stream" and budget["labeled_batch_size"] == 2
-    steps = int(history[-1]["steps"])
-    assert steps == budget["planned_steps"] == 2 * budget["planned_steps_per_epoch"]
-    assert budget["planned_steps_per_epoch"] == -(-budget["training_rows"] // 4)
-    assert int(history[-1]["labeled_seen"]) == 2 * steps == budget["planned_labeled_seen"]
-    assert sum(int(r["train_labeled_images"]) for r in history) == 2 * steps
-    assert sum(int(r["train_images"]) for r in history) == 4 * steps  # 2 unlabeled a step too
-    assert budget["labeled_rows"] < budget["training_rows"] / 2  # fewer labeled than unlabeled scans
-
-
 def test_same_seed_same_metrics_and_the_test_split_chooses_nothing(data, first_run, tmp_path):
-    # Two epochs: the second one's stream is started early, on a thread (train.started_early).
+    # Two epochs: the second one's stream is started early, on a thread (batching.started_early).
     # Run b trains with run a's config (seed 3) on the same shards but for the test split, and
     # without MLflow: it must keep the same checkpoint.
     assert train.train(str(_other_test_split(data, tmp_path / "other")), str(first_run / "config.yaml"),
@@ -176,33 +157,6 @@ def test_same_seed_same_metrics_and_the_test_split_chooses_nothing(data, first_r
     assert all(torch.equal(kept[0]["state_dict"][k], kept[1]["state_dict"][k]) for k in kept[0]["state_dict"])
     tested = [json.loads((run / "test.json").read_text()) for run in runs]
     assert tested[0]["runs"][0]["lesions"] != tested[1]["runs"][0]["lesions"]  # the test split did change
-
-
-def test_started_early_hands_over_every_item_in_order():
-    assert list(train.started_early(iter(range(5)))) == [0, 1, 2, 3, 4]
-    assert list(train.started_early(iter([]))) == []
-
-
-def test_started_early_pulls_before_it_is_asked_and_passes_errors_on():
-    pulled = threading.Event()
-
-    def source():
-        pulled.set()
-        yield "first"
-        raise OSError("shard unreadable")
-
-    batches = train.started_early(source())
-    assert pulled.wait(5)  # the first pull happened with nobody consuming yet
-    assert next(batches) == "first"
-    with pytest.raises(OSError, match="shard unreadable"):
-        next(batches)
-
-    def broken():
-        raise ValueError("bad first batch")
-        yield
-
-    with pytest.raises(ValueError, match="bad first batch"):
-        list(train.started_early(broken()))
 
 
 def test_bad_config_names_the_key(data, tmp_path):
@@ -228,7 +182,11 @@ def test_a_killed_worker_and_then_a_killed_driver_both_resume_from_checkpoints(d
 
     run = tmp_path / "run"
     # With a mean teacher (issue 12): the teacher is in every checkpoint and comes back with it.
-    config = _config(tmp_path, epochs=6, semi="mean_teacher", rampup_epochs=1)
+    # Two-stream batches, 2 labeled + 2 unlabeled scans a step (the teacher trains on both
+    # streams): the supervised term sees exactly 2 labeled scans a step, whatever the label
+    # share, across both failures too.
+    config = _config(tmp_path, epochs=6, semi="mean_teacher", rampup_epochs=1, labeled_batch_size=2,
+                     unlabeled_batch_size=2, label_fraction=0.3)
     # The driver joins the session's Ray through RAY_ADDRESS, as `bonescan train` does.
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     log = open(tmp_path / "driver.log", "w")
@@ -267,8 +225,18 @@ def test_a_killed_worker_and_then_a_killed_driver_both_resume_from_checkpoints(d
     resumed = [int(r["epoch"]) for r in history if r.get("resumed") == "True"]
     assert len(resumed) == 2, f"resumed from the epochs {resumed}: one by Ray Train, one by --resume"
     last = max(_checkpoints(run))
-    teacher = read_file(last / train.STATE)["teacher"]
+    teacher = read_file(last / harness.STATE)["teacher"]
     assert teacher["decay"] == 0.99 and teacher["model"].keys() == read_file(last / "model.pt")["state_dict"].keys()
+
+    budget = json.loads((run / "budget.json").read_text())
+    assert budget["batching"] == "two_stream" and budget["labeled_batch_size"] == 2
+    steps = int(history[-1]["steps"])
+    assert steps == budget["planned_steps"] == 6 * budget["planned_steps_per_epoch"]
+    assert budget["planned_steps_per_epoch"] == -(-budget["training_rows"] // 4)
+    assert int(history[-1]["labeled_seen"]) == 2 * steps == budget["planned_labeled_seen"]
+    assert sum(int(r["train_labeled_images"]) for r in history) == 2 * steps
+    assert sum(int(r["train_images"]) for r in history) == 4 * steps  # 2 unlabeled a step too
+    assert budget["labeled_rows"] < budget["training_rows"] / 2  # fewer labeled than unlabeled scans
 
 
 def test_each_epoch_is_one_seeded_shuffle_that_mixes_patients(ray_local):
@@ -276,17 +244,17 @@ def test_each_epoch_is_one_seeded_shuffle_that_mixes_patients(ray_local):
     the shards): every batch mixes patients, an epoch's order repeats for its seed, epochs differ."""
     import ray
 
-    from bonescan_platform.config import TrainConfig
+    from bonescan_model.train_config import TrainConfig
 
     rows = [{"image": np.zeros((2, 4, 4), np.float32), "mask": np.zeros((1, 4, 4), np.float32),
              "labeled": p % 2 == 0, "patient": p} for p in range(10) for _ in range(4)]
     ds = ray.data.from_items(rows)
-    ds.context.execution_options.preserve_order = True  # as the run's DataConfig sets it (train.split_train)
+    ds.context.execution_options.preserve_order = True  # as the run's DataConfig sets it (harness.split_train)
     shard = ds.iterator()
     cfg = TrainConfig.from_dict({"batch_size": 4, "augment": False, "seed": 5, "epochs": 2})
 
     def epoch(n: int) -> list[list[int]]:
-        return [b["patient"].tolist() for b in train.epoch_batches(shard, cfg, n, rank=0, shuffle_rows=40)]
+        return [b["patient"].tolist() for b in batching.epoch_batches(shard, cfg, n, rank=0, shuffle_rows=40)]
 
     first = epoch(0)
     assert sorted(sum(first, [])) == sorted(r["patient"] for r in rows)

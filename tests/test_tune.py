@@ -17,18 +17,17 @@ import pytest
 import yaml
 
 from bonescan_platform.cli import main
-from bonescan_platform.config import TrainConfig
+from bonescan_model.train_config import TrainConfig
 from bonescan_platform.search_space import parse_space
 from bonescan_platform.tune import plan_resources
-from tiny import ingested_cohort, tiny_config
+from tiny import tiny_config
 
 TINY = tiny_config(epochs=2, supervised="dice_ce")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, ray_local, deid_secret):
-    root = tmp_path_factory.mktemp("tune")
-    return ingested_cohort(root, 6, seed=5)
+def data(cohort):
+    return cohort(6, 5)
 
 
 def _space(folder: Path, **keys) -> Path:

@@ -11,7 +11,7 @@ from bonescan_model import engine, preprocess, views
 from bonescan_model.loss import SemiSupervisedLoss
 from bonescan_model.network import ModelConfig, build_model
 from bonescan_model.synth import synth_patient
-from bonescan_platform.config import TrainConfig
+from bonescan_model.train_config import TrainConfig
 
 
 def _one_lesion_patient():
@@ -108,11 +108,11 @@ def test_train_epoch_counts_samples_and_stops_at_its_step_budget(aggregation, sa
 
 def test_a_step_budget_plans_the_epochs_it_takes():
     pairs = TrainConfig(batch_size=4, max_steps=10)
-    assert pairs.plan(25) == {"epochs": 2, "steps_per_epoch": 7, "steps": 10}  # 7 + 3
-    assert pairs.plan(25, workers=2) == {"epochs": 4, "steps_per_epoch": 3, "steps": 10}  # 12 rows each
+    assert pairs.schedule(25) == {"epochs": 2, "steps_per_epoch": 7, "steps": 10}  # 7 + 3
+    assert pairs.schedule(25, workers=2) == {"epochs": 4, "steps_per_epoch": 3, "steps": 10}  # 12 rows each
     single_views = TrainConfig(batch_size=4, max_steps=10, model=ModelConfig(aggregation="views"))
     assert (single_views.samples_per_scan, single_views.scans_per_batch) == (2, 2)
-    assert single_views.plan(25) == {"epochs": 1, "steps_per_epoch": 13, "steps": 10}
-    assert TrainConfig(batch_size=4, epochs=3).plan(25) == {"epochs": 3, "steps_per_epoch": 7, "steps": 21}
+    assert single_views.schedule(25) == {"epochs": 1, "steps_per_epoch": 13, "steps": 10}
+    assert TrainConfig(batch_size=4, epochs=3).schedule(25) == {"epochs": 3, "steps_per_epoch": 7, "steps": 21}
     with pytest.raises(ValueError, match="max_steps"):
         TrainConfig(max_steps=0)

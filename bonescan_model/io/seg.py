@@ -5,7 +5,7 @@ imports this module, so the rest runs without it. Framework-free: never imports 
 
 What the SEG holds. One BINARY segment, "bone metastasis lesion", made by an AUTOMATIC
 algorithm ("bonescan", family DCM 123110 "Artificial Intelligence"), and one SEG frame per view
-frame of the source: ANT first (the mask as ``bonescan_model.predict`` gives it, in whole-body
+frame of the source: ANT first (the mask as ``bonescan_model.inference`` gives it, in whole-body
 ANT coordinates), then POST (the same mask mirrored back into POST's own orientation, as the
 camera recorded that frame). Each SEG frame references its source frame in its Derivation Image
 functional group: the SOP Instance UID, plus the frame number where the source file holds both

@@ -1,5 +1,5 @@
 """`bonescan augment`: materialize geometric copies of a shard set (the paper's D2) with Ray Data,
-and with ``--dcgan`` DCGAN samples (D3 from D1, D4 from D2; bonescan_platform.gan).
+and with ``--dcgan`` DCGAN samples (D3 from D1, D4 from D2; bonescan_platform.dcgan).
 
 Every input row is kept unchanged and followed by K augmented copies. A copy keeps the
 row's patient, split, crop box, spacing, readers' agreement and views, so the split stays
@@ -23,9 +23,9 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from bonescan_model import augment as geometric
+from bonescan_model import transforms as geometric
 from bonescan_model.errors import InputError
-from bonescan_platform import gan as dcgan_job
+from bonescan_platform import dcgan as dcgan_task
 from bonescan_platform import shards, storage
 from bonescan_platform.cluster import ray_session
 
@@ -80,8 +80,8 @@ def augment(
         if workers < 1:
             raise InputError(data, f"--workers must be at least 1, got {workers}")
     # Fail before Ray starts, naming the file.
-    gan_path = dcgan_job.resolve_gan(gan) if dcgan and gan is not None else None
-    gan_cfg = dcgan_job.load_gan_config(gan_config) if dcgan and gan is None else None
+    gan_path = dcgan_task.resolve_gan(gan) if dcgan and gan is not None else None
+    gan_cfg = dcgan_task.load_gan_config(gan_config) if dcgan and gan is None else None
     if copies < 0:
         raise InputError(data, f"--copies must be >= 0, got {copies}")
     if seed < 0:
@@ -95,21 +95,17 @@ def augment(
     storage.check_writable(out)
     if not paths:
         raise InputError(storage.join(data, shards.MANIFEST), "the manifest lists no shards")
-    legacy = storage.join(out, dcgan_job.LEGACY_RUN_DIR)
-    if storage.is_file(storage.join(legacy, dcgan_job.CONFIG)):
-        raise InputError(legacy, f"a GAN run of an earlier bonescan, inside the shard folder where Parquet readers "
-                                 f"take it for data: rename it to {dcgan_job.RUN_DIR} (or move it and pass --gan)")
     # A GAN run folder alone is ours too: a first --dcgan run stopped before its manifest.
-    if (any(name != dcgan_job.RUN_DIR for name in storage.listdir(out))
+    if (any(name != dcgan_task.RUN_DIR for name in storage.listdir(out))
             and not storage.is_file(storage.join(out, shards.MANIFEST))):
         raise InputError(out, "not empty and not a shard folder (no manifest); refusing to write there")
-    spacing = dcgan_job.median_spacing(data) if dcgan else None
-    previous, previous_report = shards.listed_files(out), shards.previous_report(out)
+    spacing = dcgan_task.median_spacing(data) if dcgan else None
+    previous = shards.listed_files(out)
     storage.makedirs(out)
 
     with ray_session():
         if dcgan and gan_path is None:
-            gan_path = dcgan_job.train_gan(data, Path(out) / dcgan_job.RUN_DIR, gan_cfg, workers, gpus)
+            gan_path = dcgan_task.train_gan(data, Path(out) / dcgan_task.RUN_DIR, gan_cfg, workers, gpus)
         ds = ray.data.read_parquet(paths)
         # The dataset's own copy of the DataContext: consume blocks in input order, so the
         # shards' row order, and hence their bytes, are the same on every run.
@@ -123,7 +119,7 @@ def augment(
         )
         tables = ds.iter_batches(batch_size=None, batch_format="pyarrow")
         if dcgan:  # after every input row: the originals' shards keep their rows and order
-            tables = itertools.chain(tables, dcgan_job.generated_tables(gan_path, samples, seed, spacing))
+            tables = itertools.chain(tables, dcgan_task.generated_tables(gan_path, samples, seed, spacing))
         written, sources = _write_shards(tables, out, rows_per_shard)
 
     report = {
@@ -135,15 +131,14 @@ def augment(
         "sources": dict(sorted(sources.items())),
     }
     if dcgan:
-        report["dcgan"] = {"samples": samples, "gan": str(gan_path.resolve()), "sheet": dcgan_job.SHEET,
-                           **dcgan_job.gan_summary(gan_path)}
-        dcgan_job.write_sheet(Path(data), Path(out), gan_path, seed)
+        report["dcgan"] = {"samples": samples, "gan": str(gan_path.resolve()), "sheet": dcgan_task.SHEET,
+                           **dcgan_task.gan_summary(gan_path)}
+        dcgan_task.write_sheet(Path(data), Path(out), gan_path, seed)
     shards.write_manifest(out, written, report)
     # After the manifest: a rerun with fewer rows or copies must not leave old shards behind;
     # only the shards the previous manifest listed are retired, nothing else in the folder.
     shards.retire(out, previous, written)
-    shards.say_kept(shards.remove_legacy_files(out, previous_report))
-    generated = f", {samples} DCGAN samples (sheet: {storage.join(out, dcgan_job.SHEET)})" if dcgan else ""
+    generated = f", {samples} DCGAN samples (sheet: {storage.join(out, dcgan_task.SHEET)})" if dcgan else ""
     print(f"augment: {report['rows_in']} rows in, {report['rows_out']} rows out ({copies} copies{generated}, "
           f"seed {seed}) -> {out}")
     return 0

@@ -13,17 +13,6 @@ import sys
 from bonescan_model.errors import InputError
 
 
-class NotYetAvailable(RuntimeError):
-    pass
-
-
-def _not_yet(job: str):
-    def run(**_kwargs) -> int:
-        raise NotYetAvailable(f"bonescan {job}: not yet available (coming in the next steps)")
-
-    return run
-
-
 def _synth(patients: int, out: str, seed: int) -> int:
     from bonescan_model.synth import write_cohort
 
@@ -47,7 +36,7 @@ def _train(data, config, out, workers: int, gpus: bool, resume: str | None, mlfl
 
     if resume:
         if mlflow:
-            raise InputError("--mlflow", "a resumed run logs to the MLflow run it started with (its run.json)")
+            raise InputError("--mlflow", "a resumed run logs to the MLflow run it started with (its record)")
         return train.resume(resume)
     missing = [flag for flag, value in (("--data", data), ("--config", config), ("--out", out)) if not value]
     if missing:
@@ -65,7 +54,7 @@ def _tune(data: str, space: str, out: str, resume: bool, mlflow: str | None) -> 
     from bonescan_platform.tune import sweep
 
     if resume and mlflow:
-        raise InputError("--mlflow", "a resumed sweep logs to the MLflow run it started with (its experiment.json)")
+        raise InputError("--mlflow", "a resumed sweep logs to the MLflow run it started with (its record)")
     return sweep(data, space, out, resume, mlflow)
 
 
@@ -257,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     args.pop("job")
     try:
         return int(run(**args) or 0)
-    except (InputError, NotYetAvailable) as err:
+    except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:

@@ -147,7 +147,7 @@ def placement_retries() -> int:
     return max(0, math.ceil(placement_wait_s() / attempt) - 1)
 
 
-def describe(resources: dict) -> str:
+def describe_resources(resources: dict) -> str:
     return ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items())
                      if k in ("CPU", "GPU") or not k.startswith(("node:", "memory", "object_store")))
 
@@ -169,13 +169,13 @@ def wait_for_room(what: str, workers: int, per_worker: dict[str, float], data_cp
 
     from bonescan_model.errors import InputError
 
-    asked = f"asks for {workers} worker(s) with {describe(per_worker)} each and CPU {data_cpus:g} to read the data"
+    asked = f"asks for {workers} worker(s) with {describe_resources(per_worker)} each and CPU {data_cpus:g} to read the data"
     total = ray.cluster_resources()
     needed = {k: v * workers for k, v in per_worker.items()}
     needed["CPU"] = needed.get("CPU", 0) + data_cpus
     if _started_here and any(v > total.get(k, 0) + 1e-9 for k, v in needed.items()):
         raise InputError(what, f"{asked}; this machine's Ray has "
-                               f"{describe({k: total.get(k, 0) for k in needed})} in all (fewer --workers, or no --gpus)")
+                               f"{describe_resources({k: total.get(k, 0) for k in needed})} in all (fewer --workers, or no --gpus)")
     group = placement_group([dict(per_worker)] * workers + [{"CPU": data_cpus}], strategy="PACK")
     try:
         placed = group.wait(timeout_seconds=placement_wait_s())
@@ -184,8 +184,8 @@ def wait_for_room(what: str, workers: int, per_worker: dict[str, float], data_cp
     if not placed:
         free = ray.available_resources()
         raise InputError(what, f"{asked}; the cluster could not make room within {placement_wait_s():g} s "
-                               f"({PLACEMENT_WAIT_ENV}): it has {describe({k: total.get(k, 0) for k in needed})} "
-                               f"in all, {describe({k: free.get(k, 0) for k in needed})} free now")
+                               f"({PLACEMENT_WAIT_ENV}): it has {describe_resources({k: total.get(k, 0) for k in needed})} "
+                               f"in all, {describe_resources({k: free.get(k, 0) for k in needed})} free now")
 
 
 def placement_failure(what: str, workers: int, per_worker: dict[str, float], error: Exception):
@@ -208,5 +208,5 @@ def placement_failure(what: str, workers: int, per_worker: dict[str, float], err
     keys = {k: 0 for k in per_worker}
     total = {**keys, **{k: v for k, v in ray.cluster_resources().items() if k in per_worker}}
     free = {**keys, **{k: v for k, v in ray.available_resources().items() if k in per_worker}}
-    return InputError(what, f"asks for {workers} worker(s) with {describe(per_worker)} each; the cluster "
-                            f"{when}: it has {describe(total)} in all, {describe(free)} free now")
+    return InputError(what, f"asks for {workers} worker(s) with {describe_resources(per_worker)} each; the cluster "
+                            f"{when}: it has {describe_resources(total)} in all, {describe_resources(free)} free now")

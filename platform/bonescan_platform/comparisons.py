@@ -1,37 +1,33 @@
-"""A sweep's arms against its control: ``EXP/comparisons.csv`` and ``.parquet``.
+"""A sweep's arms against its control: the rows ``runs.Experiment.write_comparisons`` keeps
+(``EXP/comparisons.csv`` and ``.parquet``).
 
 A space that names its control (``compare: {control: {...}, pair_by: seed}``,
 ``search_space``) gets one row per arm and value of the other swept parameters: each arm
 trial is paired with the control trial of the same seed and the same other values, and the
 pairs' test DSC (run 0, the kept model, scored once) go through ``bonescan_model.paired``,
 whose docstring states the verdict rule. The bootstrap draws the trials' per-image test
-scores (``test.json``'s ``per_image``, in scan_key order, so image i is the same scan in
+scores (the test score's ``per_image``, in scan_key order, so image i is the same scan in
 every trial of the experiment). Only finished trials count: an ASHA-stopped trial trained
 less than its pair, so a pair with one is left out, and the row says how many were.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.csv
-import pyarrow.parquet as pq
 
 from bonescan_model.paired import MARGIN, compare
-from bonescan_platform.evaluate import TEST_FILE
+from bonescan_platform.runs import Run
 from bonescan_platform.search_space import SearchSpace
 
-CSV, PARQUET = "comparisons.csv", "comparisons.parquet"
 METRIC = "dsc"  # the headline the verdicts are about
 
 
-def table(rows: list[dict], space: SearchSpace, runs: Path) -> list[dict]:
+def table(rows: list[dict], space: SearchSpace, runs: list[Run]) -> list[dict]:
     """The comparison rows of a sweep's results (``tune.collect``'s rows); [] without a control.
-    runs: the experiment's run folders (each trial's test.json holds its per-image scores)."""
+    runs: the trials' runs (each one's test score holds its per-image scores)."""
+    by_trial = {run.name: run for run in runs}
     if space.compare is None:
         return []
     control = space.compare["control"]
@@ -48,7 +44,7 @@ def table(rows: list[dict], space: SearchSpace, runs: Path) -> list[dict]:
     for (arm, rest), trials in sorted(groups.items(), key=lambda g: str(g[0])):
         pairs = [(t, controls[(rest, t["seed"])]) for t in sorted(trials, key=lambda t: t["seed"])
                  if t["trial_id"] in usable_ids and (rest, t["seed"]) in controls]
-        images = [(per_image(runs / a["trial_id"]), per_image(runs / c["trial_id"])) for a, c in pairs]
+        images = [(per_image(by_trial[a["trial_id"]]), per_image(by_trial[c["trial_id"]])) for a, c in pairs]
         have_images = pairs and all(a is not None and c is not None and len(a) == len(c) for a, c in images)
         result = compare([a[METRIC] for a, _ in pairs], [c[METRIC] for _, c in pairs],
                          [a for a, _ in images] if have_images else None,
@@ -64,20 +60,6 @@ def table(rows: list[dict], space: SearchSpace, runs: Path) -> list[dict]:
     return out
 
 
-def write(root: Path, comparisons: list[dict]) -> None:
-    """``comparisons.parquet`` and ``comparisons.csv`` in the experiment folder; none without rows."""
-    if not comparisons:
-        return
-    data = pa.Table.from_pylist(comparisons)
-    pq.write_table(data, root / PARQUET)
-    pyarrow.csv.write_csv(data, root / CSV)
-
-
-def read(root: Path) -> list[dict]:
-    """What ``write`` wrote; [] where the sweep has no control."""
-    return pq.read_table(root / PARQUET).to_pylist() if (root / PARQUET).is_file() else []
-
-
 def _key(row: dict, names) -> tuple:
     return tuple(str(row[name]) for name in names)
 
@@ -86,13 +68,10 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def per_image(run: Path) -> np.ndarray | None:
+def per_image(run: Run) -> np.ndarray | None:
     """A run's run-0 test DSC per lesion-bearing image (the headline's images, in scan_key
-    order), or None (no test.json, or one written before test.json kept them)."""
-    path = run / TEST_FILE
-    if not path.is_file():
-        return None
-    kept = json.loads(path.read_text()).get("per_image")
+    order), or None (no test score, or one without them: an nnU-Net baseline's)."""
+    kept = (run.any_test_score or {}).get("per_image")
     if not kept:
         return None
     scores, lesions = np.asarray(kept[METRIC], float), np.asarray(kept["lesions"])

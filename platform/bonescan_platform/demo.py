@@ -16,9 +16,9 @@ from pathlib import Path
 from bonescan_model.baseline import ThresholdModel, fit_threshold
 from bonescan_model.errors import InputError
 from bonescan_model.synth import write_cohort
-from bonescan_platform import evaluate, ingest, predict, report, shards, splits, stream, train
-from bonescan_platform.config import load_train_config
+from bonescan_platform import ingest, predict, report, scoring, shards, stream, train
 from bonescan_platform.cluster import ray_session
+from bonescan_platform.runs import Run
 
 PATIENTS = 40
 MIN_PATIENTS = 6
@@ -42,24 +42,24 @@ def demo(out: str = "bonescan-demo", patients: int | None = None, config: str | 
         data = out_dir / "shards"
         ingest.ingest(str(out_dir / "cohort" / "dicom"), str(data), str(out_dir / "cohort" / "labels"))
         _step(3, f"training on Ray Train ({Path(config).name})")
-        run = out_dir / "run"
-        train.train(str(data), str(config), str(run))
+        train.train(str(data), str(config), str(out_dir / "run"))
+        run = Run.open(out_dir / "run")
         _step(4, "the test split, scored once: the kept model against a count threshold tuned on validation")
-        model_result = json.loads((run / evaluate.TEST_FILE).read_text())  # written by the run's end
+        model_result = run.test_score  # the run's end scored its kept model, once
         baseline_result = _evaluate_baseline(data, run)
         _step(5, "predicting one test scan: whole-body mask, LabelMe contours, overlay")
         scan = _one_test_scan(out_dir, data)
-        predict.predict(str(run), str(scan), str(out_dir / "predictions"))
+        predict.predict(str(run.root), str(scan), str(out_dir / "predictions"))
     summary = {"split": "test", "model": model_result, "count_threshold_baseline": baseline_result}
     (out_dir / "demo_metrics.json").write_text(json.dumps(summary, indent=2))
     _step(6, "reporting: training curves, scores, test scans with labels and predictions")
-    report.report(str(run), str(out_dir / "report.html"))
+    report.report(str(run.root), str(out_dir / "report.html"))
     print(f"\nbonescan demo finished in {time.perf_counter() - started:.0f} s")
-    evaluate.print_summary(model_result, "trained model       ")
-    evaluate.print_summary(baseline_result, f"count threshold {baseline_result['tau']:.2f}")
+    scoring.print_summary(model_result, "trained model       ")
+    scoring.print_summary(baseline_result, f"count threshold {baseline_result['tau']:.2f}")
     beaten = model_result["dsc"] > baseline_result["dsc"]
     print(f"the model {'beats' if beaten else 'does NOT beat'} the count-threshold baseline on DSC")
-    for label, path in [("cohort", out_dir / "cohort"), ("shards", data), ("run (model.pt, history.csv)", run),
+    for label, path in [("cohort", out_dir / "cohort"), ("shards", data), ("run (model, history)", run.root),
                         ("metrics", out_dir / "demo_metrics.json"), ("predictions", out_dir / "predictions"),
                         ("report (open in a browser)", out_dir / "report.html")]:
         print(f"  {label:<28} {path}")
@@ -70,14 +70,13 @@ def _step(n: int, text: str) -> None:
     print(f"\n[{n}/{STEPS}] {text}", flush=True)
 
 
-def _evaluate_baseline(data: Path, run: Path) -> dict:
+def _evaluate_baseline(data: Path, run: Run) -> dict:
     """The count threshold, tuned on the run's validation patients (as the model's checkpoint
     was chosen), scored like the model on the test split."""
-    val = stream.crops(data, "train", only=list(splits.load(run).val))
-    tau = fit_threshold(stream.batches(val, evaluate.BATCH))
-    test_runs = load_train_config(run / "config.yaml").test_runs
-    result = evaluate.score_runs(ThresholdModel(tau), stream.crops(data, "test"), runs=test_runs,
-                                 label="evaluate threshold")
+    val = stream.crops(data, "train", only=list(run.splits.val))
+    tau = fit_threshold(stream.batches(val, scoring.BATCH))
+    result = scoring.score_runs(ThresholdModel(tau), stream.crops(data, "test"), runs=run.config.test_runs,
+                                label="evaluate threshold")
     return {"split": "test", **result, "tau": tau, "tuned_on": "val"}
 
 

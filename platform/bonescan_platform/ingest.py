@@ -87,7 +87,7 @@ def ingest(dicom: str, out: str, labels: str | None = None, *, rows_per_shard: i
     storage.check_writable(out_dir)
     secret = load_or_create_secret(default_secret_path())
     plan = plan_ingest(Path(dicom), Path(labels) if labels else None, secret, rows_per_shard)
-    previous, previous_report = shards.listed_files(out_dir), shards.previous_report(out_dir)
+    previous = shards.listed_files(out_dir)
     storage.makedirs(out_dir)
     results = _run_tasks(plan.tasks, out_dir, secret) if plan.tasks else []
     written = [shards.ShardInfo(**r["shard"]) for r in results if r["shard"]]
@@ -106,7 +106,6 @@ def ingest(dicom: str, out: str, labels: str | None = None, *, rows_per_shard: i
         _discard(out_dir, written, previous)  # no shard of this ingest is left unlisted
         raise
     shards.retire(out_dir, previous, written)
-    shards.say_kept(shards.remove_legacy_files(out_dir, previous_report))
     return 0 if report["scans_ingested"] else 2
 
 

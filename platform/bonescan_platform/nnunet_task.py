@@ -19,7 +19,6 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.paths import nnUNet_preprocessed
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from bonescan_platform.nnunet import CONFIGURATION, DATASET_ID, DATASET_NAME
 
 PLANS = "nnUNetPlans"
 LOGGED = ("train_losses", "val_losses", "mean_fg_dice", "ema_fg_dice", "epoch_start_timestamps", "epoch_end_timestamps")
@@ -53,8 +52,10 @@ class SampledFingerprintExtractor(DatasetFingerprintExtractor):
         self.num_foreground_voxels_for_intensitystats = 1e5
 
 
-def plan_train_predict(stage: Path, epochs: int, iterations: int, gpus: bool) -> dict:
-    """nnU-Net's whole pipeline on the exported dataset; predictions of the test and validation
+def plan_train_predict(stage: Path, epochs: int, iterations: int, gpus: bool, *, dataset_id: int,
+                       dataset_name: str, configuration: str) -> dict:
+    """nnU-Net's whole pipeline on the exported dataset (``dataset_id``, named ``dataset_name``
+    in its folders, trained in nnU-Net's ``configuration``); predictions of the test and validation
     scans under stage/predictions and stage/predictions_val. Returns nnU-Net's per-epoch log
     (LOGGED), its batch size and the network's parameter count."""
     # nnU-Net's process pools start by fork unless told otherwise; a Ray worker runs threads
@@ -62,14 +63,14 @@ def plan_train_predict(stage: Path, epochs: int, iterations: int, gpus: bool) ->
     # pool joining a child that never ran). Spawned children start clean.
     multiprocessing.set_start_method("spawn", force=True)
     device = torch.device("cuda" if gpus else "cpu")
-    extract_fingerprint_dataset(DATASET_ID, SampledFingerprintExtractor, num_processes=1, check_dataset_integrity=True,
+    extract_fingerprint_dataset(dataset_id, SampledFingerprintExtractor, num_processes=1, check_dataset_integrity=True,
                                 show_progress_bar=False)
-    plan_experiments([DATASET_ID])
-    preprocessed = Path(nnUNet_preprocessed) / DATASET_NAME
-    schemes = load_json(preprocessed / f"{PLANS}.json")["configurations"][CONFIGURATION]["normalization_schemes"]
+    plan_experiments([dataset_id])
+    preprocessed = Path(nnUNet_preprocessed) / dataset_name
+    schemes = load_json(preprocessed / f"{PLANS}.json")["configurations"][configuration]["normalization_schemes"]
     if "CTNormalization" in schemes:  # what the smaller intensity sample would change
         raise RuntimeError(f"nnU-Net planned CT normalization ({schemes}): its fingerprint needs the full intensity sample")
-    preprocess([DATASET_ID], PLANS, configurations=(CONFIGURATION,), num_processes=(1,), show_progress_bar=False)
+    preprocess([dataset_id], PLANS, configurations=(configuration,), num_processes=(1,), show_progress_bar=False)
     shutil.copy(stage / "splits_final.json", preprocessed / "splits_final.json")  # fold 0: bonescan's split
 
     # Data augmentation in the task's own process (nnU-Net's SingleThreadedAugmenter): Ray placed
@@ -77,7 +78,7 @@ def plan_train_predict(stage: Path, epochs: int, iterations: int, gpus: bool) ->
     os.environ["nnUNet_n_proc_DA"] = "0"
     trainer_class = type("BudgetTrainer", (BudgetTrainer,), {"EPOCHS": epochs, "ITERATIONS": iterations})
     plans = {**load_json(preprocessed / f"{PLANS}.json"), "continue_training": False}  # as nnU-Net's own entry point sets it
-    trainer = trainer_class(plans=plans, configuration=CONFIGURATION, fold=0,
+    trainer = trainer_class(plans=plans, configuration=configuration, fold=0,
                             dataset_json=load_json(preprocessed / "dataset.json"), device=device)
     trainer.run_training()
     log = trainer.logger.local_logger.my_fantastic_logging  # every epoch's: loading the best checkpoint cuts it back
@@ -97,7 +98,7 @@ def plan_train_predict(stage: Path, epochs: int, iterations: int, gpus: bool) ->
         (stage / out).mkdir(exist_ok=True)
         # Lists of each case's channel files, not a folder: for a folder nnU-Net lists them in a
         # process pool, which this predictor's "sequential" path otherwise avoids.
-        files = sorted((stage / "nnUNet_raw" / DATASET_NAME / images).glob("*.png"))
+        files = sorted((stage / "nnUNet_raw" / dataset_name / images).glob("*.png"))
         cases = sorted({f.name.rsplit("_", 1)[0] for f in files})
         inputs = [[str(f) for f in files if f.name.rsplit("_", 1)[0] == case] for case in cases]
         predictor.predict_from_files_sequential(inputs, [str(stage / out / case) for case in cases],

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import math
 import tempfile
 from collections.abc import Callable
@@ -22,15 +23,15 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from bonescan_model.checkpoint import load_model, resolve
+from bonescan_model.checkpoint import load_model
+from bonescan_model.progress import progress
 from bonescan_model.errors import InputError, describe, quoted, shown
 from bonescan_model.io.deid import default_secret_path, load_or_create_secret
 from bonescan_model.io.dicom import group_series, scan_name
 from bonescan_model.io.files import find_files
-from bonescan_model.predict import output_paths, predict_scans, read_and_crop, reference_view, write_prediction
+from bonescan_model.inference import output_paths, predict_scans, read_and_crop, reference_view, write_prediction
 from bonescan_platform import storage
 from bonescan_platform.cluster import ray_session
-from bonescan_platform.progress import collect_rows
 
 # Scans per actor call: what an actor reads, predicts and writes before it reports back (the
 # network then takes them one crop at a time on a CPU, all at once on a GPU: predict_masks).
@@ -226,13 +227,10 @@ def predict(checkpoint: str, dicom: str, out: str, seg: bool = False, seg_patien
     if storage.is_uri(dicom):
         raise InputError(dicom, "--dicom reads files the cluster's nodes can open (pydicom takes files): "
                                 "copy the scans out of object storage first")
-    if storage.is_uri(checkpoint):
-        checkpoint = storage.absolute(checkpoint)
-        with storage.local_checkpoint(checkpoint) as local:
-            trained = load_model(local)  # here, so a bad checkpoint fails at once
-    else:
-        checkpoint = str(resolve(checkpoint))
-        trained = load_model(checkpoint)
+    checkpoint = storage.absolute(checkpoint)
+    with storage.local_checkpoint(checkpoint) as local:
+        trained = load_model(local)  # here, so a bad checkpoint fails at once
+        checkpoint = checkpoint if storage.is_uri(checkpoint) else str(local)
     secret = load_or_create_secret(default_secret_path())
     out_dir = storage.absolute(out) if storage.is_uri(out) else out
     storage.check_writable(out_dir)
@@ -269,3 +267,25 @@ def _print_summary(predicted: list[dict], rejected: list[dict], out_dir: str, se
         print("rejected:")
         for r in sorted(rejected, key=lambda r: r["file"]):
             print(f"  {shown(r['file'])}: {r['reason']}")
+
+
+def collect_rows(ds, *, total: int, desc: str, unit: str, weight: Callable[[dict], int] = lambda row: 1) -> list[dict]:
+    """Every row of ``ds`` (in no particular order), the bar advanced by ``weight(row)`` units.
+
+    Ray Data's own progress bars are switched off for this dataset: they count blocks and
+    operators, ours counts scans, and in a log (not a terminal) Ray Data would write its
+    progress as log lines every few seconds."""
+    ds.context.enable_progress_bars = False
+    # ... which would then say so, once per process, with a hint to turn them back on.
+    notices = logging.getLogger("ray.data._internal.progress")
+    level = notices.level
+    notices.setLevel(logging.ERROR)
+    rows = []
+    try:
+        with progress(total=total, desc=desc, unit=unit) as bar:
+            for row in ds.iter_rows():
+                rows.append(row)
+                bar.update(weight(row))
+    finally:
+        notices.setLevel(level)
+    return rows

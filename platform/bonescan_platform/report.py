@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import ListedColormap
@@ -28,17 +27,14 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from bonescan_model.burden import burden, skeleton_mask
-from bonescan_model.checkpoint import FILENAME
 from bonescan_model.engine import predict_masks
 from bonescan_model.errors import InputError
 from bonescan_model.metrics import dsc as dice
-from bonescan_model.predict import display_norm
-from bonescan_platform.config import load_train_config
+from bonescan_model.inference import display_norm
 from bonescan_platform.search_space import RESULT_COLUMNS, SearchSpace, case_name
-from bonescan_platform.splits import load_budget
 from bonescan_platform.stream import crops as split_crops
-from bonescan_platform import comparisons, storage
-from bonescan_platform.runs import RUN_NAME, TUNE_NAME, Experiment, is_experiment, is_run, kept_model, read_history
+from bonescan_platform import storage
+from bonescan_platform.runs import CONFIG, EXPERIMENT, HISTORY_CSV, HISTORY_JSON, RUN_NAME, TUNE_NAME, Experiment, Run
 
 METRICS = ("dsc", "cpa", "recall")
 METRIC_NAMES = {"dsc": "DSC", "cpa": "CPA", "recall": "Recall"}  # as the paper writes them
@@ -75,7 +71,7 @@ def report(target: str, out: str) -> int:
             raise InputError(out_path.parent, "is a file, not a folder to write the report in")
     shown = storage.absolute(target)
     if storage.is_uri(shown):
-        for marker in ("experiment.json", "history.csv"):
+        for marker in (EXPERIMENT, HISTORY_JSON):
             if storage.is_file(storage.join(shown, marker)):
                 break
         else:
@@ -101,15 +97,15 @@ def report(target: str, out: str) -> int:
     return 0
 
 
-_NEITHER = ("neither an experiment folder (experiment.json, from `bonescan tune`) nor a run "
-            "folder (history.csv and config.yaml, from `bonescan train`)")
+_NEITHER = (f"neither an experiment folder ({EXPERIMENT}, from `bonescan tune`) nor a run "
+            f"folder ({HISTORY_JSON} and {CONFIG}, from `bonescan train`)")
 
 
 def _page_of(path: Path, shown: str) -> str:
-    if is_experiment(path):
+    if Experiment.is_experiment(path):
         return experiment_page(path, shown)
-    if is_run(path):
-        return run_page(path, shown)
+    if Run.is_run(path):
+        return run_page(Run(path), shown)
     raise InputError(shown, _NEITHER)
 
 
@@ -123,10 +119,10 @@ def _read_by_report(relative: str) -> bool:
 # ---------------------------------------------------------------- an experiment
 def experiment_page(root: Path, shown: str | None = None) -> str:
     exp = Experiment.open(root)
-    if not (root / "results.parquet").is_file():
+    rows = exp.results()
+    if rows is None:
         raise InputError(root, "no results.parquet yet: the sweep has not finished (continue it with "
                                "`bonescan tune ... --resume`)")
-    rows = pq.read_table(root / "results.parquet").to_pylist()
     space = exp.space
     groups = configurations(rows, space)
     spec = space.report
@@ -149,12 +145,12 @@ def experiment_page(root: Path, shown: str | None = None) -> str:
         f"<h2>DSC, CPA and Recall against {_e(_header(spec['x'], spec))}</h2>",
         _img(metric_figure(groups, space), "metrics against the swept parameter"),
         "<h2>Training curves</h2>",
-        _img(training_figure(groups, exp.runs), "training curves of every trial"),
+        _img(training_figure(groups, exp), "training curves of every trial"),
         "<h2>Test scans: manual label and each configuration's prediction</h2>",
         f"<p class='note'>The {PANEL_MODELS} configurations with the best DSC.</p>" if len(groups) > PANEL_MODELS
         else "",
-        prediction_panel(exp.data, [(g["label"], exp.runs / g["rows"][0]["trial_id"]) for g in panel_groups(groups)]),
-        *comparisons_section(comparisons.read(root)),
+        prediction_panel(exp.data, [(g["label"], exp.trial_run(g["rows"][0]["trial_id"])) for g in panel_groups(groups)]),
+        *comparisons_section(exp.comparisons()),
         "<h2>Every trial</h2>", trials_table(rows, space),
     ]
     return _page(title, body)
@@ -347,7 +343,7 @@ def trials_table(rows: list[dict], space: SearchSpace) -> str:
             cells.append(f"<td>{_format(c, value) if _is_number(value) else _e(str(value))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return (f"<table id='trials-table'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-            "<p class='note'>Every trial is a run folder under runs/ (config.yaml, history.csv, model.pt); "
+            f"<p class='note'>Every trial is a run folder under runs/ ({CONFIG}, {HISTORY_CSV}, model.pt); "
             "results.parquet and results.csv hold this table with every column and each trial's config.</p>")
 
 
@@ -405,13 +401,13 @@ def metric_figure(groups: list[dict], space: SearchSpace) -> Figure:
     return fig
 
 
-def training_figure(groups: list[dict], runs: Path) -> Figure:
+def training_figure(groups: list[dict], exp: Experiment) -> Figure:
     fig = _figure(12, 3.6)
     axes = fig.subplots(1, 3)
     panels = (("train_loss", "training loss"), ("val_dsc", "validation DSC"), ("val_recall", "validation Recall"))
     for group in groups:
         for i, row in enumerate(group["rows"]):
-            history = _history(runs / row["trial_id"])  # the folder may have moved since the sweep
+            history = exp.trial_run(row["trial_id"]).history  # the folder may have moved since the sweep
             for ax, (key, _title) in zip(axes, panels):
                 points = [(h["epoch"], h[key]) for h in history if key in h]
                 if points:
@@ -429,7 +425,7 @@ def training_figure(groups: list[dict], runs: Path) -> Figure:
     return fig
 
 
-def prediction_panel(data: str | Path, models: Sequence[tuple[str, Path]]) -> str:
+def prediction_panel(data: str | Path, models: Sequence[tuple[str, Run]]) -> str:
     """Figure 10 of the paper: rows of test scans; columns: the scan, its manual label and each
     model's prediction (lesion outlines; in the titles the burden of each mask, and DSC of that
     scan for a prediction)."""
@@ -444,8 +440,8 @@ def prediction_panel(data: str | Path, models: Sequence[tuple[str, Path]]) -> st
     spacings = crops["pixel_spacing_mm"][picks]
     predictions = []
     for label, run in models:
-        if (run / FILENAME).is_file():
-            trained = kept_model(run)
+        if run.model_path.is_file():
+            trained = run.kept_model()
             masks = predict_masks(trained.model, torch.from_numpy(images), trained.threshold).numpy()  # (B, H, W) bool
             predictions.append((label, masks, dice(masks, truths)))
     cols = 2 + len(predictions)
@@ -499,20 +495,19 @@ def _pick_scans(masks: np.ndarray) -> list[int]:
 
 
 # ---------------------------------------------------------------- a single run
-def run_page(run: Path, shown: str | None = None) -> str:
-    cfg = load_train_config(run / "config.yaml")
-    history = _history(run)
-    info = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
+def run_page(run: Run, shown: str | None = None) -> str:
+    cfg, history, record = run.config, run.history, run.record
+    data = record.data if record else None
     best = max(history, key=lambda h: h.get("val_dsc", -1.0))
     last = history[-1]
     model = cfg.model
-    facts = [("run", shown or str(run)), ("data", info.get("data", "unknown")),
+    facts = [("run", shown or str(run.root)), ("data", data or "unknown"),
              ("model", f"{model.arch}, width {model.width}, t = {model.recurrence} ({model.recurrent_weights}), "
                        f"aggregation {model.aggregation}"),
              ("training", f"{last['epoch']} of {cfg.epochs} epochs, lr {cfg.lr}, alpha {cfg.alpha}, nu {cfg.nu}, "
                           f"{cfg.supervised}, L_label {cfg.label_fraction:.0%}, data set {cfg.dataset}, seed {cfg.seed}")]
     head = "".join(f"<th>{h}</th>" for h in ("", "epoch", *METRIC_NAMES.values(), "training loss"))
-    tested = json.loads((run / "test.json").read_text()) if (run / "test.json").is_file() else None
+    tested = run.any_test_score
     rows = "".join(
         f"<tr><td>{name}</td><td>{h['epoch']}</td>" + "".join(
             f"<td>{_format(k, h.get('val_' + k, float('nan')))}</td>" for k in METRICS) +
@@ -552,13 +547,13 @@ def run_page(run: Path, shown: str | None = None) -> str:
             f"<table id='run-table'><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>",
             "<h2>Training curves</h2>", _img(fig, "training curves"),
             "<h2>Test scans: manual label and prediction</h2>",
-            prediction_panel(info["data"], [("prediction", run)]) if info.get("data") else
-            "<p class='note'>run.json names no data: no test scans to show.</p>"]
+            prediction_panel(data, [("prediction", run)]) if data else
+            "<p class='note'>The run records no data: no test scans to show.</p>"]
     return _page(f"Run {run.name}", body)
 
 
-def _budget_line(run: Path) -> str:
-    budget = load_budget(run)
+def _budget_line(run: Run) -> str:
+    budget = run.budget
     if not budget:
         return ""
     return (f"<p class='note' id='budget'>Label budget: {budget['labeled_scans']} labeled original scans of "
@@ -569,9 +564,9 @@ def _budget_line(run: Path) -> str:
             f"scans of {budget['test_patients']} patients.{_training_sentence(run, budget)}</p>")
 
 
-def _training_sentence(run: Path, budget: dict) -> str:
+def _training_sentence(run: Run, budget: dict) -> str:
     """Samples and optimizer steps: what makes two runs' training comparable, or not."""
-    history = _history(run)
+    history = run.history
     if "training_samples" not in budget or not history:
         return ""
     last = history[-1]
@@ -663,10 +658,6 @@ def _format(column: str, value: float, paper: bool = False) -> str:
     if float(value).is_integer():
         return str(int(value))
     return f"{value:.4g}"
-
-
-def _history(run: Path) -> list[dict]:
-    return read_history(run)
 
 
 def _mean(rows: list[dict], column: str) -> float:

@@ -58,7 +58,7 @@ from typing import Any
 from bonescan_model.errors import InputError, quoted
 from bonescan_model.frozen import from_mapping
 from bonescan_model.network import ModelConfig
-from bonescan_platform.config import TrainConfig, load_train_config, read_yaml
+from bonescan_model.train_config import TrainConfig, load_train_config, read_yaml
 
 KINDS = ("grid", "choice", "uniform", "loguniform")
 TOP_KEYS = ("base", "fixed", "parameters", "num_samples", "metric", "mode", "scheduler", "search",

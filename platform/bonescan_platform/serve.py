@@ -45,10 +45,10 @@ from pathlib import Path
 import numpy as np
 from skimage import measure
 
-from bonescan_model.checkpoint import FILENAME, load_model, resolve
+from bonescan_model.checkpoint import FILENAME, load_model
 from bonescan_model.errors import InputError, shown
 from bonescan_model.io.deid import default_secret_path, load_or_create_secret
-from bonescan_model.predict import Prediction, predict_scans, read_and_crop, reference_view
+from bonescan_model.inference import Prediction, predict_scans, read_and_crop, reference_view
 from bonescan_platform import storage
 from bonescan_platform.cluster import ray_session
 
@@ -268,15 +268,11 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, replicas: 
         raise InputError("--max-body-mb", f"{max_body_mb}: expected 1 to 1024")
     if not 0 < port < 65536:
         raise InputError("--port", f"{port}: expected 1 to 65535")
-    if storage.is_uri(checkpoint):
-        checkpoint = storage.absolute(checkpoint)
-        with storage.local_checkpoint(checkpoint) as local:
-            load_model(local)  # here, so a bad checkpoint fails at once, not in every replica
-        run = storage.name(checkpoint.rstrip("/").removesuffix(FILENAME).rstrip("/"))
-    else:
-        local = resolve(checkpoint)
-        load_model(local)
-        checkpoint, run = str(local), Path(local).resolve().parent.name
+    checkpoint = storage.absolute(checkpoint)
+    with storage.local_checkpoint(checkpoint) as local:
+        load_model(local)  # here, so a bad checkpoint fails at once, not in every replica
+        checkpoint = checkpoint if storage.is_uri(checkpoint) else str(local)
+    run = storage.name(checkpoint.rstrip("/").removesuffix(FILENAME).rstrip("/"))  # the run folder's name
     if not _port_free(host, port):
         raise InputError(f"{host}:{port}", "the port is taken (another service, or a bonescan serve already running)")
     options = Options(checkpoint=checkpoint, run=run, max_body_bytes=max_body_mb * 1024**2, gpus=gpus,

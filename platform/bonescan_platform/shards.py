@@ -25,11 +25,6 @@ from bonescan_model.preprocess import CROP_SIZE
 from bonescan_platform import storage
 
 MANIFEST = "_manifest.json"
-# What an earlier bonescan wrote beside the shards under names Parquet readers take for data:
-# a job writing into such a folder again removes them (it writes their successors, ``_``
-# names), once it has recognised them as bonescan's own (``remove_legacy_files``).
-LEGACY_REPORT, LEGACY_SHEET = "ingest_report.json", "samples.png"
-
 SCHEMA = pa.schema(
     [
         pa.field("patient_key", pa.string(), nullable=False),
@@ -142,44 +137,6 @@ def write_manifest(out_dir: str | Path, shards: list[ShardInfo], report: dict) -
     return target
 
 
-def remove_legacy_files(out_dir: str | Path, previous_report: dict | None) -> list[str]:
-    """Remove what an earlier bonescan wrote under a plain name, where it is recognisably its
-    own: ``ingest_report.json`` holding an ingest report (``scans_ingested``), ``samples.png``
-    of a folder whose previous manifest records a DCGAN augment. A file of that name that is
-    not recognised is someone else's: it stays, and is returned so the job can say so."""
-    kept = []
-    report = storage.join(out_dir, LEGACY_REPORT)
-    if storage.is_file(report):
-        try:
-            ours = "scans_ingested" in json.loads(storage.read_text(report))
-        except (OSError, UnicodeDecodeError, ValueError, TypeError, RecursionError):
-            ours = False
-        if ours:
-            storage.delete(report)
-        else:
-            kept.append(report)
-    sheet = storage.join(out_dir, LEGACY_SHEET)
-    if storage.is_file(sheet):
-        if isinstance(previous_report, dict) and "dcgan" in previous_report:
-            storage.delete(sheet)
-        else:
-            kept.append(sheet)
-    return kept
-
-
-def previous_report(shard_dir: Path) -> dict | None:
-    """The ``report`` of a folder's manifest before a job rewrites it; None without one."""
-    try:
-        return read_manifest(shard_dir).get("report")
-    except InputError:
-        return None
-
-
-def say_kept(kept: list[str]) -> None:
-    for path in kept:
-        print(f"{path}: left in place (not written by bonescan); Parquet readers of the folder will take it for data")
-
-
 def read_manifest(shard_dir: str | Path) -> dict:
     """The manifest of a shard folder, checked for the shape written above: an InputError
     naming the folder or the file for anything else (missing, not JSON, not a manifest)."""
@@ -281,8 +238,8 @@ def read_table(paths: list[str], columns: list[str], where=None) -> pa.Table:
     are never held together)."""
     if not paths:
         return SCHEMA.empty_table().select(columns)
-    fs, _ = storage.resolve(paths[0])
-    return pq.read_table([storage.resolve(p)[1] for p in paths], columns=columns, filesystem=fs, filters=where)
+    fs, _ = storage.locate(paths[0])
+    return pq.read_table([storage.locate(p)[1] for p in paths], columns=columns, filesystem=fs, filters=where)
 
 
 def split_rows(shard_dir: Path, split: str) -> int:

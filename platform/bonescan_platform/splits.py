@@ -9,14 +9,14 @@ The label budget is counted on original training scans only: augmented copies an
 (DCGAN) rows can never carry a label of their own, so they are neither in the numerator nor in
 the denominator. Masks are kept per patient (a labeled patient's augmented copies keep theirs).
 
-A run writes ``splits.json`` ({"train": [...], "val": [...], "test": [...]}, keyed hashes only)
-and ``budget.json`` (how many scans and patients were labeled, beside the totals).
+A run keeps its ``Selection`` (``runs.Run.save_selection``): its splits ({"train": [...],
+"val": [...], "test": [...]}, keyed hashes only) and its budget (how many scans and patients
+were labeled, beside the totals).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +28,6 @@ from bonescan_model.preprocess import CROP_SIZE
 from bonescan_platform import shards
 
 ORIGINAL_SOURCES = ("dicom", "synthetic")
-SPLITS_FILE = "splits.json"
-BUDGET_FILE = "budget.json"
 
 
 @dataclass(frozen=True)
@@ -62,11 +60,6 @@ class Selection:
     splits: Splits
     labeled: tuple[str, ...]
     budget: dict
-
-    def save(self, run: Path) -> None:
-        (run / SPLITS_FILE).write_text(json.dumps(self.splits.to_json(), indent=1))
-        (run / BUDGET_FILE).write_text(json.dumps({**self.budget, "labeled_patient_keys": list(self.labeled)},
-                                                  indent=1))
 
 
 # A lesion-free mask, as shards.encode_image writes it: compared in Arrow, no pixel decoded.
@@ -179,12 +172,12 @@ def select(shard_dir: str | Path, *, val_fraction: float, val_seed: int, seed: i
 def for_config(shard_dir: str | Path, cfg, workers: int = 1) -> Selection:
     """``select`` with a TrainConfig's keys; the budget also counts the training samples (a
     scan gives two under aggregation "views") and the run's epochs and optimizer steps
-    (``TrainConfig.plan``) for ``workers`` training workers."""
+    (``TrainConfig.schedule``) for ``workers`` training workers."""
     selection = select(shard_dir, val_fraction=cfg.val_fraction, val_seed=cfg.val_seed, seed=cfg.seed,
                        label_fraction=cfg.label_fraction, labeled_scans=cfg.labeled_scans, dataset=cfg.dataset)
     budget = selection.budget
     per_scan = cfg.samples_per_scan
-    plan = cfg.plan(budget["training_rows"], workers)
+    plan = cfg.schedule(budget["training_rows"], workers)
     budget.update({"samples_per_scan": per_scan, "training_samples": budget["training_rows"] * per_scan,
                    "labeled_samples": budget["labeled_rows"] * per_scan, "batch_size": cfg.batch_size,
                    "batching": "two_stream" if cfg.two_stream else "mixed",
@@ -195,14 +188,3 @@ def for_config(shard_dir: str | Path, cfg, workers: int = 1) -> Selection:
                        "unlabeled_batch_size": cfg.unlabeled_scans_per_step * per_scan if unlabeled else 0,
                        "planned_labeled_seen": plan["steps"] * cfg.labeled_scans_per_step * per_scan * workers})
     return selection
-
-
-def load(run: Path) -> Splits:
-    data = json.loads((run / SPLITS_FILE).read_text())
-    return Splits(**{k: tuple(v) for k, v in data.items()})
-
-
-def load_budget(run: Path) -> dict:
-    path = run / BUDGET_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
-

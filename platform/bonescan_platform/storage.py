@@ -41,7 +41,7 @@ def absolute(location: str | os.PathLike) -> str:
     return os.path.realpath(text.removeprefix("file://"))
 
 
-def resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+def locate(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it); an InputError naming the location when pyarrow cannot
     open it (an unknown scheme, a filesystem pyarrow was built without)."""
     text = str(location)
@@ -73,7 +73,7 @@ def name(location: str | os.PathLike) -> str:
 
 
 def _info(location) -> pafs.FileInfo:
-    fs, path = resolve(location)
+    fs, path = locate(location)
     try:
         return fs.get_file_info(path)
     except OSError as err:  # an unreachable endpoint, a bucket that does not exist, no access
@@ -101,7 +101,7 @@ def exists(location) -> bool:
 
 def read_bytes(location) -> bytes:
     """The file's bytes; FileNotFoundError when there is none."""
-    fs, path = resolve(location)
+    fs, path = locate(location)
     if not is_uri(location):
         return Path(path).read_bytes()
     if not is_file(location):
@@ -118,7 +118,7 @@ def write_bytes(location, data: bytes) -> None:
     """Atomic: a local temporary name then a rename; an object in one upload. A write that
     fails (a full disk, a read-only mount) leaves no temporary file and is an InputError
     naming the location."""
-    fs, path = resolve(location)
+    fs, path = locate(location)
     if not is_uri(location):
         target = Path(path)
         tmp = target.with_name(f".{target.name}.tmp")
@@ -172,14 +172,14 @@ def write_text(location, text: str) -> None:
 
 def delete(location) -> None:
     """Remove one file; a missing one is not an error."""
-    fs, path = resolve(location)
+    fs, path = locate(location)
     if _info(location).type == pafs.FileType.File:
         fs.delete_file(path)
 
 
 def listdir(location) -> list[str]:
     """The names directly inside a folder; [] when there is none."""
-    fs, path = resolve(location)
+    fs, path = locate(location)
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     except NotADirectoryError:
@@ -197,7 +197,7 @@ def makedirs(location) -> None:
 
 def upload(local: Path, location: str, keep: Callable[[str], bool] = lambda _: True) -> None:
     """Copy the files under ``local`` (relative paths that ``keep`` accepts) to ``location``."""
-    fs, root = resolve(location)
+    fs, root = locate(location)
     for file in sorted(p for p in Path(local).rglob("*") if p.is_file()):
         relative = file.relative_to(local).as_posix()
         if keep(relative):
@@ -207,7 +207,7 @@ def upload(local: Path, location: str, keep: Callable[[str], bool] = lambda _: T
 
 def download(location: str, local: Path, keep: Callable[[str], bool] = lambda _: True) -> None:
     """Copy the files under ``location`` (relative paths that ``keep`` accepts) into ``local``."""
-    fs, root = resolve(location)
+    fs, root = locate(location)
     selector = pafs.FileSelector(root, recursive=True, allow_not_found=True)
     try:
         infos = fs.get_file_info(selector)
@@ -278,12 +278,14 @@ def publish(stage: Path, location: str) -> None:
 
 @contextmanager
 def local_checkpoint(location: str) -> Iterator[Path]:
-    """A checkpoint location (a ``model.pt``, or a run folder holding one) as a local path
-    that ``bonescan_model.checkpoint.load_model`` opens: a downloaded copy for a URI."""
-    from bonescan_model.checkpoint import FILENAME
+    """The one rule for naming a checkpoint: a ``model.pt``, or a folder holding one (a run
+    folder keeps its kept model there), local or a URI -> the local path of that file, which
+    ``bonescan_model.checkpoint.load_model`` opens (a downloaded copy for a URI). InputError
+    where there is none."""
+    from bonescan_model.checkpoint import FILENAME, model_file
 
     if not is_uri(location):
-        yield Path(location)
+        yield model_file(location)
         return
     target = location if is_file(location) else join(location, FILENAME)
     if not is_file(target):

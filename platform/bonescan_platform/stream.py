@@ -1,10 +1,11 @@
 """The Ray Data stream training reads: shards -> decoded, normalized batches.
 
 ``read_parquet`` streams the shard files (memory stays flat as the data grows: nothing is
-materialized); ``map_batches`` decodes the crops and normalizes counts per image. Random
-augmentation happens on the training worker (``train.augmenting``): seeded there by
-(seed, epoch, rank, step), it repeats exactly, which it would not if it depended on how Ray
-Data schedules its tasks.
+materialized); ``map_batches`` decodes the crops and normalizes counts per image. Shuffling
+and random augmentation happen on the training worker (``bonescan_model.batching``: the
+shuffle buffer seeded by (seed, epoch, rank), ``transforms.augmenting`` by a generator of
+(seed, epoch, rank) drawn batch after batch): they repeat exactly, which they would not if
+they depended on how Ray Data schedules its tasks.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def labeled_dataset(shard_dir: str | Path, labeled: list[str], dataset: str = "a
     """The labeled stream of two-stream batches: the labeled patients' training rows of
     ``dataset`` that carry a mask (their copies too), decoded once here (pyarrow, in this
     process) and held in Ray's object store; every worker reads it whole into memory
-    (train.train_loop) and draws from it step after step. It is small: the labeled scans of
+    (segmentation.train_loop) and draws from it step after step. It is small: the labeled scans of
     one run."""
     import pyarrow.compute as pc
     import ray

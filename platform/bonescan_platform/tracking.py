@@ -34,7 +34,6 @@ ENV_URI = "MLFLOW_TRACKING_URI"
 ENV_EXPERIMENT = "MLFLOW_EXPERIMENT_NAME"  # MLflow's own variable: the MLflow experiment runs go to
 DEFAULT_EXPERIMENT = "bonescan"
 INSTALL = "pip install 'bonescan[mlflow]'"
-ARTIFACTS = ("model.pt", "config.yaml", "history.csv", "test.json", "budget.json")
 PARAMS_PER_CALL = 100  # MLflow's log_batch limit on params
 
 
@@ -85,15 +84,15 @@ class Tracker:
         """One epoch's row of history.csv, at step ``epoch``."""
         self.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=int(metrics["epoch"]))
 
-    def finish(self, run: Path, tested: dict, summary: dict) -> None:
+    def finish(self, artifacts: list[Path], tested: dict, summary: dict) -> None:
         """The end of a training run: the test split's scores (``test_*``), the validation
-        summary, the model and tables as artifacts; the MLflow run marked finished."""
+        summary, the model and tables (``artifacts``: ``runs.Run.artifacts``); the MLflow run
+        marked finished."""
         self.log_metrics({k: v for k, v in tested.items() if not isinstance(v, (dict, list))}, prefix="test_")
         self.log_metrics(summary)
         mlflow = client(self.uri)
-        for name in ARTIFACTS:
-            if (run / name).is_file():
-                mlflow.log_artifact(self.run_id, str(run / name), artifact_path="model")
+        for path in artifacts:
+            mlflow.log_artifact(self.run_id, str(path), artifact_path="model")
         mlflow.set_terminated(self.run_id, "FINISHED")
 
     def finished(self) -> bool:

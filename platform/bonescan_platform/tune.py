@@ -1,14 +1,14 @@
 """`bonescan tune`: a Ray Tune sweep over a space file, one Ray Train run per trial.
 
 The pattern Ray 2.60 recommends for Tune over Train (docs/ray.md, "Tune over Train"): the Tune
-function trainable ``run_trial`` builds the trial's TorchTrainer with ``train.trainer_for`` and
+function trainable ``run_trial`` builds the trial's TorchTrainer with ``segmentation.trainer_for`` and
 calls ``fit()``; ``TuneReportCallback`` forwards every epoch's metrics to Tune, where ASHA reads
 them. A trial's run folder is named after its trial id, so a resumed sweep resumes each
 unfinished trial's own Train run from its latest checkpoint.
 
 The experiment folder and its trials' run folders are ``runs``'s: what they hold, and how they
-are read. This module runs the sweep and writes results.parquet / results.csv (one row per
-trial: parameters, config, metrics, size, timings).
+are read. This module runs the sweep and makes the results table (one row per trial:
+parameters, config, metrics, size, timings) from Ray Tune's ResultGrid and the trials' Runs.
 """
 
 from __future__ import annotations
@@ -19,18 +19,14 @@ import math
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.csv
-import pyarrow.parquet as pq
 
-from bonescan_model.checkpoint import FILENAME
 from bonescan_model.errors import InputError
-from bonescan_platform import comparisons, nnunet, splits, storage, stream, tracking
+from bonescan_model.train_config import check_fits
+from bonescan_platform import comparisons, nnunet_baseline, scoring, segmentation, storage, stream, tracking
 from bonescan_platform.cluster import ray_session
-from bonescan_platform.config import TrainConfig, check_fits, load_train_config, save_train_config
-from bonescan_platform.evaluate import HEADLINE, TEST_FILE, kept_score, score_test
+from bonescan_platform.runs import RUN_NAME, TUNE_NAME, Experiment, Plan, Run, RunRecord, Trial
+from bonescan_platform.scoring import HEADLINE
 from bonescan_platform.search_space import AUTO, SearchSpace, case_name
-from bonescan_platform.runs import RUN_NAME, TUNE_NAME, Experiment, Plan, read_history, train_result
-from bonescan_platform.train import check_data, conclude, finish_run, own_file, trainer_for
 
 DRIVER_CPU = 0.25  # each trial's Tune function only waits on its TorchTrainer
 # Ray Data's read-and-decode tasks take 1 CPU each: a CPU left free keeps the streams of all
@@ -71,7 +67,7 @@ def plan_resources(space: SearchSpace, cluster: dict) -> Plan:
 
 # ---------------------------------------------------------------- the Tune function: one trial
 def run_trial(config: dict, experiment: str) -> None:
-    """One trial: the TorchTrainer of ``train.trainer_for``, its epochs reported to Tune.
+    """One trial: the TorchTrainer of ``segmentation.trainer_for``, its epochs reported to Tune.
 
     experiment: the experiment's location. In object storage, the trial reads the
     experiment's own files from a local copy and writes its run folder through a local stage
@@ -81,59 +77,48 @@ def run_trial(config: dict, experiment: str) -> None:
     with storage.fetched(experiment, keep=lambda relative: "/" not in relative) as root:
         exp = Experiment.open(root, experiment if storage.is_uri(experiment) else "")
         trial_id = ray_tune.get_context().get_trial_id()
-        location = exp.run_location(trial_id)
-        with storage.staged(location, keep=own_file) as run:
-            _trial(exp, config, trial_id, run, location)
+        with storage.staged(exp.run_location(trial_id), keep=Run.own_file) as root:
+            _trial(exp, config, exp.trial_run(trial_id, root))
 
 
-def _trial(exp: Experiment, config: dict, trial_id: str, run: Path, location: str) -> None:
+def _trial(exp: Experiment, config: dict, run: Run) -> None:
     from ray import tune as ray_tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    trial_id = run.name
     cfg = exp.space.trial_config(config, f"trial {trial_id}")
-    check_fits(cfg, f"trial {trial_id}", exp.plan().gpus)
-    if (run / "history.csv").exists():
-        if cfg.trainer == "bonescan":  # what a stop cut short: its test score, its MLflow run
-            conclude(run, location)
-    else:  # its last epoch was saved, its model.pt not yet (finish_run concludes it)
-        finish_from_checkpoints(run, planned_epochs(run, cfg), location)
-    if (run / "history.csv").exists():
-        # Trained to the end before the sweep's driver stopped, after Tune last saved its
-        # state: give Tune the epochs again instead of training again.
-        for row in read_history(run):
-            ray_tune.report(row)
-        return
-    plan = exp.plan()
-    save_train_config(cfg, run / "config.yaml")
-    record = {"data": exp.data, "workers": plan.workers, "gpus": plan.gpus, "trainer": cfg.trainer}
-    if exp.tracker is not None:  # a child run; a trial started again keeps its own
-        earlier = json.loads((run / "run.json").read_text()).get("mlflow") if (run / "run.json").exists() else None
-        record["mlflow"] = earlier or tracking.start(
-            exp.tracker.uri, f"{storage.name(exp.home)}/{trial_id}", {**config_params(cfg), "trial": config},
+    check_fits(cfg, f"trial {trial_id}", exp.resource_plan().gpus)
+    earlier = run.record
+    if earlier is not None:  # a trial started again
+        if run.has_history:
+            if cfg.trainer == "bonescan":  # what a stop cut short: its test score, its MLflow run
+                segmentation.conclude(run)
+        else:  # its last epoch was saved, its model.pt not yet (finish concludes it)
+            segmentation.finish_from_checkpoints(run, run.planned_epochs)
+        if run.has_history:
+            # Trained to the end before the sweep's driver stopped, after Tune last saved its
+            # state: give Tune the epochs again instead of training again.
+            for row in run.history:
+                ray_tune.report(row)
+            return
+    plan = exp.resource_plan()
+    mlflow = earlier.mlflow if earlier is not None else None  # a trial started again keeps its own child run
+    if exp.tracker is not None and mlflow is None:
+        mlflow = tracking.start(
+            exp.tracker.uri, f"{storage.name(exp.home)}/{trial_id}", {**cfg.to_plain(), "trial": config},
             tags={"bonescan.job": "trial", "bonescan.trial": trial_id}, parent=exp.tracker).to_dict()
-    (run / "run.json").write_text(json.dumps(record, indent=2))
-    (run / "trial.json").write_text(json.dumps(
-        {"trial_id": trial_id, "params": config, "label": trial_label(config)}, indent=2))
+    run = Run.create(run.root, cfg, RunRecord(data=exp.data, workers=plan.workers, gpus=plan.gpus,
+                                              trainer=cfg.trainer, mlflow=mlflow), run.location)
+    run.write_trial(Trial(trial_id=trial_id, params=config, label=trial_label(config)))
     if cfg.trainer == "nnunet":  # nnU-Net's own pipeline, in its own Ray task; its epochs reported after
-        nnunet.train_and_score(run, exp.data, cfg, plan.gpus)
-        storage.publish(run, location)
-        for row in read_history(run):
+        nnunet_baseline.train_and_score(run, plan.gpus)
+        storage.publish(run.root, run.home)
+        for row in run.history:
             ray_tune.report(row)
         return
-    trainer = trainer_for(run, cfg, exp.data, plan.workers, plan.gpus, callbacks=[TuneReportCallback()],
-                          cpu_per_worker=plan.cpu_per_worker, storage_path=location)
-    storage.publish(run, location)
-    finish_run(run, trainer.fit(), location)
-
-
-def planned_epochs(run: Path, cfg: TrainConfig) -> int:
-    """The epochs the run was planned to train: cfg.epochs, or those its max_steps take
-    (budget.json; a folder of an earlier version has no plan there)."""
-    return splits.load_budget(run).get("planned_epochs", cfg.epochs)
-
-
-def config_params(cfg: TrainConfig) -> dict:
-    return json.loads(json.dumps(cfg.to_dict()))  # tuples as lists, as the YAML has them
+    trainer = segmentation.trainer_for(run, callbacks=[TuneReportCallback()], cpu_per_worker=plan.cpu_per_worker)
+    storage.publish(run.root, run.home)
+    segmentation.finish(run, trainer.fit())
 
 
 def track_best(exp: Experiment, rows: list[dict]) -> None:
@@ -141,11 +126,10 @@ def track_best(exp: Experiment, rows: list[dict]) -> None:
     split (never the test split), registered as ``bonescan-<experiment name>``."""
     best, best_value = None, None
     for row in rows:
-        run = exp.runs / row["trial_id"]
-        values = [r[exp.space.metric] for r in read_history(run) if exp.space.metric in r] \
-            if (run / "history.csv").exists() else []
+        run = exp.trial_run(row["trial_id"])
+        values = [r[exp.space.metric] for r in run.history if exp.space.metric in r]
         values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-        if not values or not (run / FILENAME).exists():
+        if not values or not run.model_path.exists():
             continue
         value = max(values) if exp.space.mode == "max" else min(values)
         if best is None or (value > best_value if exp.space.mode == "max" else value < best_value):
@@ -154,7 +138,7 @@ def track_best(exp: Experiment, rows: list[dict]) -> None:
     if best is None:
         print("MLflow: no trial kept a model; nothing registered")
         return
-    child = tracking.Tracker.from_dict(json.loads((exp.runs / best["trial_id"] / "run.json").read_text()).get("mlflow"))
+    child = exp.trial_run(best["trial_id"]).tracker
     parent.log_metrics({f"best_{exp.space.metric}": best_value, "trials": len(rows),
                         **{f"best_trial_test_{k}": best[k] for k in HEADLINE}})
     name = tracking.model_name(storage.name(exp.home))
@@ -187,7 +171,7 @@ def sweep(data: str, space: str, out: str, resume: bool = False, mlflow: str | N
     uri = tracking.tracking_uri(mlflow)
     if uri and not resume:
         tracking.client(uri)  # without the extra: say so before anything is read or written
-    check_data(data_dir)  # shards nothing can train on fail here, named
+    segmentation.check_data(data_dir)  # shards nothing can train on fail here, named
     storage.check_writable(location)
     with storage.staged(location, keep=_driver_file) as root:
         if resume:
@@ -195,18 +179,18 @@ def sweep(data: str, space: str, out: str, resume: bool = False, mlflow: str | N
             for flag, given, recorded in (("--data", data_dir, exp.data), ("--space", space_path, exp.record["space"])):
                 if str(given) != str(recorded):
                     raise InputError(location, f"was started with {flag} {recorded}; resume with the same")
-        elif (root / "experiment.json").exists():
+        elif Experiment.is_experiment(root):
             raise InputError(location, "already holds an experiment: add --resume to continue it, or choose another --out")
         else:
             exp = Experiment.create(root, data_dir, space_path, uri, remote)  # validates the space before writing
 
         if exp.space.uses_trainer("nnunet"):
-            nnunet.check_installed()  # before any trial starts, not as each nnU-Net trial's error
+            nnunet_baseline.check_installed()  # before any trial starts, not as each nnU-Net trial's error
         with ray_session():
             import ray
 
             plan = plan_resources(exp.space, ray.cluster_resources())
-            exp = exp.save_plan(plan)
+            exp = exp.save_resource_plan(plan)
             storage.publish(root, location)  # the trials read the experiment from its location
             print(f"sweep {exp.space.source}: {plan.trials} trial(s) at once, {plan.workers} worker(s) each "
                   f"at {plan.cpu_per_worker:g} CPU{' + 1 GPU' if plan.gpus else ''}")
@@ -222,9 +206,9 @@ def sweep(data: str, space: str, out: str, resume: bool = False, mlflow: str | N
         if remote:  # what the trials wrote, wherever they ran
             storage.download(remote, root, keep=_driver_file)
         errors = [f"{Path(r.path).name}: {type(r.error).__name__}: {r.error}" for r in grid if r.error]
-        rows = collect(root, remote)
+        rows = collect(root, remote, grid)
         print_summary(rows, exp.space)
-        print_comparisons(comparisons.read(root))
+        print_comparisons(exp.comparisons())
         if exp.tracker is not None:
             track_best(exp, rows)
     for line in errors:
@@ -267,53 +251,50 @@ def _new_tuner(exp: Experiment, plan: Plan, trainable):
         run_config=ray_tune.RunConfig(
             name=TUNE_NAME, storage_path=exp.home, verbose=1,
             # A trial whose Tune function died is started once more; its Train run resumes
-            # from its own checkpoint. Worker failures are Ray Train's (train.trainer_for).
+            # from its own checkpoint. Worker failures are Ray Train's (harness.trainer).
             failure_config=ray_tune.FailureConfig(max_failures=1)),
     )
 
 
 # ---------------------------------------------------------------- the results table
-def collect(experiment: str | Path, location: str = "") -> list[dict]:
-    """One row per trial from the run folders -> results.parquet and results.csv.
+def collect(experiment: str | Path, location: str = "", grid=None) -> list[dict]:
+    """One row per trial, from its Run and Ray Tune's ResultGrid (``grid``: the sweep's; its
+    trials' wall times) -> the experiment's results table.
 
-    Trials that ASHA stopped get their model.pt, history.csv and test.json here, from their
-    checkpoints (``finish_from_checkpoints``); a kept model without a test score (a folder of an
-    older version) is scored here, once. Nothing reads the test split before a model is kept.
-    location: where the experiment lives when ``experiment`` is its local stage."""
+    Trials that ASHA stopped get their model, history and test score here, from their
+    checkpoints (``segmentation.finish_from_checkpoints``); a kept model without a test score
+    (a driver stopped between the two) is scored here, once. Nothing reads the test split
+    before a model is kept. location: where the experiment lives when ``experiment`` is its
+    local stage."""
     exp = Experiment.open(experiment, location)
-    runs = exp.trial_runs()
+    seconds = trial_seconds(grid)
     crops = None
     rows = []
-    for run in runs:
-        if not (run / "history.csv").exists():
-            finish_from_checkpoints(run, 1, exp.run_location(run.name) if location else None)
-        if (run / FILENAME).exists() and kept_score(run) is None:
+    for run in exp.trial_runs():
+        if not run.has_history:
+            segmentation.finish_from_checkpoints(run, 1)
+        if run.model_path.exists() and run.test_score is None:
             crops = crops if crops is not None else stream.crops(exp.data, "test")
-            score_test(run, exp.data, load_train_config(run / "config.yaml").test_runs, crops)
-        rows.append(_row(exp, run))
+            scoring.score_test(run, crops)
+        rows.append(_row(exp, run, seconds.get(run.name, float("nan"))))
     if rows:
-        table = pa.Table.from_pylist(rows)
-        pq.write_table(table, exp.root / "results.parquet")
-        pa.csv.write_csv(table, exp.root / "results.csv")
-        comparisons.write(exp.root, comparisons.table(rows, exp.space, exp.runs))
+        exp.write_results(pa.Table.from_pylist(rows))
+        exp.write_comparisons(comparisons.table(rows, exp.space, exp.trial_runs()))
     return rows
 
 
-def _row(exp: Experiment, run: Path) -> dict:
-    trial = json.loads((run / "trial.json").read_text())
-    cfg = load_train_config(run / "config.yaml")
-    history = read_history(run)
-    tested = json.loads((run / TEST_FILE).read_text()) if (run / TEST_FILE).exists() else {}
-    budget = splits.load_budget(run)
-    params = trial["params"]
+def _row(exp: Experiment, run: Run, trial_seconds: float) -> dict:
+    trial, cfg, history, budget = run.trial, run.config, run.history, run.budget
+    tested = run.any_test_score or {}
+    params = trial.params
     epochs = int(history[-1]["epoch"]) if history else 0
-    max_epochs = planned_epochs(run, cfg)
+    max_epochs = run.planned_epochs
     best = max(history, key=lambda r: r.get("val_dsc", -1.0)) if history else {}
     nan = float("nan")
     row = {
-        "trial_id": trial["trial_id"],
+        "trial_id": trial.trial_id,
         "status": "error" if not history else ("stopped" if epochs < max_epochs else "finished"),
-        "label": trial["label"],
+        "label": trial.label,
         **{name: (case_name(params[name]) if isinstance(params.get(name), dict) else params.get(name))
            for name in exp.space.names},
         "seed": cfg.seed,
@@ -337,39 +318,26 @@ def _row(exp: Experiment, run: Path) -> dict:
         "parameters": tested.get("parameters", 0),
         "test_seconds": tested.get("test_seconds", nan), "test_images": tested.get("images", 0),
         "train_seconds": float(sum(r.get("train_seconds", 0.0) for r in history)),
-        "trial_seconds": _trial_seconds(storage.join(exp.home, TUNE_NAME, trial["trial_id"], "result.json")),
-        "run": exp.run_location(run.name) if exp.location else str(run),
+        "trial_seconds": trial_seconds,
+        "run": run.home,
         "config": json.dumps(cfg.to_dict()),
     }
     return row
 
 
-def _trial_seconds(results: str) -> float:
-    """The trial's wall time in Ray Tune (its ``result.json``, a path or a URI): its
-    time_total_s, summed over the sessions of a resumed sweep (a trial started again counts
-    from zero, and its results append)."""
-    try:
-        times = [float(json.loads(line)["time_total_s"])
-                 for line in storage.read_text(results).splitlines() if line.strip()]
-    except (FileNotFoundError, ValueError, KeyError):
-        return float("nan")
-    ends = [t for t, after in zip(times, times[1:] + [0.0]) if after < t]  # each session's last
-    return float(sum(ends)) if times else float("nan")
-
-
-# ---------------------------------------------------------------- trials ASHA stopped
-def finish_from_checkpoints(run: Path, epochs: int = 1, location: str | None = None) -> bool:
-    """model.pt and history.csv of a run that did not return from fit(), from Ray Train's
-    Result of its checkpoints (``runs.train_result``), if they reach ``epochs``. False:
-    nothing written. location: where the run lives when ``run`` is its local stage; its
-    checkpoints are fetched from there first."""
-    if location and storage.is_uri(location):
-        storage.download(storage.join(location, RUN_NAME), run / RUN_NAME)
-    result = train_result(run)
-    if result is None or result.metrics.get("epoch", 0) < epochs:
-        return False
-    finish_run(run, result, location)
-    return True
+def trial_seconds(grid) -> dict[str, float]:
+    """Each trial's wall time in Ray Tune, by trial id, from a ResultGrid's reported
+    ``time_total_s``: summed over the sessions of a resumed sweep (a trial started again counts
+    from zero, and its results append). {} without a grid."""
+    seconds = {}
+    for result in grid or ():
+        frame = result.metrics_dataframe
+        if frame is None or "time_total_s" not in frame:
+            continue
+        times = [float(t) for t in frame["time_total_s"]]
+        ends = [t for t, after in zip(times, times[1:] + [0.0]) if after < t]  # each session's last
+        seconds[Path(result.path).name] = float(sum(ends))
+    return seconds
 
 
 def print_summary(rows: list[dict], space: SearchSpace) -> None:

@@ -1,7 +1,9 @@
 """Training configuration: YAML in configs/, validated once here into typed dataclasses.
 
-Unknown keys and wrong types are errors naming the file and the key. Each run writes its
-resolved config (``config.yaml``) beside its outputs, so a run can be repeated or resumed.
+Unknown keys and wrong types are errors naming the file and the key. Each run keeps its
+resolved config beside its outputs (the platform's ``runs.Run``), so a run can be repeated or
+resumed. Framework-free, like the rest of bonescan_model: a laptop loop and the bench scripts
+build their loss (``loss_for``) from the same config the platform trains.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import yaml
 
 from bonescan_model.errors import InputError, quoted
 from bonescan_model.frozen import from_mapping
-from bonescan_model.loss import SUPERVISED_KINDS, SEMI_KINDS
+from bonescan_model.loss import SEMI_KINDS, SUPERVISED_KINDS, SemiSupervisedLoss
 from bonescan_model.network import ModelConfig, training_memory_bytes
 
 
@@ -39,7 +41,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     epochs: int = 400
     # The training budget in optimizer steps, in place of epochs: the run trains the epochs
-    # these steps take, the last one cut short at the budget (``plan``), so that arms whose
+    # these steps take, the last one cut short at the budget (``schedule``), so that arms whose
     # data differ in size (D1 against D2, views as samples against aggregated pairs) train
     # the same number of steps. None: `epochs` epochs, however many steps they take.
     max_steps: int | None = None
@@ -52,7 +54,7 @@ class TrainConfig:
     # labeled_batch_size samples from the labeled stream and unlabeled_batch_size from the
     # unlabeled one (samples as batch_size counts them: a scan, or one view under "views"), each shuffled and repeated on its own (seeded), so the supervised term sees
     # the same labeled scans per step at every label fraction. An epoch is then a number of
-    # steps: the training scans over the scans a step draws (``plan``). A supervised-only run
+    # steps: the training scans over the scans a step draws (``schedule``). A supervised-only run
     # (unsupervised_weight 0) draws the labeled stream alone, at the same steps per epoch as
     # its semi-supervised arms. None (both): mixed batches of batch_size.
     labeled_batch_size: int | None = None
@@ -138,6 +140,11 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def to_plain(self) -> dict:
+        """``to_dict`` with tuples as lists: as the YAML has it, and as JSON, MLflow and a
+        checkpoint's metadata keep it."""
+        return _plain(self.to_dict())
+
     @property
     def samples_per_scan(self) -> int:
         """Training samples one scan gives: its two views under aggregation "views", else 1."""
@@ -166,7 +173,7 @@ class TrainConfig:
             return self.labeled_scans_per_step + self.unlabeled_scans_per_step
         return -(-self.batch_size // self.samples_per_scan)
 
-    def plan(self, training_rows: int, workers: int = 1) -> dict[str, int]:
+    def schedule(self, training_rows: int, workers: int = 1) -> dict[str, int]:
         """The run's epochs and optimizer steps for ``training_rows`` scans split over
         ``workers`` (Ray Train splits them equally, each worker a whole share, so a step is one
         batch on every worker). With max_steps the epochs are those the steps take; without,
@@ -292,7 +299,7 @@ def check_fits(cfg: TrainConfig, source: str | os.PathLike, gpus: bool = False) 
 
 
 def save_train_config(config: TrainConfig, path: str | os.PathLike) -> None:
-    Path(path).write_text(yaml.safe_dump(_plain(config.to_dict()), sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(config.to_plain(), sort_keys=False))
 
 
 def _plain(value):
@@ -302,3 +309,9 @@ def _plain(value):
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+def loss_for(cfg: TrainConfig) -> SemiSupervisedLoss:
+    """The run's training loss (Eq. 6 with the configured terms and weights)."""
+    return SemiSupervisedLoss(alpha=cfg.alpha, nu=cfg.nu, supervised=cfg.supervised, semi=cfg.semi,
+                              length_weight=cfg.length_weight, unsupervised_weight=cfg.unsupervised_weight)

@@ -13,9 +13,11 @@ not twice. Outside the image counts are zero, which is what a bone scan's backgr
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from scipy import ndimage as ndi
 
 # A thoracic crop is 256 x 256 px (about 58 cm at 2.26 mm/px): +-15 degrees is the tilt of a
@@ -211,3 +213,10 @@ def _inverse_affine(t: Transform, shape: tuple[int, int]) -> tuple[np.ndarray, n
     inverse = rotation.T
     offset = centre - inverse @ (centre + np.asarray(t.shift_px, dtype=np.float64))
     return inverse, offset
+
+
+def augmenting(batches: Iterable[dict], rng: np.random.Generator) -> Iterator[dict]:
+    """Random label-preserving geometric augmentation, per sample, on the worker."""
+    for batch in batches:
+        images, masks = augment_batch(batch["image"].numpy(), batch["mask"].numpy(), rng)
+        yield {**batch, "image": torch.from_numpy(images), "mask": torch.from_numpy(masks)}

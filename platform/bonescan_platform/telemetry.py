@@ -22,7 +22,7 @@ GAUGES = {
     "bonescan_train_images_per_second": "Training images per second of this worker in its last epoch.",
     "bonescan_train_data_wait_fraction": "Fraction of the last epoch's step time spent waiting for the next batch.",
     "bonescan_train_loss": "Mean training loss per image in the last epoch.",
-    "bonescan_val_dsc": "Mean validation DSC on the test split after the last epoch (rank 0 only).",
+    "bonescan_val_dsc": "Mean DSC on the validation patients after the last epoch (rank 0 only).",
 }
 EXPORTED = tuple(f"ray_{name}" for name in GAUGES)
 

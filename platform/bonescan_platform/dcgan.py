@@ -1,28 +1,26 @@
-"""The DCGAN of `bonescan augment --dcgan`: Ray Train around bonescan_model.gan, and the
+"""The DCGAN task on the Train harness (what `bonescan augment --dcgan` trains), and the
 generated rows it adds to a shard set (the paper's D3 = D1 + samples, D4 = D2 + samples).
 
-``gan_loop`` is the adapter each worker runs, as ``train.train_loop`` is for segmentation:
-dataset shard -> iter_torch_batches -> gan.train_gan_epoch -> ray.train.report (with a
-checkpoint and the Fréchet distance between real and generated crops). The GAN learns from
+``gan_loop`` is the adapter each worker runs, as ``segmentation.train_loop`` is for
+segmentation: dataset shard -> iter_torch_batches -> gan.train_gan_epoch -> ``harness.report``
+(with a checkpoint and the Fréchet distance between real and generated crops). The GAN learns from
 the original crops of the train split only: a test image must not leak into training data
 through its synthetic look-alikes.
 
-A GAN run folder (``<augment --out>/_dcgan/`` unless ``--gan`` names a trained one) holds:
-gan.yaml (the resolved GanConfig), run.json (data, workers, devices), train/ (Ray Train's
-checkpoints; a rerun resumes from them), gan.pt (the checkpoint with the lowest Fréchet
-distance) and history.csv (one row per checkpoint).
+A GAN run folder (``<augment --out>/_dcgan/`` unless ``--gan`` names a trained one;
+``runs.GanRun``) holds: the resolved GanConfig, the record (data, workers, devices), train/ (Ray
+Train's checkpoints; a rerun resumes from them), gan.pt (the checkpoint with the lowest Fréchet
+distance) and the history (one row per checkpoint).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
-import json
 import os
-import shutil
 import statistics
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,26 +28,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import yaml
 
 from bonescan_model import gan as dcgan
 from bonescan_model.metrics import frechet_distance, frechet_features
 from bonescan_model.gan_network import Discriminator, GanConfig, Generator
-from bonescan_model.checkpoint import read_file, write_file
 from bonescan_model.errors import InputError
 from bonescan_model.preprocess import CROP_SIZE, model_input, normalize_counts
 from bonescan_model.progress import progress
-from bonescan_platform import cluster, shards, stream
-from bonescan_platform.config import read_yaml
-from bonescan_platform.runs import RUN_NAME, write_history
-from bonescan_platform.train import split_train, worker_cpus, worker_resources
+from bonescan_model.train_config import read_yaml
+from bonescan_platform import cluster, harness, shards, stream
+from bonescan_platform.runs import HISTORY_CSV, GanRun, RunRecord
 
 # The GAN run's folder and the sample sheet inside the augment output folder: "_" names, which
 # Parquet readers of the shard folder skip (shards.py).
 RUN_DIR = "_dcgan"
-LEGACY_RUN_DIR = "dcgan"  # where an earlier bonescan put it
-STATE = "gan_state.pt"
-CONFIG = "gan.yaml"
 SHEET = "_samples.png"
 # The Fréchet distance compares the first REFERENCE_CROPS original training crops with the
 # same number of samples drawn with FRECHET_SEED, the same ones at every checkpoint.
@@ -80,7 +72,8 @@ def gan_loop(loop_config: dict) -> None:
     opt_g, opt_d = (torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
                     for net in (generator, discriminator))
     device = ray.train.torch.get_device()
-    start, history = _restore(ray.train.get_checkpoint(), generator, discriminator, opt_g, opt_d)
+    start, history = harness.restore(ray.train.get_checkpoint(),
+                                     functools.partial(load_state, generator, discriminator, opt_g, opt_d))
     reference = _reference_features(ray.train.get_dataset_shard("reference")) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
     for epoch in range(start, cfg.epochs):
@@ -101,7 +94,8 @@ def gan_loop(loop_config: dict) -> None:
             samples = dcgan.sample_images(frozen, range(len(reference)), FRECHET_SEED)
             metrics["frechet"] = frechet_distance(reference, frechet_features(samples))
         history.append(metrics)
-        _report(metrics, history, frozen, discriminator, opt_g, opt_d, cfg, levels, rank)
+        harness.report(metrics, history, rank,
+                       functools.partial(save_state, frozen, discriminator, opt_g, opt_d, cfg, levels, metrics))
 
 
 def _reference_features(shard) -> np.ndarray:
@@ -109,35 +103,22 @@ def _reference_features(shard) -> np.ndarray:
     return frechet_features(torch.cat(images)[:REFERENCE_CROPS])
 
 
-def _report(metrics, history, frozen, discriminator, opt_g, opt_d, cfg, levels, rank: int) -> None:
-    """frozen: rank 0's calibrated copy of the generator (same weights), None elsewhere."""
-    import ray.train
-
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if rank == 0:  # every rank reports (a barrier); rank 0 alone carries the checkpoint
-            dcgan.save_gan_checkpoint(Path(tmp) / dcgan.FILENAME, frozen, discriminator, cfg, levels,
-                                      epoch=metrics["epoch"], metrics=metrics)
-            write_file(Path(tmp) / STATE, {"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-                                           "epoch": metrics["epoch"], "history": history})
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint)
+def save_state(frozen, discriminator, opt_g, opt_d, cfg: GanConfig, levels: np.ndarray, metrics: dict,
+               folder: Path) -> dict:
+    """A checkpoint's gan.pt (rank 0's calibrated copy of the generator, ``frozen``: what
+    samples come from); returns what else resuming needs (both optimizers)."""
+    dcgan.save_gan_checkpoint(folder / dcgan.FILENAME, frozen, discriminator, cfg, levels,
+                              epoch=metrics["epoch"], metrics=metrics)
+    return {"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict()}
 
 
-def _restore(checkpoint, generator, discriminator, opt_g, opt_d) -> tuple[int, list[dict]]:
-    """Resume after a worker failure or a rerun: both networks, both optimizers, epoch, history."""
-    if checkpoint is None:
-        return 0, []
-    with checkpoint.as_directory() as folder:
-        saved_g, saved_d, *_ = dcgan.load_gan_checkpoint(Path(folder) / dcgan.FILENAME)
-        state = read_file(Path(folder) / STATE)
+def load_state(generator, discriminator, opt_g, opt_d, folder: Path, state: dict) -> None:
+    """``save_state`` undone: both networks, both optimizers."""
+    saved_g, saved_d, *_ = dcgan.load_gan_checkpoint(folder / dcgan.FILENAME)
     getattr(generator, "module", generator).load_state_dict(saved_g.state_dict())
     getattr(discriminator, "module", discriminator).load_state_dict(saved_d.state_dict())
     opt_g.load_state_dict(state["opt_g"])
     opt_d.load_state_dict(state["opt_d"])
-    history = state["history"]
-    history[-1] = {**history[-1], "resumed": True}
-    return state["epoch"], history
 
 
 # ---------------------------------------------------------------- the driver
@@ -181,26 +162,23 @@ def train_gan(data: Path, run: Path, cfg: GanConfig, workers: int = 1, gpus: boo
     Needs a Ray session. A run folder that already holds a finished GAN of this config and
     data is reused as is; one with another config or data is refused rather than mixed.
     """
-    data, run = Path(data).resolve(), Path(run).resolve()
-    info = {"data": str(data), "workers": workers, "gpus": gpus}
+    data, gan_run = Path(data).resolve(), GanRun(Path(run).resolve())
+    run = gan_run.root
     config = dataclasses.asdict(cfg)
-    if (run / CONFIG).is_file():
-        if yaml.safe_load((run / CONFIG).read_text()) != config:
-            raise InputError(run, f"holds a GAN trained with another config ({CONFIG}); remove it or pass that config")
-        if json.loads((run / "run.json").read_text())["data"] != str(data):
+    if gan_run.config is not None:
+        if gan_run.config != config:
+            raise InputError(run, "holds a GAN trained with another config; remove it or pass that config")
+        if gan_run.record.data != str(data):
             raise InputError(run, "holds a GAN trained on other shards; remove it or use --gan")
         if (run / dcgan.FILENAME).is_file():
             print(f"dcgan: using the trained GAN in {run}")
             return run / dcgan.FILENAME
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "run.json").write_text(json.dumps(info, indent=2))
-    (run / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))  # second: it marks the run as ours
+    gan_run.start(config, RunRecord(data=str(data), workers=workers, gpus=gpus, trainer="dcgan"))
     import ray
-    from ray.train import TrainingFailedError
 
     # As `bonescan train` does: a bounded wait for room (before Ray Data reads the crops
     # too), never Ray's endless one.
-    per_worker = worker_resources(worker_cpus(ray.cluster_resources().get("CPU", 1), workers, gpus)[0], gpus)
+    per_worker = harness.worker_resources(harness.worker_cpus(ray.cluster_resources().get("CPU", 1), workers, gpus)[0], gpus)
     cluster.wait_for_room(str(run), workers, per_worker)
     originals = original_dataset(data, cfg.views)
     levels = [b["levels"] for b in originals.select_columns(["levels"]).iter_batches(batch_size=None,
@@ -208,14 +186,8 @@ def train_gan(data: Path, run: Path, cfg: GanConfig, workers: int = 1, gpus: boo
     levels = np.concatenate(levels) if levels else np.zeros((0, cfg.channels), np.float32)
     if len(levels) < 2:
         raise InputError(data, f"the train split holds {len(levels)} original crops; the DCGAN needs at least 2")
-    try:
-        result = trainer_for(run, cfg, originals, levels, workers, gpus).fit()
-    except TrainingFailedError as err:
-        unplaced = cluster.placement_failure(str(run), workers, per_worker, err)
-        if unplaced is None:
-            raise
-        raise unplaced from None
-    return finish_gan_run(run, result)
+    result = harness.fit(trainer_for(run, cfg, originals, levels, workers, gpus), str(run), gpus)
+    return finish_gan_run(gan_run, result)
 
 
 def original_dataset(data: Path, views: str):
@@ -255,51 +227,32 @@ def _both_views(ant: bytes | None, post: bytes | None) -> tuple[np.ndarray, np.n
 
 
 def trainer_for(run: Path, cfg: GanConfig, originals, levels: np.ndarray, workers: int, gpus: bool):
-    """The TorchTrainer of one GAN run: the resources, failure and checkpoint policy of
-    train.trainer_for, checkpoints ranked by the lowest Fréchet distance.
+    """The TorchTrainer of one GAN run (``harness.trainer``), checkpoints ranked by the lowest
+    Fréchet distance.
 
     originals: ``original_dataset``; levels: its (N, C) count levels, saved in every checkpoint."""
     import ray
-    from ray.data import DataContext
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    cpus = ray.cluster_resources().get("CPU", 1)
-    cpu_per_worker, torch_threads = worker_cpus(cpus, workers, gpus)
-    DataContext.get_current().enable_progress_bars = False
+    cpu_per_worker, torch_threads = harness.worker_cpus(ray.cluster_resources().get("CPU", 1), workers, gpus)
     originals = originals.select_columns(["image"])
-    return TorchTrainer(
-        gan_loop,
-        train_loop_config={"gan": dataclasses.asdict(cfg), "levels": levels.tolist(),
-                           "torch_threads": torch_threads},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus, resources_per_worker={"CPU": cpu_per_worker}),
-        run_config=RunConfig(
-            name=RUN_NAME, storage_path=str(run),
-            failure_config=FailureConfig(max_failures=3, controller_failure_limit=cluster.placement_retries()),
-            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="frechet",
-                                               checkpoint_score_order="min")),
-        datasets={"train": originals, "reference": originals.limit(REFERENCE_CROPS)},
-        dataset_config=split_train(cpus - workers * cpu_per_worker),
-    )
+    return harness.trainer(
+        gan_loop, {"gan": dataclasses.asdict(cfg), "levels": levels.tolist(), "torch_threads": torch_threads},
+        storage_path=str(run), workers=workers, gpus=gpus, cpu_per_worker=cpu_per_worker,
+        datasets={"train": originals, "reference": originals.limit(REFERENCE_CROPS)}, metric="frechet", mode="min")
 
 
-def finish_gan_run(run: Path, result) -> Path:
-    """Keep the checkpoint with the lowest Fréchet distance as run/gan.pt, and the history of
-    every checkpoint as run/history.csv."""
-    best = result.get_best_checkpoint("frechet", "min") or result.checkpoint
-    if best is None:
-        raise InputError(run, "GAN training reported no checkpoint")
-    with best.as_directory() as folder:
-        shutil.copy(Path(folder) / dcgan.FILENAME, run / ".gan.pt.tmp")
-    with result.checkpoint.as_directory() as folder:
-        history = read_file(Path(folder) / STATE)["history"]
-    write_history(run, history, first=("epoch", "frechet"))
+def finish_gan_run(run: GanRun, result) -> Path:
+    """Keep the checkpoint with the lowest Fréchet distance as gan.pt, and the history of
+    every checkpoint."""
+    kept = run.root / ".gan.pt.tmp"
+    history = harness.keep_best(result, "frechet", "min", dcgan.FILENAME, kept)
+    run.write_history(history)
     # Last: gan.pt is what tells a rerun that this GAN is finished.
-    os.replace(run / ".gan.pt.tmp", run / dcgan.FILENAME)
+    os.replace(kept, run.root / dcgan.FILENAME)
     distances = ", ".join(f"{row['frechet']:.3f}" for row in history)
     print(f"dcgan: trained {history[-1]['epoch']} epochs; Fréchet distance per checkpoint: {distances}; "
-          f"GAN: {run / dcgan.FILENAME}, history: {run / 'history.csv'}")
-    return run / dcgan.FILENAME
+          f"GAN: {run.root / dcgan.FILENAME}, history: {run.where(HISTORY_CSV)}")
+    return run.root / dcgan.FILENAME
 
 
 # ---------------------------------------------------------------- generated rows
