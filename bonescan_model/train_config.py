@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -26,18 +27,15 @@ DATASETS = ("all", "D1", "D2", "D3", "D4")
 # Samples per step: beyond this no machine holds a step's activations (check_fits says so sooner).
 MAX_BATCH = 1024
 TRAINERS = ("bonescan", "nnunet")
+NNUNET_VIEWS = ("both", "aggregated")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training run. Defaults follow the paper's Table 2 where it has a value."""
+    """One training run of this platform's model, loss and loop. Defaults follow the paper's
+    Table 2 where it has a value. (An nnU-Net baseline is an ``NnunetConfig``.)"""
 
-    # Which code trains the run: "bonescan" (this platform's model, loss and loop) or "nnunet"
-    # (nnU-Net v2 by its own planning, trainer and predictor, the nnunet extra: supervised on
-    # the label budget, `epochs` epochs of `nnunet_iterations` iterations; the model, loss and
-    # semi-supervision keys do not apply to it). A sweep runs both side by side (baselines.yaml).
-    trainer: str = "bonescan"
-    nnunet_iterations: int = 250  # nnU-Net's iterations per epoch (its default 250)
+    trainer: ClassVar[str] = "bonescan"
     model: ModelConfig = field(default_factory=ModelConfig)
     epochs: int = 400
     # The training budget in optimizer steps, in place of epochs: the run trains the epochs
@@ -104,8 +102,6 @@ class TrainConfig:
             raise ValueError("labeled_batch_size and unlabeled_batch_size: set both (two-stream batches) "
                              "or neither (mixed batches of batch_size)")
         checks = {
-            "trainer": self.trainer in TRAINERS,
-            "nnunet_iterations": self.nnunet_iterations >= 1,
             "epochs": self.epochs >= 1,
             "max_steps": self.max_steps is None or self.max_steps >= 1,
             "batch_size": 1 <= self.batch_size <= MAX_BATCH,
@@ -196,6 +192,64 @@ class TrainConfig:
             raise InputError(source, str(err)) from None
 
 
+@dataclass(frozen=True)
+class NnunetConfig:
+    """One nnU-Net v2 baseline run (`bonescan nnunet`, or a sweep's ``trainer: nnunet`` case).
+
+    nnU-Net plans its own network, patch, batch and loss; bonescan sets its length, the views it
+    is given, and the split and label budget, by the keys and with the meaning TrainConfig gives
+    them, so it trains on the labels a bonescan arm of the same budget sees (supervised: it
+    takes only the labeled scans)."""
+
+    trainer: ClassVar[str] = "nnunet"
+    max_steps: ClassVar[None] = None  # nnU-Net's length is epochs of iterations, never a step budget
+    epochs: int = 50
+    iterations: int = 250  # iterations per epoch (nnU-Net's own default: 1,000 epochs of 250)
+    views: str = "both"  # "both": ANT and POST as two channels; "aggregated": Eq. 4's sum
+    label_fraction: float = 1.0
+    labeled_scans: int | None = None
+    val_fraction: float = 0.15
+    val_seed: int = 0
+    seed: int = 0
+    dataset: str = "all"
+
+    def __post_init__(self):
+        checks = {
+            "epochs": self.epochs >= 1, "iterations": self.iterations >= 1, "views": self.views in NNUNET_VIEWS,
+            "label_fraction": 0 <= self.label_fraction <= 1,
+            "labeled_scans": self.labeled_scans is None or self.labeled_scans >= 0,
+            "val_fraction": 0 < self.val_fraction < 1, "dataset": self.dataset in DATASETS,
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise ValueError(f"{key}: invalid value {quoted(getattr(self, key))}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_plain(self) -> dict:
+        return self.to_dict()
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str | os.PathLike = "<config>") -> NnunetConfig:
+        try:
+            return from_mapping(cls, data)
+        except ValueError as err:
+            raise InputError(source, str(err)) from None
+
+    @classmethod
+    def from_training_keys(cls, data: dict, source: str | os.PathLike = "<config>") -> NnunetConfig:
+        """A sweep's case in a space of training configs (``trainer: nnunet``, with
+        ``nnunet_iterations``): the keys nnU-Net takes, read with TrainConfig's meaning; the
+        rest (the model, the loss, ...) is this platform's model's and does not apply."""
+        model = data.get("model") or {}
+        return cls.from_dict({
+            "epochs": data.get("epochs", cls.epochs), "iterations": data.get("nnunet_iterations", cls.iterations),
+            "views": "aggregated" if model.get("aggregation") == "input" else "both",
+            **{k: data[k] for k in ("label_fraction", "labeled_scans", "val_fraction", "val_seed", "seed", "dataset")
+               if k in data}}, source)
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """safe_load, except that a key given twice in one mapping is an error: YAML's own rule
     keeps the last, so the first would be ignored without a word."""
@@ -269,14 +323,15 @@ def _expanded_size(value, sizes: dict[int, int]) -> int:
     return sizes[id(value)]
 
 
-def load_train_config(path: str | os.PathLike) -> TrainConfig:
-    """A training config file; an empty one is an error, not the paper's full 400-epoch run."""
+def load_train_config(path: str | os.PathLike, trainer: str = "bonescan") -> TrainConfig | NnunetConfig:
+    """A training config file; an empty one is an error, not the paper's full 400-epoch run.
+    trainer: "nnunet" reads an NnunetConfig (a run folder's own, as ``save_train_config`` wrote it)."""
     path = Path(path)
     data = read_yaml(path, "config")
     if data is None or data == {}:
         raise InputError(path, "the config is empty: set at least one key (configs/demo.yaml and "
                                "configs/paper.yaml are examples)")
-    return TrainConfig.from_dict(data, path)
+    return (NnunetConfig if trainer == "nnunet" else TrainConfig).from_dict(data, path)
 
 
 def check_fits(cfg: TrainConfig, source: str | os.PathLike, gpus: bool = False) -> None:
@@ -285,7 +340,7 @@ def check_fits(cfg: TrainConfig, source: str | os.PathLike, gpus: bool = False) 
     counts weights, gradients, Adam's moments and a batch's activations. A cluster's workers
     may have more than the driver's machine; a model larger than the machine that submits it
     is still far more often a typo than a plan."""
-    if cfg.trainer != "bonescan":
+    if not isinstance(cfg, TrainConfig):  # nnU-Net sizes its own network and batch
         return
     need = training_memory_bytes(cfg.model, cfg.batch_size)
     have, what = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
@@ -298,7 +353,7 @@ def check_fits(cfg: TrainConfig, source: str | os.PathLike, gpus: bool = False) 
                                  "or the batch smaller")
 
 
-def save_train_config(config: TrainConfig, path: str | os.PathLike) -> None:
+def save_train_config(config: TrainConfig | NnunetConfig, path: str | os.PathLike) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_plain(), sort_keys=False))
 
 

@@ -20,8 +20,8 @@ import torch
 from skimage import io as skio
 
 from bonescan_model.checkpoint import save_checkpoint
-from bonescan_model.network import build_model
-from bonescan_platform import splits, tune
+from bonescan_model.network import ModelConfig, build_model
+from bonescan_platform import nnunet_baseline, scoring, splits, stream, tune
 from bonescan_platform.cli import main
 from bonescan_platform.runs import Experiment, Plan, Run, RunRecord, Trial
 
@@ -49,20 +49,26 @@ def laid_out_experiment(root: Path, data: Path, space_file: str, seeds: int = 2)
     for i, (values, seed) in enumerate(itertools.product(grid, range(seeds))):
         params = {**dict(zip(names, values)), "seed": seed}
         cfg = exp.space.trial_config(params)
-        # A space's step budget, cut to a few steps: a laid-out history has a row per epoch.
-        cfg = dataclasses.replace(cfg, test_runs=2, **({"max_steps": 6} if cfg.max_steps else {}))
-        run = Run.create(exp.runs / f"laidout_{i:05d}", cfg, RunRecord(data=str(data)))
-        run.write_trial(Trial(trial_id=run.name, params=params, label=tune.trial_label(params)))
-        selection = splits.for_config(data, cfg)
-        run.save_selection(selection)
         torch.manual_seed(i)
-        save_checkpoint(run.model_path, build_model(cfg.model), cfg.model, epoch=cfg.epochs,
-                        threshold=cfg.threshold)
+        if cfg.trainer == "nnunet":  # as nnunet_baseline leaves it: no model.pt, its test score written
+            run = Run.create(exp.runs / f"laidout_{i:05d}", cfg, RunRecord(data=str(data), trainer="nnunet"))
+            selection = nnunet_baseline.selection_for(str(data), cfg)
+            body = scoring.score_runs(build_model(ModelConfig(width=4, recurrence=1)), stream.crops(data, "test"), 1)
+            run.write_test_score({"split": "test", **body, "model": "nnU-Net v2", "parameters": 2_000_000})
+        else:
+            # A space's step budget, cut to a few steps: a laid-out history has a row per epoch.
+            cfg = dataclasses.replace(cfg, test_runs=2, **({"max_steps": 6} if cfg.max_steps else {}))
+            run = Run.create(exp.runs / f"laidout_{i:05d}", cfg, RunRecord(data=str(data)))
+            selection = splits.for_config(data, cfg)
+            save_checkpoint(run.model_path, build_model(cfg.model), cfg.model, epoch=cfg.epochs,
+                            threshold=cfg.threshold)
+        run.write_trial(Trial(trial_id=run.name, params=params, label=tune.trial_label(params)))
+        run.save_selection(selection)
         plan = {k: selection.budget[f"planned_{k}"] for k in ("epochs", "steps_per_epoch", "steps")}
         history = []
         for epoch in range(1, plan["epochs"] + 1):
             steps = min(epoch * plan["steps_per_epoch"], plan["steps"])
-            history.append({"epoch": epoch, "steps": steps, "samples": steps * cfg.batch_size,
+            history.append({"epoch": epoch, "steps": steps, "samples": steps * 4,
                             "train_loss": 1.0 / (epoch + i), "train_seconds": 3.0,
                             "val_dsc": epoch / (plan["epochs"] + i), "val_cpa": 0.2, "val_recall": 0.3})
         run.write_history(history)

@@ -74,6 +74,11 @@ def test_spaces_hold_the_papers_settings():
     assert (configs["Proposed"].model.arch, configs["Proposed"].label_fraction) == ("recurrent", 0.62)
     assert (configs["nnU-Net"].trainer, configs["nnU-Net"].label_fraction) == ("nnunet", 1.0)  # every training scan
     assert {c.trainer for n, c in configs.items() if n != "nnU-Net"} == {"bonescan"}
+    # nnU-Net's trial has a config of its own: its length and views, the split keys read as
+    # training configs read them (the space's model and loss keys are the platform model's).
+    nnunet = configs["nnU-Net"]
+    assert (type(nnunet).__name__, nnunet.iterations, nnunet.views) == ("NnunetConfig", 50, "aggregated")
+    assert (nnunet.epochs, nnunet.seed, nnunet.val_fraction) == (configs["U-Net"].epochs, 0, configs["U-Net"].val_fraction)
     control = configs["Proposed, supervised only"]
     assert control.unsupervised_weight == 0 and control.label_fraction == 0.62
     assert control.model == configs["Proposed"].model and control.supervised == configs["Proposed"].supervised
@@ -124,6 +129,9 @@ def test_spaces_hold_the_papers_settings():
     ({"compare": {"control": {"lr": 0.001}, "pair_by": "patient"}}, "compare.pair_by"),
     ({"compare": {"control": {}}}, "compare"),
     ({"compare": {"control": {"lr": 0.001}, "pairs": "seed"}}, "compare"),
+    ({"fixed": {"nnunet_iterations": 5}}, "nnunet_iterations"),  # only a trainer: nnunet case trains nnU-Net
+    ({"fixed": {"trainer": "nnunet", "nnunet_iterations": 0}}, "iterations"),
+    ({"fixed": {"trainer": "monai"}}, "trainer"),
 ])
 def test_broken_space_fails_on_load_naming_the_key(tmp_path, change, key):
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))

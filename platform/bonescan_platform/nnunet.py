@@ -13,8 +13,7 @@ import tempfile
 from pathlib import Path
 
 from bonescan_model.errors import InputError
-from bonescan_model.network import ModelConfig
-from bonescan_model.train_config import TrainConfig
+from bonescan_model.train_config import NnunetConfig
 from bonescan_platform import nnunet_baseline, shards, storage
 from bonescan_platform.runs import TEST, Run, RunRecord
 
@@ -30,9 +29,8 @@ def nnunet(data: str, out: str, *, label_fraction: float | None = None, labeled_
     if views not in nnunet_baseline.VIEWS:
         raise InputError(out, f"--views must be one of {', '.join(nnunet_baseline.VIEWS)}, got {views!r}")
     try:
-        cfg = TrainConfig(trainer="nnunet", epochs=epochs, nnunet_iterations=iterations, seed=seed,
-                          label_fraction=1.0 if label_fraction is None else label_fraction, labeled_scans=labeled_scans,
-                          model=ModelConfig(aggregation="input" if views == "aggregated" else "none"))
+        cfg = NnunetConfig(epochs=epochs, iterations=iterations, views=views, seed=seed, labeled_scans=labeled_scans,
+                           label_fraction=1.0 if label_fraction is None else label_fraction)
     except ValueError as err:
         raise InputError(out, str(err)) from None
     shards.verify(data)

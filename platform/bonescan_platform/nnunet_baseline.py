@@ -35,7 +35,7 @@ from bonescan_model import engine, metrics
 from bonescan_model.errors import InputError
 from bonescan_model.preprocess import aggregate_views
 from bonescan_platform import shards, splits
-from bonescan_model.train_config import TrainConfig
+from bonescan_model.train_config import NNUNET_VIEWS, NnunetConfig
 from bonescan_platform.cluster import ray_session
 from bonescan_platform.runs import Run
 from bonescan_platform.scoring import HEADLINE, runs_body
@@ -43,7 +43,7 @@ from bonescan_platform.scoring import HEADLINE, runs_body
 INSTALL_HINT = "the nnU-Net extra is not installed: pip install -e '.[nnunet]'"
 DATASET_ID, DATASET_NAME = 501, "Dataset501_BoneScan"
 CONFIGURATION = "2d"
-VIEWS = ("both", "aggregated")
+VIEWS = NNUNET_VIEWS  # the channels nnU-Net is given: both views, or their sum (the paper's D2_Agg)
 # What a run's nnU-Net pipeline writes into its folder, besides the files every run has.
 PRODUCTS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "predictions", "predictions_val")
 COLUMNS = ["patient_key", "scan_key", "ant", "post", "mask", "source", "split"]
@@ -54,10 +54,16 @@ def check_installed() -> None:
         raise InputError("nnunetv2", INSTALL_HINT)
 
 
-def views_of(cfg: TrainConfig) -> str:
-    """The channels nnU-Net is given, matching the bonescan runs it is compared with: the
-    aggregated view for aggregation "input" (the paper's D2_Agg), else both views."""
-    return "aggregated" if cfg.model.aggregation == "input" else "both"
+def selection_for(data: str, cfg: NnunetConfig) -> splits.Selection:
+    """The run's splits and label budget, drawn as a bonescan run with the same keys draws them
+    (``splits.select``); its training: ``epochs`` of ``iterations`` (nnU-Net's own batches)."""
+    selection = splits.select(data, val_fraction=cfg.val_fraction, val_seed=cfg.val_seed, seed=cfg.seed,
+                              label_fraction=cfg.label_fraction, labeled_scans=cfg.labeled_scans, dataset=cfg.dataset)
+    selection.budget.update({"samples_per_scan": 1, "training_samples": selection.budget["training_rows"],
+                             "labeled_samples": selection.budget["labeled_rows"], "batching": "nnunet",
+                             "planned_epochs": cfg.epochs, "planned_steps_per_epoch": cfg.iterations,
+                             "planned_steps": cfg.epochs * cfg.iterations})
+    return selection
 
 
 def train_and_score(run: Run, gpus: bool = False) -> dict:
@@ -66,23 +72,23 @@ def train_and_score(run: Run, gpus: bool = False) -> dict:
     DSC on the validation patients, on the last row, for the kept model) and the test score,
     which it returns."""
     data, cfg, folder = run.record.data, run.config, run.root
-    selection = splits.for_config(data, cfg)
+    selection = selection_for(data, cfg)
     if selection.budget["labeled_scans"] == 0:
         raise InputError(data, "the label budget selects no labeled scan, and nnU-Net trains on labeled scans only: "
                                "raise --label-fraction or --labeled-scans")
     run.save_selection(selection)
     for product in PRODUCTS:  # a trial started again: what its first attempt wrote here
         shutil.rmtree(folder / product, ignore_errors=True)
-    views = views_of(cfg)
+    views = cfg.views
     truth = export_dataset(data, folder, selection, views)
-    record = {"data": str(data), "epochs": cfg.epochs, "iterations_per_epoch": cfg.nnunet_iterations,
+    record = {"data": str(data), "epochs": cfg.epochs, "iterations_per_epoch": cfg.iterations,
               "views": views, "configuration": CONFIGURATION, "gpus": gpus, "trainer": "BudgetTrainer (nnUNetTrainer)",
               "labeled_scans": selection.budget["labeled_scans"], "train_cases": truth["train_cases"],
               "val_cases": len(truth["val"]), "test_cases": len(truth["test"])}
     (folder / "nnunet.json").write_text(json.dumps(record, indent=2))
-    trained = _run_in_ray(folder, cfg.epochs, cfg.nnunet_iterations, gpus)
+    trained = _run_in_ray(folder, cfg.epochs, cfg.iterations, gpus)
     val = summary(folder / "predictions_val", truth["val"])
-    history = _history(trained, cfg.nnunet_iterations)
+    history = _history(trained, cfg.iterations)
     history[-1].update({f"val_{k}": v for k, v in val.items() if k in HEADLINE or k == "images"})
     run.write_history(history)
     tested = {**score(folder / "predictions", truth["test"]), "model": "nnU-Net v2", "epochs": cfg.epochs,

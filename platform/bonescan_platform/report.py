@@ -33,6 +33,7 @@ from bonescan_model.metrics import dsc as dice
 from bonescan_model.inference import display_norm
 from bonescan_platform.search_space import RESULT_COLUMNS, SearchSpace, case_name
 from bonescan_platform.stream import crops as split_crops
+from bonescan_model.train_config import NnunetConfig
 from bonescan_platform import storage
 from bonescan_platform.runs import CONFIG, EXPERIMENT, HISTORY_CSV, HISTORY_JSON, RUN_NAME, TUNE_NAME, Experiment, Run
 
@@ -272,8 +273,9 @@ def _cell(group: dict, column: str, space: SearchSpace, bold: bool = False) -> s
         return f"<td>{_e(_value(column, group['params'][column]))}</td>"
     if column not in RESULT_COLUMNS:  # a config path: the same in every trial of the group
         config = json.loads(rows[0]["config"])
-        value = config["model"][column[6:]] if column.startswith("model.") else config[column]
-        return f"<td>{_e(_value(column, value))}</td>"
+        # An nnU-Net trial's config has no model keys (nnU-Net plans its own): n/a there.
+        value = (config.get("model") or {}).get(column[6:]) if column.startswith("model.") else config.get(column)
+        return "<td class='none'>n/a</td>" if value is None else f"<td>{_e(_value(column, value))}</td>"
     values = [r[column] for r in rows if _finite(r[column])]
     if not values:
         return "<td class='none'>n/a</td>"
@@ -500,12 +502,17 @@ def run_page(run: Run, shown: str | None = None) -> str:
     data = record.data if record else None
     best = max(history, key=lambda h: h.get("val_dsc", -1.0))
     last = history[-1]
-    model = cfg.model
-    facts = [("run", shown or str(run.root)), ("data", data or "unknown"),
-             ("model", f"{model.arch}, width {model.width}, t = {model.recurrence} ({model.recurrent_weights}), "
-                       f"aggregation {model.aggregation}"),
-             ("training", f"{last['epoch']} of {cfg.epochs} epochs, lr {cfg.lr}, alpha {cfg.alpha}, nu {cfg.nu}, "
-                          f"{cfg.supervised}, L_label {cfg.label_fraction:.0%}, data set {cfg.dataset}, seed {cfg.seed}")]
+    if isinstance(cfg, NnunetConfig):
+        about = [("model", f"nnU-Net v2, its own plans; views: {cfg.views}"),
+                 ("training", f"{last['epoch']} of {cfg.epochs} epochs of {cfg.iterations} iterations, "
+                              f"L_label {cfg.label_fraction:.0%}, data set {cfg.dataset}, seed {cfg.seed}")]
+    else:
+        model = cfg.model
+        about = [("model", f"{model.arch}, width {model.width}, t = {model.recurrence} ({model.recurrent_weights}), "
+                           f"aggregation {model.aggregation}"),
+                 ("training", f"{last['epoch']} of {cfg.epochs} epochs, lr {cfg.lr}, alpha {cfg.alpha}, nu {cfg.nu}, "
+                              f"{cfg.supervised}, L_label {cfg.label_fraction:.0%}, data set {cfg.dataset}, seed {cfg.seed}")]
+    facts = [("run", shown or str(run.root)), ("data", data or "unknown"), *about]
     head = "".join(f"<th>{h}</th>" for h in ("", "epoch", *METRIC_NAMES.values(), "training loss"))
     tested = run.any_test_score
     rows = "".join(

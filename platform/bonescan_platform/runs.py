@@ -36,7 +36,7 @@ from pathlib import Path
 from bonescan_model.checkpoint import FILENAME, Trained
 from bonescan_model.checkpoint import load_model as load_checkpoint_model
 from bonescan_model.errors import InputError
-from bonescan_model.train_config import TrainConfig, load_train_config, read_yaml, save_train_config
+from bonescan_model.train_config import NnunetConfig, TrainConfig, load_train_config, read_yaml, save_train_config
 from bonescan_platform import storage, tracking
 from bonescan_platform.harness import RUN_NAME  # Ray Train's folder in a run (train/)
 from bonescan_platform.search_space import SearchSpace, load_space, parse_space
@@ -142,7 +142,7 @@ class Run(_Folder):
         return storage.is_file(storage.join(location, RECORD))
 
     @classmethod
-    def create(cls, root: Path, cfg: TrainConfig, record: RunRecord, location: str = "") -> Run:
+    def create(cls, root: Path, cfg: TrainConfig | NnunetConfig, record: RunRecord, location: str = "") -> Run:
         """Write the run's resolved config and record: what resuming it needs."""
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
@@ -159,8 +159,10 @@ class Run(_Folder):
 
     # what it was started with
     @functools.cached_property
-    def config(self) -> TrainConfig:
-        return load_train_config(self.root / CONFIG)
+    def config(self) -> TrainConfig | NnunetConfig:
+        """The resolved config: a TrainConfig, or an NnunetConfig for an nnU-Net baseline."""
+        record = self.record
+        return load_train_config(self.root / CONFIG, record.trainer if record else "bonescan")
 
     @property
     def record(self) -> RunRecord | None:

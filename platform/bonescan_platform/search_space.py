@@ -58,7 +58,7 @@ from typing import Any
 from bonescan_model.errors import InputError, quoted
 from bonescan_model.frozen import from_mapping
 from bonescan_model.network import ModelConfig
-from bonescan_model.train_config import TrainConfig, load_train_config, read_yaml
+from bonescan_model.train_config import TRAINERS, NnunetConfig, TrainConfig, load_train_config, read_yaml
 
 KINDS = ("grid", "choice", "uniform", "loguniform")
 TOP_KEYS = ("base", "fixed", "parameters", "num_samples", "metric", "mode", "scheduler", "search",
@@ -210,8 +210,9 @@ class SearchSpace:
             space["seed"] = tune.grid_search(self.seeds())
         return space
 
-    def trial_config(self, params: dict, source: str = "<trial>") -> TrainConfig:
-        """base + fixed + a trial's parameter values -> its TrainConfig."""
+    def trial_config(self, params: dict, source: str = "<trial>") -> TrainConfig | NnunetConfig:
+        """base + fixed + a trial's parameter values -> its TrainConfig (an NnunetConfig for a
+        ``trainer: nnunet`` case)."""
         runs = {} if self.evaluate_runs is None else {"test_runs": self.evaluate_runs}
         return _build(self.base, {**runs, **self.fixed, **overrides(params)}, source)
 
@@ -483,8 +484,12 @@ def _report(raw, parameters: tuple[Parameter, ...], fail) -> dict:
     return out
 
 
+# A space's words beyond TrainConfig's keys: which code trains a trial, and nnU-Net's length.
+TRIAL_KEYS = {"trainer", "nnunet_iterations"}
+
+
 def _config_paths() -> set[str]:
-    top = set(typing.get_type_hints(TrainConfig)) - {"model"}
+    top = (set(typing.get_type_hints(TrainConfig)) - {"model"}) | TRIAL_KEYS
     return top | {f"model.{f.name}" for f in dataclasses.fields(ModelConfig)}
 
 
@@ -494,15 +499,25 @@ def _check_path(path: str, key: str, fail) -> None:
                   f"model.recurrence; see configs/*.yaml)")
 
 
-def _build(base: dict, changes: dict, source, key: str = "config") -> TrainConfig:
-    """base (TrainConfig.to_dict()) with dotted-path changes -> a validated TrainConfig."""
+def _build(base: dict, changes: dict, source, key: str = "config") -> TrainConfig | NnunetConfig:
+    """base (TrainConfig.to_dict()) with dotted-path changes -> a validated TrainConfig, or
+    with ``trainer: nnunet`` an NnunetConfig (``NnunetConfig.from_training_keys``)."""
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
     for path, value in changes.items():
         if path.startswith("model."):
             data["model"][path.split(".", 1)[1]] = value
         else:
             data[path] = value
+    trainer = data.pop("trainer", "bonescan")
+    iterations = data.pop("nnunet_iterations", None)
     try:
+        if trainer not in TRAINERS:
+            raise InputError(source, f"trainer: invalid value {trainer!r} (one of {', '.join(TRAINERS)})")
+        if trainer == "nnunet":
+            return NnunetConfig.from_training_keys({**data, **({} if iterations is None else
+                                                               {"nnunet_iterations": iterations})}, source)
+        if iterations is not None:
+            raise InputError(source, "nnunet_iterations: only a trainer: nnunet case trains nnU-Net")
         return TrainConfig.from_dict(data, source)
     except InputError as err:
         raise InputError(source, f"{key}: {err.reason}") from None
