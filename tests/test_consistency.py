@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from bonescan_model import engine
+from bonescan_model.checkpoint import read_file
 from bonescan_model.consistency import MeanTeacher, flipped_forward, perturb, rampup
 from bonescan_model.loss import SemiSupervisedLoss, consistency_loss
 from bonescan_model.network import ModelConfig, build_model
@@ -141,7 +142,7 @@ def test_a_checkpoint_brings_the_teacher_back(tmp_path):
     from bonescan_platform.segmentation import load_state, save_state
 
     def checkpoint(teacher):
-        extra = save_state(student, optimizer, cfg, {"epoch": 3}, teacher, tmp_path)
+        extra = save_state(student, optimizer, cfg, {"epoch": 3}, teacher, "student", tmp_path)
         write_state(tmp_path, 3, [{"epoch": 3}], extra)
         return Checkpoint.from_directory(str(tmp_path))
 
@@ -164,3 +165,75 @@ def test_a_checkpoint_brings_the_teacher_back(tmp_path):
     with pytest.raises(ValueError, match="no mean teacher"):
         restore(checkpoint(None), lambda folder, state: load_state(
             fresh_student, torch.optim.Adam(fresh_student.parameters()), fresh, folder, state))
+
+
+def test_the_ema_teacher_beats_a_noisy_student_on_a_toy_problem():
+    # y = x w with noisy steps at a large learning rate: the student jitters around w, and its
+    # exponential average (Polyak averaging) averages the jitter out, so on clean data the
+    # teacher's error is the smaller one: what keeping the teacher rests on.
+    torch.manual_seed(0)
+    true_w = torch.randn(8, 1)
+    student = torch.nn.Linear(8, 1, bias=False)
+    teacher = MeanTeacher(student, decay=0.95)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.2)
+    for _ in range(400):
+        x = torch.randn(4, 8)
+        loss = ((student(x) - (x @ true_w + 0.5 * torch.randn(4, 1))) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        teacher.update(student)
+    x = torch.randn(2000, 8)
+    with torch.no_grad():
+        errors = {name: ((net(x) - x @ true_w) ** 2).mean().item() for name, net in
+                  (("student", student), ("teacher", teacher.model))}
+    assert errors["teacher"] < 0.5 * errors["student"], errors
+
+
+class _Shard:
+    """What validation reads: anything with Ray Data's iter_torch_batches."""
+
+    def __init__(self, batch: dict):
+        self.batch = batch
+
+    def iter_torch_batches(self, batch_size: int):
+        return iter([self.batch])
+
+
+def _constant(model, logit: float):
+    with torch.no_grad():
+        model.head[-1].weight.zero_()
+        model.head[-1].bias.fill_(logit)
+    return model
+
+
+@pytest.mark.parametrize("teacher_logit, kept", [(10.0, "teacher"), (-10.0, "student")])
+def test_validation_keeps_whichever_of_student_and_teacher_scores_higher(teacher_logit, kept, tmp_path):
+    from bonescan_model.train_config import TrainConfig
+    from bonescan_platform.harness import write_state
+    from bonescan_platform.segmentation import load_state, save_state, validate
+
+    cfg = TrainConfig.from_dict({"model": {"width": 4, "recurrence": 1, "dilations": [1, 2]}, "semi": "mean_teacher"})
+    torch.manual_seed(0)
+    student = _constant(build_model(cfg.model), 0.0)  # half-way: a few pixels either side
+    teacher = MeanTeacher(student, decay=cfg.ema_decay)
+    _constant(teacher.model, teacher_logit)  # +10: every pixel a lesion; -10: none
+    student = _constant(student, -10.0 if teacher_logit > 0 else 10.0)
+    mask = torch.ones(1, 1, 32, 32)  # every pixel a lesion: "all" scores 1, "none" 0
+    shard = _Shard({"image": torch.rand(1, 2, 32, 32), "mask": mask, "labeled": torch.tensor([True])})
+    chosen, scores = validate(student, teacher, shard, cfg, "cpu")
+    assert chosen == kept and scores["kept_weights"] == kept
+    assert scores["val_dsc"] == max(scores["val_student_dsc"], scores["val_teacher_dsc"]) == 1.0
+    # The checkpoint's model.pt holds the kept weights (what evaluate and predict load); resuming
+    # takes the student's own weights back from the state, whichever was kept.
+    optimizer = torch.optim.Adam(student.parameters())
+    extra = save_state(student, optimizer, cfg, {"epoch": 1, **scores}, teacher, chosen, tmp_path)
+    write_state(tmp_path, 1, [{"epoch": 1}], extra)
+    saved = read_file(tmp_path / "model.pt")
+    source = teacher.model if kept == "teacher" else student
+    assert saved["meta"]["kept_weights"] == kept
+    assert all(torch.equal(saved["state_dict"][k], v) for k, v in source.state_dict().items())
+    fresh = build_model(cfg.model)
+    load_state(fresh, torch.optim.Adam(fresh.parameters()), MeanTeacher(fresh, decay=cfg.ema_decay), tmp_path,
+               read_file(tmp_path / "train_state.pt"))
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in student.state_dict().items())

@@ -237,6 +237,10 @@ def test_a_killed_worker_and_then_a_killed_driver_both_resume_from_checkpoints(d
     assert sum(int(r["train_labeled_images"]) for r in history) == 2 * steps
     assert sum(int(r["train_images"]) for r in history) == 4 * steps  # 2 unlabeled a step too
     assert budget["labeled_rows"] < budget["training_rows"] / 2  # fewer labeled than unlabeled scans
+    # Each epoch validates student and teacher and keeps the better (named in history and test.json).
+    assert all({"val_student_dsc", "val_teacher_dsc"} <= set(r) and r["kept_weights"] in ("student", "teacher")
+               for r in history)
+    assert json.loads((run / "test.json").read_text())["kept_weights"] in ("student", "teacher")
 
 
 def test_each_epoch_is_one_seeded_shuffle_that_mixes_patients(ray_local):

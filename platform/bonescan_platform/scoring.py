@@ -174,6 +174,8 @@ def score_test(run: Run, crops: dict[str, np.ndarray] | None = None) -> dict:
     crops = stream.crops(run.record.data, "test") if crops is None else crops
     body = score_runs(trained.model, crops, run.config.test_runs, trained.threshold)
     body = {"split": "test", **body, "epoch": trained.meta.get("epoch"), "threshold": trained.threshold,
+            # whose weights the run kept: the student's, or its mean teacher's where validation chose it
+            "kept_weights": trained.meta.get("kept_weights", "student"),
             "parameters": count_parameters(trained.model),
             "test_seconds": test_seconds(trained.model, crops["image"], trained.threshold)}
     run.write_test_score(body)

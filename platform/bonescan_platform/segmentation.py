@@ -101,32 +101,61 @@ def train_loop(loop_config: dict) -> None:
                    # labeled samples the supervised term has seen so far (all workers)
                    "labeled_seen": seen["labeled_seen"] + stats["labeled_images"] * world,
                    **{f"train_{k}": v for k, v in stats.items()}}
+        kept = "student"
         if rank == 0:  # validation on one rank: the split is small, and DDP needs no sync for it
-            per_image = engine.evaluate(getattr(model, "module", model), val_shard.iter_torch_batches(
-                batch_size=cfg.batch_size), device=device, threshold=cfg.threshold)
-            metrics.update({f"val_{k}": v for k, v in summarize(per_image).items()})
+            kept, scores = validate(getattr(model, "module", model), teacher, val_shard, cfg, device)
+            metrics.update(scores)
         telemetry.record(metrics, run=loop_config["run"], rank=rank)
         if tracker is not None:
             tracker.log_epoch(metrics)
         history.append(metrics)
-        harness.report(metrics, history, rank, functools.partial(save_state, model, optimizer, cfg, metrics, teacher))
+        harness.report(metrics, history, rank,
+                       functools.partial(save_state, model, optimizer, cfg, metrics, teacher, kept))
 
 
-def save_state(model, optimizer, cfg: TrainConfig, metrics: dict, teacher: MeanTeacher | None, folder: Path) -> dict:
-    """A checkpoint's model.pt (with its config and threshold: what `evaluate` and `predict`
-    load); returns what else resuming needs (the optimizer, the teacher)."""
-    save_checkpoint(folder / FILENAME, model, cfg.model, epoch=metrics["epoch"], threshold=cfg.threshold,
-                    metrics=metrics, train_config=cfg.to_plain())
+def validate(student, teacher: MeanTeacher | None, val_shard, cfg: TrainConfig, device) -> tuple[str, dict]:
+    """The epoch's validation scores (``val_*``) and which weights they are of: the student's,
+    or, with a mean teacher, whichever of student and teacher scores the higher validation DSC
+    (both logged: ``val_student_dsc``, ``val_teacher_dsc``). The method rests on the teacher
+    being the better model (Tarvainen & Valpola 2017 evaluate their EMA weights); where it is
+    not, keeping it would throw the student's gain away, so validation decides, as it decides
+    the kept epoch."""
+    def scores(net) -> dict:
+        per_image = engine.evaluate(net, val_shard.iter_torch_batches(batch_size=cfg.batch_size), device=device,
+                                    threshold=cfg.threshold)
+        return summarize(per_image)
+
+    mine = scores(student)
+    if teacher is None:
+        return "student", {f"val_{k}": v for k, v in mine.items()}
+    theirs = scores(teacher.model)
+    kept = "teacher" if theirs["dsc"] > mine["dsc"] else "student"  # NaN (no lesion scan) keeps the student
+    chosen = theirs if kept == "teacher" else mine
+    return kept, {**{f"val_{k}": v for k, v in chosen.items()}, "val_student_dsc": mine["dsc"],
+                  "val_teacher_dsc": theirs["dsc"], "kept_weights": kept}
+
+
+def save_state(model, optimizer, cfg: TrainConfig, metrics: dict, teacher: MeanTeacher | None, kept: str,
+               folder: Path) -> dict:
+    """A checkpoint's model.pt (the kept weights, ``kept``: the student's or the teacher's, with
+    the config and threshold: what `evaluate` and `predict` load); returns what else resuming
+    needs (the optimizer; with a teacher, the teacher and the student's own weights)."""
+    keep = teacher.model if kept == "teacher" else model
+    save_checkpoint(folder / FILENAME, keep, cfg.model, epoch=metrics["epoch"], threshold=cfg.threshold,
+                    metrics=metrics, train_config=cfg.to_plain(), kept_weights=kept)
     state = {"optimizer": optimizer.state_dict()}
     if teacher is not None:
         state["teacher"] = teacher.state_dict()
+        module = getattr(model, "module", model)
+        state["student"] = {k: v.detach().cpu() for k, v in module.state_dict().items()}
     return state
 
 
 def load_state(model, optimizer, teacher: MeanTeacher | None, folder: Path, state: dict) -> None:
-    """``save_state`` undone: weights, optimizer, and the mean teacher where the run has one."""
-    blob = read_file(folder / FILENAME)
-    getattr(model, "module", model).load_state_dict(blob["state_dict"])
+    """``save_state`` undone: the student's weights, optimizer, and the mean teacher where the
+    run has one."""
+    weights = state["student"] if "student" in state else read_file(folder / FILENAME)["state_dict"]
+    getattr(model, "module", model).load_state_dict(weights)
     optimizer.load_state_dict(state["optimizer"])
     if teacher is not None:
         if "teacher" not in state:  # a checkpoint of a run without one: cannot be this run's
