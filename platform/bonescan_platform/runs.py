@@ -105,6 +105,12 @@ class _Folder:
         return self.root.name
 
     @property
+    def record(self) -> RunRecord | None:
+        """run.json, None where the folder has none (a folder made by hand: `bonescan report`)."""
+        path = self.root / RECORD
+        return RunRecord(**json.loads(path.read_text())) if path.is_file() else None
+
+    @property
     def history(self) -> list[dict]:
         """The rows, one per epoch, with their types; [] for a folder that has none yet."""
         path = self.root / HISTORY_JSON
@@ -163,12 +169,6 @@ class Run(_Folder):
         """The resolved config: a TrainConfig, or an NnunetConfig for an nnU-Net baseline."""
         record = self.record
         return load_train_config(self.root / CONFIG, record.trainer if record else "bonescan")
-
-    @property
-    def record(self) -> RunRecord | None:
-        """run.json, None where the run has none (a folder made by hand: `bonescan report`)."""
-        path = self.root / RECORD
-        return RunRecord(**json.loads(path.read_text())) if path.is_file() else None
 
     @property
     def tracker(self) -> tracking.Tracker | None:
@@ -267,11 +267,6 @@ class GanRun(_Folder):
 
         path = self.root / GAN_CONFIG
         return yaml.safe_load(path.read_text()) if path.is_file() else None
-
-    @property
-    def record(self) -> RunRecord | None:
-        path = self.root / RECORD
-        return RunRecord(**json.loads(path.read_text())) if path.is_file() else None
 
     def start(self, config: dict, record: RunRecord) -> None:
         import yaml
